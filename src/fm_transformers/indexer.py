@@ -218,6 +218,14 @@ class MemoryIndexerModel(PreTrainedModel):
         return torch.sigmoid(self(layer, hidden_states, position_ids, keys))
 
 
+ATTACHED_INDEXER_ATTRIBUTE = "_fm_memory_indexer"
+
+
+def attached_memory_indexer(model) -> "MemoryIndexerModel | None":
+    """The memory indexer attached to a backbone by `attach_memory_indexer`, or None."""
+    return getattr(model, ATTACHED_INDEXER_ATTRIBUTE, None)
+
+
 def _plain(value):
     """Config values as JSON-friendly builtins (lists, dicts), so they survive save/load unchanged."""
     if isinstance(value, tuple):

@@ -8,6 +8,10 @@ The index top-k is small so that the native indexer really has to choose among c
 import torch
 from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
 
+SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
+CHARACTERS = tuple(chr(code) for code in range(32, 127))
+TINY_VOCAB_SIZE = len(SPECIAL_TOKENS) + len(CHARACTERS)
+
 TINY_LAYER_TYPES = (
     "sliding_attention",
     "sliding_attention",
@@ -24,7 +28,7 @@ def tiny_deepseek_v4_config(**overrides) -> DeepseekV4Config:
     """A DeepSeek-V4 config with four CSA layers (2, 4, 6, 7), two HCA layers and two sliding-only layers."""
     layer_types = list(overrides.pop("layer_types", TINY_LAYER_TYPES))
     settings = dict(
-        vocab_size=256,
+        vocab_size=TINY_VOCAB_SIZE,
         hidden_size=64,
         moe_intermediate_size=32,
         num_hidden_layers=len(layer_types),
@@ -71,3 +75,17 @@ def _randomize_zero_initialized(model: DeepseekV4ForCausalLM, seed: int) -> None
         for name, param in model.named_parameters():
             if name.endswith("sinks") or name.endswith("position_bias"):
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+
+
+def tiny_tokenizer():
+    """A character-level tokenizer made in code (printable ASCII), so pipelines run offline."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS + CHARACTERS)}
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>", padding_side="left"
+    )

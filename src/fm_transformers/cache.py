@@ -1,0 +1,241 @@
+"""OffloadedLookaheadCache: a transformers Cache whose CSA layers keep their compressed KV in a host pool.
+
+Sliding-window and HCA layers keep the stock cache layers. Each CSA layer becomes a `LookaheadCSALayer`:
+every compressed entry goes to its cold pool as it is made (so the pool always equals the stock cache),
+and the device holds only the resident chunks plus the tail made since the last recall. The cache also
+runs the level-1 schedule: a recall triggers after each prefill forward and every `tau` decode steps; the
+policy's resident set then applies to every CSA layer from the next forward on.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import DynamicCache
+from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4CSACache
+
+from .config import LSAConfig
+from .indexer import attached_memory_indexer
+from .policies import MemoryIndexerPolicy, ResidentPolicy, SelectionContext, resident_sets
+from .pool import ColdPool, HotSet
+
+CSA_LAYER_TYPE = "compressed_sparse_attention"
+KV, INDEX_KEYS = "compressor", "indexer"
+
+
+def require_deepseek_v4(model) -> None:
+    """Raise a clear error unless `model` is a transformers DeepSeek-V4 model."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type != "deepseek_v4":
+        raise ValueError(
+            f"Lookahead Sparse Attention works with DeepSeek-V4 models only; got {type(model).__name__} "
+            f"(model_type={model_type!r})"
+        )
+
+
+def _memory_indexer_policy(model, config: LSAConfig) -> MemoryIndexerPolicy:
+    indexer = attached_memory_indexer(model)
+    if indexer is None:
+        raise ValueError(
+            "no memory indexer is attached to this model: call fm_transformers.attach_memory_indexer(model, "
+            "'<indexer repo or dir>') first, or pass a policy to OffloadedLookaheadCache"
+        )
+    return MemoryIndexerPolicy(indexer, threshold=config.threshold, layers=config.indexer_layers)
+
+
+@dataclass
+class Selection:
+    """A resident set made at a trigger: per sequence the chunk ids (< num_chunks) to hold on the device."""
+
+    chunk_ids: list[torch.Tensor]
+    num_chunks: int
+    made_in_forward: int
+
+
+class LookaheadCSALayer(DeepseekV4CSACache):
+    """The CSA cache layer of LSA. Compression state (buffers, overlap) stays as in the stock layer;
+    compressed entries go to the cold pool and the hot set instead of one growing device tensor.
+
+    While `prefilling`, `update_compressor_states` returns the full history on the device, so the stock
+    prefill math runs unchanged; in decode the patched attention reads candidates from the hot set.
+    """
+
+    _layer_type = None  # keep transformers' layer registry pointing at the stock CSA layer
+
+    def __init__(self, config, keep_index_keys_on_device: bool, pool_dtype: torch.dtype | None, pin_memory: bool):
+        super().__init__(config)
+        self.dims = {KV: config.head_dim, INDEX_KEYS: config.index_head_dim}
+        self.keep_index_keys_on_device = keep_index_keys_on_device
+        self.pool_dtype, self.pin_memory = pool_dtype, pin_memory
+        self.prefilling = True
+        self._reset_storage()
+
+    def _reset_storage(self):
+        self.pools: dict[str, ColdPool] = {}
+        self.hot: HotSet | None = None
+        self.index_keys: torch.Tensor | None = None  # (batch, chunks, index_head_dim), target layers only
+        self.applied_forward = -1
+        self.recalls = 0
+        self.chunks_fetched = 0
+
+    def _lazy_init_storage(self, entries: torch.Tensor):
+        batch, device, dtype = entries.shape[0], entries.device, entries.dtype
+        pool_dtype = self.pool_dtype or dtype
+        self.pools = {kind: ColdPool(batch, dim, pool_dtype, self.pin_memory) for kind, dim in self.dims.items()}
+        hot_kinds = {KV: self.dims[KV]} if self.keep_index_keys_on_device else dict(self.dims)
+        self.hot = HotSet(hot_kinds, batch, device, dtype)
+        if self.keep_index_keys_on_device:
+            self.index_keys = entries.new_zeros(batch, 0, self.dims[INDEX_KEYS])
+
+    @property
+    def has_resident_set(self) -> bool:
+        return self.applied_forward >= 0
+
+    @property
+    def num_chunks(self) -> int:
+        return self.entry_count[KV]
+
+    def update_compressor_states(self, name: str, compressed: torch.Tensor) -> torch.Tensor:
+        """Store freshly made entries (batch, n, dim): to the pool always, to the device tail or index keys.
+        Returns the full history on the device while prefilling (what the stock compressor expects)."""
+        if self.hot is None:
+            self._lazy_init_storage(compressed)
+        self.pools[name].append(compressed)
+        self.entry_count[name] += compressed.shape[1]
+        if name in self.hot.kinds:
+            self.hot.append_tail(name, compressed)
+        if name == INDEX_KEYS and self.keep_index_keys_on_device:
+            self.index_keys = torch.cat([self.index_keys, compressed], dim=1)
+        return self._full_history(name) if self.prefilling else compressed
+
+    def _full_history(self, name: str) -> torch.Tensor:
+        if name == INDEX_KEYS and self.keep_index_keys_on_device:
+            return self.index_keys
+        tail = self.hot.tail[name]
+        if self.hot.tail_start == 0:
+            return tail
+        older = self.pools[name].read(0, self.hot.tail_start).to(tail.device, tail.dtype)
+        return torch.cat([older, tail], dim=1)
+
+    def apply_selection(self, selection: Selection) -> None:
+        """Make `selection` the resident set: keep what is on the device, fetch the rest from the pool."""
+        fetch = lambda kind, row, ids: self.pools[kind].gather(row, ids)  # noqa: E731
+        self.chunks_fetched += self.hot.rebuild(selection.chunk_ids, selection.num_chunks, fetch)
+        self.applied_forward = selection.made_in_forward
+        self.recalls += 1
+
+    def candidate_entries(self, kind: str, slot_index: torch.Tensor) -> torch.Tensor:
+        """(batch, n, dim) entries at hot-set slot indices (batch, n); -1 slots give arbitrary rows."""
+        table = self.hot.stacked(kind)
+        return table[slot_index.clamp(min=0)]
+
+    def candidate_index_keys(self, slot_index: torch.Tensor, chunk_ids: torch.Tensor) -> torch.Tensor:
+        """(batch, n, index_head_dim) native indexer keys of the candidates."""
+        if self.keep_index_keys_on_device:
+            rows = torch.arange(chunk_ids.shape[0], device=chunk_ids.device).unsqueeze(1)
+            return self.index_keys[rows, chunk_ids.clamp(min=0)]
+        return self.candidate_entries(INDEX_KEYS, slot_index)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        for pool in self.pools.values():
+            pool.reorder(beam_idx)
+        if self.hot is not None:
+            self.hot.reorder(beam_idx)
+        if self.index_keys is not None:
+            self.index_keys = self.index_keys.index_select(0, beam_idx.to(self.index_keys.device))
+
+    def reset(self) -> None:
+        super().reset()
+        self.prefilling = True
+        self._reset_storage()
+
+
+class OffloadedLookaheadCache(DynamicCache):
+    """The LSA cache for a DeepSeek-V4 model: `past_key_values=OffloadedLookaheadCache(model)` or
+    `generate(..., cache_implementation="lsa")`.
+
+    `policy` decides the resident sets (default: the attached memory indexer with `config.threshold`).
+    """
+
+    def __init__(self, model, config: LSAConfig | dict | None = None, policy: ResidentPolicy | None = None):
+        require_deepseek_v4(model)
+        self.lsa_config = config if isinstance(config, LSAConfig) else LSAConfig.from_dict(config)
+        self.policy = policy if policy is not None else _memory_indexer_policy(model, self.lsa_config)
+        model_config = model.config.get_text_config(decoder=True)
+        super().__init__(config=model_config)
+        self.csa_layers = [i for i, kind in enumerate(model_config.layer_types) if kind == CSA_LAYER_TYPE]
+        unknown = [layer for layer in self.policy.target_layers if layer not in self.csa_layers]
+        if unknown:
+            raise ValueError(f"policy target layers {unknown} are not CSA layers (CSA layers: {self.csa_layers})")
+        device = next(model.parameters()).device
+        pool_dtype = None if self.lsa_config.pool_dtype is None else self.lsa_config.torch_pool_dtype(model.dtype)
+        for index in self.csa_layers:
+            self.layers[index] = LookaheadCSALayer(
+                model_config,
+                keep_index_keys_on_device=index in self.policy.target_layers,
+                pool_dtype=pool_dtype,
+                pin_memory=device.type == "cuda",
+            )
+        self.compress_rate = model_config.compress_rates[CSA_LAYER_TYPE]
+        self._reset_schedule()
+
+    def _reset_schedule(self):
+        self.forward_index = -1
+        self.triggering = False
+        self.steps_since_trigger = 0
+        self.trigger_count = 0
+        self.selection: Selection | None = None
+
+    def begin_csa_layer(self, layer_idx: int, seq_len: int) -> LookaheadCSALayer:
+        """Called by each CSA layer before it runs: advances the schedule and applies a due resident set."""
+        if layer_idx == self.csa_layers[0]:
+            self.forward_index += 1
+            if seq_len > 1 or self.selection is None:
+                self.triggering = True
+            else:
+                self.steps_since_trigger += 1
+                self.triggering = self.steps_since_trigger >= self.lsa_config.tau
+        layer = self.layers[layer_idx]
+        selection = self.selection
+        if selection is not None and selection.made_in_forward < self.forward_index and layer.applied_forward < selection.made_in_forward:
+            layer.apply_selection(selection)
+        layer.prefilling = seq_len > 1 or not layer.has_resident_set
+        return layer
+
+    def end_csa_layer(self, layer_idx: int, hidden_states: torch.Tensor, position_ids: torch.Tensor) -> None:
+        """Called by each CSA layer after it ran, with the last token's hidden state (batch, hidden) and
+        position (batch,): feeds the policy at a trigger and closes the trigger at the last CSA layer."""
+        if not self.triggering:
+            return
+        layer = self.layers[layer_idx]
+        if layer_idx in self.policy.target_layers:
+            self.policy.observe(layer_idx, hidden_states, position_ids, layer.index_keys)
+        if layer_idx == self.csa_layers[-1]:
+            context = SelectionContext(
+                num_chunks=layer.num_chunks,
+                visible=(position_ids + 1) // self.compress_rate,
+                trigger_index=self.trigger_count,
+                device=hidden_states.device,
+            )
+            chunk_ids = resident_sets(self.policy.priorities(context), context, self.lsa_config)
+            self.selection = Selection(chunk_ids, layer.num_chunks, self.forward_index)
+            self.trigger_count += 1
+            self.steps_since_trigger = 0
+            self.triggering = False
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        if self.selection is not None:
+            self.selection.chunk_ids = [self.selection.chunk_ids[row] for row in beam_idx.tolist()]
+
+    def reset(self) -> None:
+        super().reset()
+        self._reset_schedule()
+
+    def lookahead_layers(self) -> list[LookaheadCSALayer]:
+        return [self.layers[index] for index in self.csa_layers]
+
+    def memory_report(self) -> dict:
+        from .report import memory_report
+
+        return memory_report(self)

@@ -1,0 +1,98 @@
+"""The evaluation backbone: a small DeepSeek-V4 (the stock transformers architecture) trained from scratch on the
+synthetic tasks, because a random backbone cannot tell whether LSA keeps accuracy and real weights cannot be
+downloaded in tests.
+
+Why these sizes: the sliding window (64 tokens) is far shorter than the contexts (1K-4K), so an answer has to
+come through the compressed branches. CSA compresses 4 tokens an entry and its Lightning Indexer keeps 32 of
+them (6% of the history at 2K, 3% at 4K), so retrieval depends on the indexer's choice, which is what LSA must
+preserve. HCA at rate 128 (the paper's) is coarse: 16 entries at 2K. The layer schedule is the tiny model's
+(two sliding layers, then CSA and HCA, four CSA layers in all), so the project's tests and this model share it.
+"""
+
+import torch
+from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
+
+from ..tiny import TINY_LAYER_TYPES
+from .vocab import BOS, EOS, PAD, VOCAB_SIZE
+
+BACKBONE_SIZES: dict[str, dict] = {
+    # The model the GPU run trains (about 10M parameters).
+    "small": dict(
+        hidden_size=256,
+        moe_intermediate_size=256,
+        num_attention_heads=8,
+        head_dim=64,
+        q_lora_rank=128,
+        o_groups=4,
+        o_lora_rank=64,
+        index_n_heads=8,
+        index_head_dim=32,
+        index_topk=32,
+        sliding_window=64,
+        compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 128},
+    ),
+    # Same structure at sizes a CPU trains a few steps of in seconds (smoke tests, contexts of ~100 tokens).
+    "smoke": dict(
+        hidden_size=32,
+        moe_intermediate_size=32,
+        num_attention_heads=2,
+        head_dim=16,
+        q_lora_rank=16,
+        o_groups=2,
+        o_lora_rank=8,
+        index_n_heads=2,
+        index_head_dim=8,
+        index_topk=4,
+        sliding_window=8,
+        compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 16},
+    ),
+}
+
+
+def eval_backbone_config(size: str = "small", **overrides) -> DeepseekV4Config:
+    if size not in BACKBONE_SIZES:
+        raise ValueError(f"unknown backbone size {size!r}; known sizes: {', '.join(BACKBONE_SIZES)}")
+    settings = dict(
+        vocab_size=VOCAB_SIZE,
+        num_hidden_layers=len(TINY_LAYER_TYPES),
+        layer_types=list(TINY_LAYER_TYPES),
+        num_key_value_heads=1,
+        partial_rotary_factor=0.25,  # more rotary dims than V4's 1/8: order of appearance matters in two tasks
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        n_shared_experts=1,
+        hc_mult=2,
+        hc_sinkhorn_iters=3,
+        max_position_embeddings=8192,
+        rope_parameters={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 2048},
+        initializer_range=0.02,
+        pad_token_id=PAD,
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+    )
+    settings.update(BACKBONE_SIZES[size])
+    settings.update(overrides)
+    return DeepseekV4Config(**settings)
+
+
+def build_eval_backbone(config: DeepseekV4Config, seed: int = 0) -> DeepseekV4ForCausalLM:
+    """A freshly initialized backbone; the seed fixes its weights and its hash-routing table."""
+    torch.manual_seed(seed)
+    model = DeepseekV4ForCausalLM(config)
+    _seed_hash_routing(model, seed)
+    model.generation_config.update(pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS, do_sample=False)
+    return model
+
+
+def _seed_hash_routing(model: DeepseekV4ForCausalLM, seed: int) -> None:
+    """Hash-MoE layers route by a fixed token -> experts table that checkpoints ship; transformers initializes it
+    to zeros (every token to expert 0, twice). A model trained from scratch needs a real table: distinct random
+    experts per token, fixed by the seed and saved with the weights (the table is a persistent buffer)."""
+    generator = torch.Generator().manual_seed(seed)
+    experts, top_k = model.config.n_routed_experts, model.config.num_experts_per_tok
+    for layer in model.model.layers:
+        table = getattr(layer.mlp.gate, "tid2eid", None)
+        if table is None:
+            continue
+        picks = torch.stack([torch.randperm(experts, generator=generator)[:top_k] for _ in range(table.shape[0])])
+        table.copy_(picks)

@@ -1,0 +1,261 @@
+"""Training the evaluation backbone on the synthetic tasks, in short resumable runs.
+
+Two losses with disjoint gradients: next-token cross-entropy on the answer tokens trains the model, and the
+indexer distillation (distillation.py) trains the Lightning Indexers. For the first `dense_steps` the CSA branch
+attends every compressed entry (the warm-up: the model learns to retrieve and the indexers see full attention
+distributions); afterwards the indexers' top-k is in force, as when the model is served.
+
+A run is a function of its TrainingConfig: the batch of step s depends only on (seed, step) and the learning
+rate only on the step, so resuming from a checkpoint (model and optimizer state) continues the run as if it
+had never stopped.
+"""
+
+import logging
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .backbone import BACKBONE_SIZES, build_eval_backbone, eval_backbone_config
+from .batches import IGNORE, Batch, curriculum_length, make_batch
+from .compare import evaluate_accuracy
+from .distillation import IndexerDistillation, indexer_parameter_names, set_dense_csa
+from .tasks import TASK_NAMES, make_examples
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "checkpoint.pt"
+MODEL_DIR_NAME = "model"
+PRECISIONS = ("bf16", "fp32")
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Everything that decides the trained weights (and nothing else: device, checkpoint cadence and time
+    limits are arguments of `train_backbone`, so they can change between a run and its resumption)."""
+
+    size: str = "small"
+    seed: int = 0
+    steps: int = 1200
+    dense_steps: int = 600
+    min_length: int = 256
+    max_length: int = 2048
+    ramp_steps: int = 600
+    tokens_per_step: int = 32768
+    lr: float = 1e-3
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    kl_weight: float = 1.0
+    grad_clip: float = 1.0
+    precision: str = "bf16"
+
+    def __post_init__(self):
+        if self.size not in BACKBONE_SIZES:
+            raise ValueError(f"size must be one of {sorted(BACKBONE_SIZES)}, got {self.size!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.steps < 1 or not 0 <= self.dense_steps <= self.steps:
+            raise ValueError(f"need steps >= 1 and 0 <= dense_steps <= steps, got {self.steps}, {self.dense_steps}")
+        if not 0 < self.min_length <= self.max_length:
+            raise ValueError(f"need 0 < min_length <= max_length, got {self.min_length}, {self.max_length}")
+        if self.tokens_per_step < self.max_length:
+            raise ValueError(f"tokens_per_step ({self.tokens_per_step}) must hold one max_length context")
+
+    def lr_at(self, step: int) -> float:
+        """Linear warm-up, then cosine decay to a tenth of `lr` at the last step."""
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        progress = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
+        return self.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+    def batch_for(self, step: int) -> Batch:
+        length = curriculum_length(self.seed, step, self.min_length, self.max_length, self.ramp_steps)
+        return make_batch(self.seed, step, length, max(1, self.tokens_per_step // length))
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast over fp32 master weights; fp32 runs as is."""
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def make_optimizer(model, config: TrainingConfig) -> torch.optim.AdamW:
+    """AdamW, decaying matrices only. Each parameter group names its clip set ("main" or "indexer"): the two
+    sets' gradients come from different losses, so their norms are clipped separately and never rescale
+    each other."""
+    indexer_names = indexer_parameter_names(model)
+    groups: dict[tuple[str, bool], list] = {(s, d): [] for s in ("main", "indexer") for d in (False, True)}
+    for name, param in model.named_parameters():
+        groups[("indexer" if name in indexer_names else "main", param.ndim >= 2)].append(param)
+    return torch.optim.AdamW(
+        [
+            {"params": params, "weight_decay": config.weight_decay if decay else 0.0, "clip_set": clip_set}
+            for (clip_set, decay), params in groups.items()
+        ],
+        lr=config.lr,
+        betas=(0.9, 0.95),
+    )
+
+
+def _clip_gradients(optimizer: torch.optim.Optimizer, max_norm: float) -> None:
+    for clip_set in ("main", "indexer"):
+        params = [p for group in optimizer.param_groups if group["clip_set"] == clip_set for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+
+def answer_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy over answer tokens, and the fraction of them predicted right (argmax).
+    Computed over every position with IGNORE masking rather than by selecting answer positions: selecting
+    them would make the GPU wait for the host."""
+    logits, targets = logits.flatten(0, 1).float(), targets.flatten()
+    loss = F.cross_entropy(logits, targets, ignore_index=IGNORE)
+    answered = targets != IGNORE
+    right = (logits.argmax(dim=-1) == targets) & answered
+    return loss, right.sum() / answered.sum().clamp_min(1)
+
+
+def _save_checkpoint(path: Path, step: int, config: TrainingConfig, model, optimizer) -> None:
+    """Written to a temporary file and renamed: an interrupted save never leaves a broken checkpoint."""
+    state = {"step": step, "config": asdict(config), "model": model.state_dict(), "optimizer": optimizer.state_dict()}
+    temporary = path.with_suffix(".tmp")
+    torch.save(state, temporary)
+    os.replace(temporary, path)
+
+
+def _load_checkpoint(path: Path, config: TrainingConfig, model, optimizer) -> int:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    saved = TrainingConfig(**state["config"])
+    if saved != config:
+        changed = {k: (v, getattr(config, k)) for k, v in asdict(saved).items() if v != getattr(config, k)}
+        raise ValueError(
+            f"{path} was made with other settings {changed} (checkpoint, now): pass the same flags to resume, "
+            f"or start a new run in another output directory"
+        )
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    return state["step"]
+
+
+def _start_step(path: Path, resume: bool, config: TrainingConfig, model, optimizer) -> int:
+    if path.exists() and not resume:
+        raise FileExistsError(f"{path} exists: pass --resume to continue that run, or use another output directory")
+    if resume and path.exists():
+        step = _load_checkpoint(path, config, model, optimizer)
+        logger.info("resuming from %s at step %d of %d", path, step, config.steps)
+        return step
+    if resume:
+        logger.info("no checkpoint in %s: starting a new run", path.parent)
+    return 0
+
+
+@dataclass
+class TrainingRun:
+    """What `train_backbone` did: the model (sparse CSA, ready to serve), whether the run reached its last step
+    (False when `max_minutes` stopped it first, with a checkpoint that `resume=True` continues from), and the
+    metrics of every step this call ran."""
+
+    model: torch.nn.Module
+    finished: bool
+    history: list[dict] = field(default_factory=list)
+
+
+def train_backbone(
+    config: TrainingConfig,
+    output_dir: str | Path,
+    device: str | torch.device = "cpu",
+    resume: bool = False,
+    checkpoint_every: int = 200,
+    max_minutes: float | None = None,
+    log_every: int = 50,
+    progress: bool = True,
+) -> TrainingRun:
+    """Train (or continue) the run in `output_dir`; a finished run also saves the model (save_pretrained)."""
+    device = torch.device(device)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = output_dir / CHECKPOINT_NAME
+    model = build_eval_backbone(eval_backbone_config(config.size), seed=config.seed).to(device)
+    optimizer = make_optimizer(model, config)
+    step = _start_step(checkpoint, resume, config, model, optimizer)
+    deadline = None if max_minutes is None else time.monotonic() + 60 * max_minutes
+    run = TrainingRun(model, finished=False)
+    model.train()
+    with IndexerDistillation(model) as distillation:
+        bar = tqdm(total=config.steps, initial=step, desc="train backbone", disable=not progress)
+        while step < config.steps:
+            metrics = train_step(model, distillation, optimizer, config, step, device)
+            run.history.append(metrics)
+            step += 1
+            shown = {k: f"{v:.3f}" if isinstance(v, float) else v for k, v in metrics.items()}
+            bar.update()
+            bar.set_postfix(shown)
+            if step % log_every == 0 or step == config.steps:
+                bar.write(", ".join(f"{k} {v}" for k, v in shown.items()))
+            if step % checkpoint_every == 0 or step == config.steps:
+                _save_checkpoint(checkpoint, step, config, model, optimizer)
+            if deadline is not None and time.monotonic() > deadline and step < config.steps:
+                _save_checkpoint(checkpoint, step, config, model, optimizer)
+                logger.warning("stopped by max_minutes at step %d of %d; rerun with --resume", step, config.steps)
+                break
+        bar.close()
+    set_dense_csa(model, False)
+    run.finished = step >= config.steps
+    if run.finished:
+        model.save_pretrained(output_dir / MODEL_DIR_NAME)
+    return run
+
+
+def train_step(model, distillation: IndexerDistillation, optimizer, config: TrainingConfig, step: int, device) -> dict:
+    """One optimizer step on the batch of `step`; returns its metrics."""
+    dense = step < config.dense_steps
+    set_dense_csa(model, dense)
+    batch = config.batch_for(step).to(device)
+    for group in optimizer.param_groups:
+        group["lr"] = config.lr_at(step)
+    distillation.rows = batch.distill_rows
+    with autocast(device, config.precision):
+        logits = model(input_ids=batch.input_ids, use_cache=False).logits
+    lm_loss, token_accuracy = answer_loss(logits, batch.targets)
+    kl = distillation.loss()
+    (lm_loss + config.kl_weight * kl).backward()
+    _clip_gradients(optimizer, config.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {
+        "step": step + 1,
+        "phase": "dense" if dense else "sparse",
+        "context": batch.context_length,
+        "batch": batch.input_ids.shape[0],
+        "loss": lm_loss.item(),
+        "kl": kl.item(),
+        "answer_token_acc": token_accuracy.item(),
+    }
+
+
+def evaluate_backbone(
+    model,
+    lengths: list[int],
+    examples_per_task: int,
+    seed: int = 0,
+    precision: str = "fp32",
+    tokens_per_batch: int = 32768,
+    progress: bool = True,
+) -> dict[int, dict[str, float]]:
+    """Per-length, per-task exact-match accuracy with the stock full cache and the served (sparse) indexer."""
+    device = next(model.parameters()).device
+    set_dense_csa(model, False)
+    model.eval()
+    results = {}
+    for length in lengths:
+        examples = [ex for task in TASK_NAMES for ex in make_examples(task, length, examples_per_task, seed)]
+        with autocast(device, precision):
+            batch_size = max(1, tokens_per_batch // length)
+            results[length] = evaluate_accuracy(model, examples, batch_size=batch_size, progress=progress)
+    return results

@@ -1,0 +1,61 @@
+"""Training batches of the synthetic tasks: what step s trains on depends only on (seed, step), so a resumed run
+sees exactly the batches an uninterrupted one would, and no data-loader state needs saving.
+
+A row is the context followed by the answer (teacher forcing); only answer tokens are predicted. The context
+length grows over training (short contexts teach retrieval fast, long ones teach it at the target length),
+and every batch holds about the same number of tokens, mixing the tasks evenly.
+Positions are given as index tensors made on the CPU, so that selecting them on the GPU needs no host sync.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from .tasks import TASK_NAMES, example_rng, make_example
+from .vocab import PAD, QUERY
+
+IGNORE = -100  # target of positions whose next token is not an answer token
+LENGTH_STEP = 64  # context lengths are multiples of this (fewer distinct shapes on the GPU)
+
+
+@dataclass(frozen=True)
+class Batch:
+    input_ids: torch.Tensor  # (batch, seq): context + answer minus its last token, PAD after
+    targets: torch.Tensor  # (batch, seq): the answer token to predict at each position, IGNORE elsewhere
+    distill_rows: torch.Tensor  # (rows,) flat indices into batch * seq: the question and answer positions
+    context_length: int
+
+    def to(self, device: torch.device | str) -> "Batch":
+        return Batch(
+            self.input_ids.to(device), self.targets.to(device), self.distill_rows.to(device), self.context_length
+        )
+
+
+def curriculum_length(seed: int, step: int, min_length: int, max_length: int, ramp_steps: int) -> int:
+    """Uniform in [ceiling / 2, ceiling] (and >= min_length), where the ceiling grows linearly from min_length
+    to max_length over the first ramp_steps steps; it moves in steps of LENGTH_STEP from min_length."""
+    progress = 1.0 if ramp_steps <= 0 else min(1.0, step / ramp_steps)
+    ceiling = min_length + int((max_length - min_length) * progress)
+    floor = min_length + max(0, ceiling // 2 - min_length) // LENGTH_STEP * LENGTH_STEP
+    rng = example_rng("length", seed, step)
+    return floor + LENGTH_STEP * rng.randint(0, (ceiling - floor) // LENGTH_STEP)
+
+
+def make_batch(seed: int, step: int, context_length: int, batch_size: int, tasks=TASK_NAMES) -> Batch:
+    """`batch_size` examples of `context_length` tokens; the tasks take turns from a random offset."""
+    offset = example_rng("tasks", seed, step).randrange(len(tasks))
+    examples = [
+        make_example(tasks[(offset + i) % len(tasks)], context_length, example_rng("train", seed, step, i))
+        for i in range(batch_size)
+    ]
+    width = context_length + max(len(example.answer) for example in examples) - 1
+    input_ids = torch.full((batch_size, width), PAD, dtype=torch.long)
+    targets = torch.full((batch_size, width), IGNORE, dtype=torch.long)
+    rows = torch.zeros((batch_size, width), dtype=torch.bool)
+    for i, example in enumerate(examples):
+        tokens = example.input_ids + example.answer[:-1]
+        input_ids[i, : len(tokens)] = torch.tensor(tokens)
+        last_context = len(example.input_ids) - 1
+        targets[i, last_context : last_context + len(example.answer)] = torch.tensor(example.answer)
+        rows[i, example.input_ids.index(QUERY) : len(tokens)] = True
+    return Batch(input_ids, targets, rows.flatten().nonzero().squeeze(1), context_length)

@@ -1,0 +1,200 @@
+"""RULER-style synthetic long-context tasks over the integer vocabulary of `vocab.py`, and exact-match scoring.
+
+Five tasks, each a generator `(context_length, rng) -> Example`:
+- single_needle: one needle `NEEDLE key VALUE value` in random filler; the question names the key.
+- multi_key_needle: several needles with distinct keys; the question names one of them.
+- multi_value_needle: one key in several needles; the answer is all its values, in order of appearance.
+- variable_tracking: chains `LET value x1`, `LET x1 x2`, ... (one queried, others distracting); the question names
+  the starting value, the answer is every variable of its chain in order of assignment.
+- common_words: aggregation with no filler: a word list where three words are far more frequent than any other;
+  the answer is those three, most frequent first. No single statement carries it (it needs dense memory).
+
+Invariants the tests hold: `len(input_ids)` is exactly the requested context length; the input ends with the
+question (`QUERY ... ANSWER`) and QUERY occurs nowhere else; the same (task, length, seed) always gives the same
+example; `Example.evidence` gives where the statements carrying the answer start.
+Seeds are strings or ints turned into a `random.Random` through its string seeding, which is stable across
+processes and Python runs (it does not depend on PYTHONHASHSEED).
+"""
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from .vocab import ANSWER, BOS, FILLER, KEYS, LET, NEEDLE, QUERY, TASK_TOKENS, VALUE, VALUES
+
+
+@dataclass(frozen=True)
+class Example:
+    """One task instance. `input_ids` ends with the ANSWER marker; the model must continue with `answer`.
+
+    evidence: start positions (in input_ids) of the statements that carry the answer, in order of appearance;
+    empty for the aggregation task, whose answer is spread over the whole context.
+    """
+
+    task: str
+    input_ids: list[int]
+    answer: list[int]
+    evidence: tuple[int, ...] = ()
+
+
+def example_rng(*parts) -> random.Random:
+    """A generator seeded by the joined parts, e.g. ("eval", task, length, seed, index): stable everywhere."""
+    return random.Random("/".join(str(part) for part in parts))
+
+
+def _draw_distinct(pool: range, size: int, count: int, rng: random.Random) -> list[list[int]]:
+    """`count` distinct token tuples of `size` tokens each from `pool` (tokens may repeat inside a tuple)."""
+    if count > len(pool) ** size:
+        raise ValueError(f"cannot draw {count} distinct {size}-token sequences from {len(pool)} ids")
+    seen: list[tuple[int, ...]] = []
+    while len(seen) < count:
+        candidate = tuple(rng.choices(pool, k=size))
+        if candidate not in seen:
+            seen.append(candidate)
+    return [list(item) for item in seen]
+
+
+def _needle(key: list[int], value: list[int]) -> list[int]:
+    return [NEEDLE, *key, VALUE, *value]
+
+
+def _scatter(statements: list[list[int]], length: int, rng: random.Random) -> tuple[list[int], list[int]]:
+    """`length` tokens of random filler with the statements inserted, in the given order, at uniform depths.
+
+    Returns the tokens and the start offset of each statement.
+    """
+    filler_count = length - sum(len(statement) for statement in statements)
+    cuts = sorted(rng.randint(0, filler_count) for _ in statements)  # filler tokens before each statement
+    tokens: list[int] = []
+    starts: list[int] = []
+    placed = 0
+    for cut, statement in zip(cuts, statements):
+        tokens += rng.choices(FILLER, k=cut - placed)
+        starts.append(len(tokens))
+        tokens += statement
+        placed = cut
+    tokens += rng.choices(FILLER, k=filler_count - placed)
+    return tokens, starts
+
+
+def _assemble(
+    task: str,
+    statements: list[list[int]],
+    evidence: list[int],
+    question: list[int],
+    answer: list[int],
+    length: int,
+    rng: random.Random,
+) -> Example:
+    """BOS, the task token, a haystack holding the statements, then `QUERY question ANSWER`: exactly `length`."""
+    prefix = [BOS, TASK_TOKENS[task]]
+    suffix = [QUERY, *question, ANSWER]
+    haystack = length - len(prefix) - len(suffix)
+    needed = sum(len(statement) for statement in statements)
+    if haystack < needed:
+        minimum = needed + len(prefix) + len(suffix)
+        raise ValueError(f"{task} needs a context of at least {minimum} tokens, got {length}")
+    tokens, starts = _scatter(statements, haystack, rng)
+    offsets = tuple(len(prefix) + starts[index] for index in evidence)
+    return Example(task, prefix + tokens + suffix, answer, offsets)
+
+
+def single_needle(length: int, rng: random.Random, key_len: int = 2, value_len: int = 3) -> Example:
+    (key,) = _draw_distinct(KEYS, key_len, 1, rng)
+    (value,) = _draw_distinct(VALUES, value_len, 1, rng)
+    return _assemble("single_needle", [_needle(key, value)], [0], key, value, length, rng)
+
+
+def multi_key_needle(
+    length: int, rng: random.Random, n_keys: int = 4, key_len: int = 2, value_len: int = 3
+) -> Example:
+    keys = _draw_distinct(KEYS, key_len, n_keys, rng)
+    values = _draw_distinct(VALUES, value_len, n_keys, rng)
+    target = rng.randrange(n_keys)
+    statements = [_needle(key, value) for key, value in zip(keys, values)]
+    return _assemble("multi_key_needle", statements, [target], keys[target], values[target], length, rng)
+
+
+def multi_value_needle(
+    length: int, rng: random.Random, n_values: int = 3, key_len: int = 2, value_len: int = 2
+) -> Example:
+    (key,) = _draw_distinct(KEYS, key_len, 1, rng)
+    values = _draw_distinct(VALUES, value_len, n_values, rng)
+    statements = [_needle(key, value) for value in values]
+    answer = [token for value in values for token in value]
+    return _assemble("multi_value_needle", statements, list(range(n_values)), key, answer, length, rng)
+
+
+def variable_tracking(length: int, rng: random.Random, n_chains: int = 2, hops: int = 4) -> Example:
+    """Statements read left to right (`LET source target`), so following a chain is a chain of look-ups."""
+    names = rng.sample(KEYS, n_chains * (hops + 1))
+    starts = rng.sample(VALUES, n_chains)
+    chains = []
+    for chain in range(n_chains):
+        variables = names[chain * (hops + 1) : (chain + 1) * (hops + 1)]
+        sources = [starts[chain], *variables[:-1]]
+        chains.append([[LET, source, target] for source, target in zip(sources, variables)])
+    order = [chain for chain in range(n_chains) for _ in range(hops + 1)]
+    rng.shuffle(order)  # interleave the chains, each keeping its own order
+    statements, evidence, next_statement = [], [], [0] * n_chains
+    for chain in order:
+        if chain == 0:
+            evidence.append(len(statements))
+        statements.append(chains[chain][next_statement[chain]])
+        next_statement[chain] += 1
+    answer = names[: hops + 1]
+    return _assemble("variable_tracking", statements, evidence, [starts[0]], answer, length, rng)
+
+
+def common_words(length: int, rng: random.Random, shares: Sequence[float] = (0.16, 0.12, 0.08)) -> Example:
+    """The context is a shuffled word list; word i of the answer fills `shares[i]` of it, and every other word
+    occurs at most ceil(rest / pool) times, strictly fewer than the least common answer word."""
+    body = length - 4  # BOS, task token, QUERY, ANSWER
+    counts = [round(share * body) for share in shares]
+    common = rng.sample(FILLER, len(shares))
+    pool = [word for word in FILLER if word not in common]
+    rare = body - sum(counts)
+    rare_max = -(-rare // len(pool))
+    if body < 0 or any(a <= b for a, b in zip(counts, counts[1:])) or counts[-1] <= rare_max:
+        raise ValueError(f"common_words needs a longer context to separate word frequencies, got {length}")
+    rng.shuffle(pool)
+    words = [word for word, count in zip(common, counts) for _ in range(count)]
+    words += [pool[index % len(pool)] for index in range(rare)]
+    rng.shuffle(words)
+    return Example("common_words", [BOS, TASK_TOKENS["common_words"], *words, QUERY, ANSWER], common)
+
+
+TASKS: dict[str, Callable[[int, random.Random], Example]] = {
+    "single_needle": single_needle,
+    "multi_key_needle": multi_key_needle,
+    "multi_value_needle": multi_value_needle,
+    "variable_tracking": variable_tracking,
+    "common_words": common_words,
+}
+TASK_NAMES = tuple(TASKS)
+
+
+def make_example(task: str, length: int, rng: random.Random) -> Example:
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; known tasks: {', '.join(TASK_NAMES)}")
+    return TASKS[task](length, rng)
+
+
+def make_examples(task: str, length: int, count: int, seed: int | str = 0) -> list[Example]:
+    """`count` evaluation examples; example i depends only on (task, length, seed, i)."""
+    return [make_example(task, length, example_rng("eval", task, length, seed, index)) for index in range(count)]
+
+
+def exact_match(prediction: Sequence[int], answer: Sequence[int]) -> bool:
+    """True when the first len(answer) predicted tokens are the answer; the model is asked for exactly that
+    many, so anything it adds after them is not part of its answer."""
+    return list(prediction[: len(answer)]) == list(answer)
+
+
+def accuracy(predictions: Sequence[Sequence[int]], examples: Sequence[Example]) -> float:
+    """Fraction of examples answered exactly."""
+    if len(predictions) != len(examples):
+        raise ValueError(f"{len(predictions)} predictions for {len(examples)} examples")
+    if not examples:
+        raise ValueError("accuracy of no examples is undefined")
+    return sum(exact_match(p, e.answer) for p, e in zip(predictions, examples)) / len(examples)

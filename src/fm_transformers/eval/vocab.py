@@ -1,0 +1,30 @@
+"""The integer vocabulary of the synthetic tasks: the special markers and the content ranges, defined once.
+
+The evaluation backbone is trained from scratch on these tasks, so there is no tokenizer: a token is an id.
+Content ids come in disjoint ranges (keys, values, filler), so a needle's key or value never occurs by chance
+in the haystack: every answer is recoverable from the statements that carry it, and from nothing else.
+"""
+
+VOCAB_SIZE = 512
+
+PAD = 0
+BOS = 1
+EOS = 2
+NEEDLE = 3  # opens a needle: NEEDLE key... VALUE value...
+VALUE = 4  # separates a needle's key from its value
+LET = 5  # a variable-tracking statement: LET source target (target takes source's value)
+QUERY = 6  # opens the question at the end of the context; occurs exactly once per example
+ANSWER = 7  # closes the question: the answer is what follows
+
+TASK_TOKENS = {
+    "single_needle": 8,
+    "multi_key_needle": 9,
+    "multi_value_needle": 10,
+    "variable_tracking": 11,
+    "common_words": 12,
+}
+
+FIRST_CONTENT = 16
+KEYS = range(FIRST_CONTENT, 144)  # needle keys and variable names
+VALUES = range(144, 272)  # needle values and the values that variable chains start from
+FILLER = range(272, VOCAB_SIZE)  # haystack filler, and the words of the aggregation task

@@ -1,0 +1,161 @@
+"""Resident-set policies: which compressed chunks stay on the GPU until the next recall.
+
+Every policy answers one question, `priorities(context)`: a (batch, chunks) score where -inf means "not
+wanted" and larger means "keep first under a budget". The shared plumbing (`resident_sets`) adds the
+recency tail and the sink, which are always resident, and applies the per-sequence budget. The cache
+never knows which policy it has; tests and the evaluation pick policies, not flags.
+"""
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from .config import LSAConfig
+
+NOT_WANTED = float("-inf")
+
+
+@dataclass
+class SelectionContext:
+    """What a policy may look at when a recall triggers."""
+
+    num_chunks: int  # T: chunks in the cache at the trigger, the same for every sequence of the batch
+    visible: torch.Tensor  # (batch,) chunk s is causally visible to sequence b iff s < visible[b]
+    trigger_index: int  # 0 right after prefill, then 1, 2, ... every tau decode steps
+    device: torch.device
+
+    @property
+    def batch_size(self) -> int:
+        return self.visible.shape[0]
+
+    def chunk_ids(self) -> torch.Tensor:
+        return torch.arange(self.num_chunks, device=self.device)
+
+    def visible_mask(self) -> torch.Tensor:
+        return self.chunk_ids().unsqueeze(0) < self.visible.to(self.device).unsqueeze(1)  # (batch, chunks)
+
+
+class ResidentPolicy(ABC):
+    """Base of all policies. Policies that read the model override `target_layers` and `observe`."""
+
+    target_layers: tuple[int, ...] = ()
+
+    def observe(self, layer_idx: int, hidden_states: torch.Tensor, position_ids: torch.Tensor, index_keys: torch.Tensor):
+        """Called at a trigger step at each target layer, with the last token's hidden state (batch, hidden),
+        its position (batch,) and that layer's full native indexer keys (batch, chunks, index_head_dim)."""
+
+    @abstractmethod
+    def priorities(self, context: SelectionContext) -> torch.Tensor:
+        """(batch, chunks) float32: -inf for chunks not wanted, otherwise the keep-first order under a budget."""
+
+
+class KeepAllPolicy(ResidentPolicy):
+    """Every chunk resident: LSA then equals the stock model exactly."""
+
+    def priorities(self, context):
+        return torch.zeros(context.batch_size, context.num_chunks, device=context.device)
+
+
+class RecencyPolicy(ResidentPolicy):
+    """Only the newest `window` chunks (on top of the config's recency tail and sink)."""
+
+    def __init__(self, window: int):
+        if window < 0:
+            raise ValueError(f"window must be >= 0, got {window}")
+        self.window = window
+
+    def priorities(self, context):
+        ids = context.chunk_ids().float().expand(context.batch_size, -1)
+        return torch.where(ids >= context.num_chunks - self.window, ids, NOT_WANTED)
+
+
+class RandomPolicy(ResidentPolicy):
+    """A random `fraction` of the history, drawn anew at each recall from a seeded generator."""
+
+    def __init__(self, fraction: float, seed: int = 0):
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"fraction must lie in [0, 1], got {fraction}")
+        self.fraction = fraction
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def priorities(self, context):
+        noise = torch.rand(context.batch_size, context.num_chunks, generator=self.generator)
+        keep = int(round(self.fraction * context.num_chunks))
+        order = noise.argsort(dim=1, descending=True)
+        wanted = torch.zeros_like(noise, dtype=torch.bool).scatter_(1, order[:, :keep], True)
+        return torch.where(wanted, noise, NOT_WANTED).to(context.device)
+
+
+class OraclePolicy(ResidentPolicy):
+    """Given resident sets, one list of chunk-id tensors (one per sequence) per recall, in trigger order.
+
+    Built from a stock run (the chunks the native top-k really used in the next tau steps), it bounds what
+    any predictor can achieve; with chunks removed it shows the output depends on the resident set.
+    """
+
+    def __init__(self, sets_per_trigger: list[list[torch.Tensor]]):
+        self.sets_per_trigger = sets_per_trigger
+
+    def priorities(self, context):
+        out = torch.full((context.batch_size, context.num_chunks), NOT_WANTED, device=context.device)
+        if context.trigger_index >= len(self.sets_per_trigger):
+            return out
+        for row, ids in enumerate(self.sets_per_trigger[context.trigger_index]):
+            ids = torch.as_tensor(ids, dtype=torch.long, device=context.device)
+            out[row, ids[ids < context.num_chunks]] = 0.0
+        return out
+
+
+class MemoryIndexerPolicy(ResidentPolicy):
+    """The LSA policy: chunks whose memory-indexer score reaches `threshold` in any target layer (max ensemble)."""
+
+    def __init__(self, indexer, threshold: float, layers: tuple[int, ...] | None = None):
+        available = tuple(indexer.config.layers)
+        layers = available if layers is None else tuple(layers)
+        missing = [layer for layer in layers if layer not in available]
+        if missing:
+            raise ValueError(f"indexer_layers {missing} have no memory indexer; the attached one covers {list(available)}")
+        self.indexer = indexer
+        self.threshold = threshold
+        self.target_layers = layers
+        self._running_max: torch.Tensor | None = None  # (batch, chunks): max score over the layers seen so far
+
+    @torch.no_grad()
+    def observe(self, layer_idx, hidden_states, position_ids, index_keys):
+        device = next(self.indexer.indexers[str(layer_idx)].parameters()).device
+        scores = self.indexer.scores(
+            layer_idx, hidden_states[:, None].to(device), position_ids[:, None].to(device), index_keys.to(device)
+        )[:, 0]  # (batch, chunks)
+        causal_limit = (position_ids.to(device) + 1) // self.indexer.config.backbone["compress_rates"]["compressed_sparse_attention"]
+        invisible = torch.arange(scores.shape[1], device=device).unsqueeze(0) >= causal_limit.unsqueeze(1)
+        scores = scores.masked_fill(invisible, NOT_WANTED)
+        self._running_max = scores if self._running_max is None else torch.maximum(self._running_max, scores.to(self._running_max.device))
+
+    def priorities(self, context):
+        if self._running_max is None:
+            raise RuntimeError("MemoryIndexerPolicy.priorities called before any target layer was observed")
+        scores, self._running_max = self._running_max.to(context.device), None
+        return torch.where(scores >= self.threshold, scores, NOT_WANTED)
+
+
+def resident_sets(priorities: torch.Tensor, context: SelectionContext, config: LSAConfig) -> list[torch.Tensor]:
+    """Per sequence, the sorted chunk ids to keep resident: wanted chunks, plus recency tail and sink, capped.
+
+    The tail and the sink are always kept; the budget, if any, then admits wanted chunks by priority.
+    """
+    num_chunks = context.num_chunks
+    ids = context.chunk_ids()
+    forced = (ids >= num_chunks - config.recency_chunks) | (ids < config.sink_chunks)  # (chunks,)
+    budget = config.budget_chunks(num_chunks)
+    sets = []
+    for row in range(context.batch_size):
+        wanted = torch.isfinite(priorities[row]) & ~forced
+        chosen = ids[wanted]
+        if budget is not None:
+            room = max(0, budget - int(forced.sum()))
+            if chosen.numel() > room:
+                order = priorities[row][chosen].argsort(descending=True, stable=True)
+                chosen = chosen[order[:room]]
+        sets.append(torch.cat([ids[forced], chosen]).sort().values)
+    return sets

@@ -1,0 +1,40 @@
+import torch
+
+from fm_transformers.eval.batches import IGNORE, curriculum_length, make_batch
+from fm_transformers.eval.tasks import TASK_NAMES
+from fm_transformers.eval.vocab import ANSWER, PAD, QUERY
+
+
+def test_targets_are_the_answer_tokens_predicted_from_the_position_before_each():
+    batch = make_batch(seed=0, step=3, context_length=128, batch_size=5)
+    rows = torch.zeros(batch.input_ids.numel(), dtype=torch.bool)
+    rows[batch.distill_rows] = True
+    for ids, targets, rows in zip(batch.input_ids.tolist(), batch.targets.tolist(), rows.view_as(batch.input_ids).tolist()):
+        answer_at = [i for i, target in enumerate(targets) if target != IGNORE]
+        assert answer_at[0] == 127 and ids[127] == ANSWER
+        assert answer_at == list(range(127, 127 + len(answer_at)))
+        # teacher forcing: answer token j is the input at the position after the one predicting it
+        assert all(ids[i + 1] == targets[i] for i in answer_at[:-1])
+        distilled = [i for i, row in enumerate(rows) if row]
+        assert ids[distilled[0]] == QUERY and distilled[-1] == answer_at[-1]
+        assert all(token == PAD for token in ids[answer_at[-1] + 1 :])
+
+
+def test_a_batch_mixes_the_tasks_evenly():
+    batch = make_batch(seed=0, step=0, context_length=128, batch_size=2 * len(TASK_NAMES))
+    task_tokens = batch.input_ids[:, 1].tolist()
+    assert len(set(task_tokens)) == len(TASK_NAMES)
+    assert all(task_tokens.count(token) == 2 for token in task_tokens)
+
+
+def test_batches_depend_only_on_seed_and_step():
+    first, again = make_batch(1, 5, 128, 4), make_batch(1, 5, 128, 4)
+    assert torch.equal(first.input_ids, again.input_ids) and torch.equal(first.targets, again.targets)
+    assert not torch.equal(first.input_ids, make_batch(1, 6, 128, 4).input_ids)
+
+
+def test_curriculum_length_grows_to_the_maximum_and_stays_in_bounds():
+    lengths = [curriculum_length(0, step, 256, 2048, ramp_steps=100) for step in range(300)]
+    assert all(256 <= n <= 2048 and (n - 256) % 64 == 0 for n in lengths)
+    assert max(lengths[:10]) <= 256 + 64 * 3
+    assert min(lengths[100:]) >= 1024 and max(lengths[100:]) == 2048

@@ -1,0 +1,133 @@
+from collections import Counter
+
+import pytest
+
+from fm_transformers.eval.tasks import TASK_NAMES, accuracy, exact_match, make_example, make_examples
+from fm_transformers.eval.vocab import ANSWER, FILLER, KEYS, LET, NEEDLE, QUERY, VALUE, VALUES, VOCAB_SIZE
+
+LENGTHS = (97, 256, 1000)
+
+
+def question(example):
+    """The tokens between QUERY and ANSWER at the end of the input."""
+    start = example.input_ids.index(QUERY)
+    return example.input_ids[start + 1 : -1]
+
+
+@pytest.mark.parametrize("task", TASK_NAMES)
+def test_generators_are_deterministic_per_seed(task):
+    assert make_examples(task, 256, 3, seed=7) == make_examples(task, 256, 3, seed=7)
+    assert make_examples(task, 256, 3, seed=7) != make_examples(task, 256, 3, seed=8)
+
+
+@pytest.mark.parametrize("task", TASK_NAMES)
+@pytest.mark.parametrize("length", LENGTHS)
+def test_context_length_is_exact_and_tokens_are_in_the_vocabulary(task, length):
+    for example in make_examples(task, length, 3):
+        assert len(example.input_ids) == length
+        assert all(0 <= token < VOCAB_SIZE for token in example.input_ids + example.answer)
+
+
+@pytest.mark.parametrize("task", TASK_NAMES)
+def test_the_input_ends_with_the_only_question(task):
+    for example in make_examples(task, 256, 3):
+        assert example.input_ids.count(QUERY) == 1
+        assert example.input_ids[-1] == ANSWER
+        assert example.task == task and example.answer
+
+
+@pytest.mark.parametrize("task", ["single_needle", "multi_key_needle"])
+@pytest.mark.parametrize("length", LENGTHS)
+def test_the_needle_with_the_queried_key_holds_the_answer_where_claimed(task, length):
+    for example in make_examples(task, length, 5):
+        key = question(example)
+        (start,) = example.evidence
+        needle = [NEEDLE, *key, VALUE, *example.answer]
+        assert example.input_ids[start : start + len(needle)] == needle
+        assert all(token in KEYS for token in key) and all(token in VALUES for token in example.answer)
+
+
+def test_multi_key_needles_have_distinct_keys_and_one_matches_the_question():
+    for example in make_examples("multi_key_needle", 512, 5):
+        starts = [i for i, token in enumerate(example.input_ids) if token == NEEDLE]
+        keys = [tuple(example.input_ids[i + 1 : i + 3]) for i in starts]
+        assert len(starts) == 4 and len(set(keys)) == 4
+        assert keys.count(tuple(question(example))) == 1
+
+
+def test_value_tokens_occur_only_inside_the_needles():
+    for task in ("single_needle", "multi_key_needle", "multi_value_needle"):
+        for example in make_examples(task, 1000, 3):
+            inside = set()
+            for start, token in enumerate(example.input_ids):
+                if token == NEEDLE:
+                    inside.update(range(start, example.input_ids.index(VALUE, start) + 4))
+            values = {i for i, token in enumerate(example.input_ids) if token in VALUES}
+            assert values <= inside
+
+
+@pytest.mark.parametrize("length", LENGTHS)
+def test_multi_value_answer_is_every_value_of_the_key_in_order_of_appearance(length):
+    for example in make_examples("multi_value_needle", length, 5):
+        key = question(example)
+        values = []
+        for start in example.evidence:
+            assert example.input_ids[start : start + 2 + len(key)] == [NEEDLE, *key, VALUE]
+            values += example.input_ids[start + 2 + len(key) : start + 4 + len(key)]
+        assert list(example.evidence) == sorted(example.evidence) and len(example.evidence) == 3
+        assert values == example.answer
+
+
+@pytest.mark.parametrize("length", LENGTHS)
+def test_variable_tracking_answer_follows_the_chain_from_the_queried_value(length):
+    for example in make_examples("variable_tracking", length, 5):
+        ids = example.input_ids
+        statements = {ids[i + 1]: (i, ids[i + 2]) for i, token in enumerate(ids) if token == LET}
+        assert len(statements) == 10  # two chains of five assignments
+        (current,) = question(example)
+        chain, positions = [], []
+        while current in statements:
+            position, current = statements[current]
+            chain.append(current)
+            positions.append(position)
+        assert chain == example.answer and tuple(positions) == example.evidence
+        assert all(token in KEYS for token in chain)
+
+
+@pytest.mark.parametrize("length", LENGTHS)
+def test_common_words_answer_is_the_three_most_frequent_most_frequent_first(length):
+    for example in make_examples("common_words", length, 5):
+        words = example.input_ids[2:-2]
+        assert all(word in FILLER for word in words)
+        counts = Counter(words)
+        ranked = [word for word, _ in counts.most_common()]
+        assert ranked[:3] == example.answer
+        third, fourth = counts[ranked[2]], counts[ranked[3]]
+        assert counts[ranked[0]] > counts[ranked[1]] > third > fourth
+        assert example.evidence == ()
+
+
+@pytest.mark.parametrize("task", TASK_NAMES)
+def test_too_short_a_context_is_an_error_that_names_the_task(task):
+    with pytest.raises(ValueError, match=task):
+        make_examples(task, 12, 1)
+
+
+def test_unknown_task_is_an_error_that_lists_the_known_ones():
+    with pytest.raises(ValueError, match="single_needle"):
+        make_examples("needle", 256, 1)
+
+
+def test_exact_match_needs_every_answer_token_and_ignores_what_follows():
+    assert exact_match([5, 6, 7], [5, 6, 7])
+    assert exact_match([5, 6, 7, 9], [5, 6, 7])
+    assert not exact_match([5, 6, 8], [5, 6, 7])
+    assert not exact_match([5, 6], [5, 6, 7])
+
+
+def test_accuracy_is_the_fraction_answered_exactly():
+    examples = make_examples("single_needle", 128, 4)
+    predictions = [e.answer for e in examples[:3]] + [[0, 0, 0]]
+    assert accuracy(predictions, examples) == 0.75
+    with pytest.raises(ValueError, match="predictions"):
+        accuracy(predictions[:2], examples)

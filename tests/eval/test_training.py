@@ -1,0 +1,55 @@
+import dataclasses
+import math
+
+import pytest
+import torch
+from transformers import DeepseekV4ForCausalLM
+
+from fm_transformers.eval import evaluate_backbone, train_backbone
+from fm_transformers.eval.backbone_training import CHECKPOINT_NAME, MODEL_DIR_NAME
+from fm_transformers.eval.tasks import TASK_NAMES
+
+
+def test_three_training_steps_have_finite_losses_and_go_from_dense_to_sparse(smoke_config, tmp_path):
+    run = train_backbone(smoke_config, tmp_path, progress=False)
+    assert run.finished and [m["phase"] for m in run.history] == ["dense", "dense", "sparse"]
+    assert all(math.isfinite(m["loss"]) and math.isfinite(m["kl"]) and m["kl"] > 0 for m in run.history)
+    csa = [layer.self_attn for layer in run.model.model.layers if layer.self_attn.layer_type == "compressed_sparse_attention"]
+    assert all(attention.compressor.indexer.index_topk == run.model.config.index_topk for attention in csa)
+
+
+def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(smoke_config, tmp_path):
+    straight = train_backbone(smoke_config, tmp_path / "straight", progress=False)
+    stopped = train_backbone(smoke_config, tmp_path / "resumed", max_minutes=0, progress=False)
+    assert not stopped.finished and len(stopped.history) == 1
+    resumed = train_backbone(smoke_config, tmp_path / "resumed", resume=True, progress=False)
+    assert resumed.finished and [m["step"] for m in resumed.history] == [2, 3]
+    expected, actual = straight.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(expected[name], actual[name]) for name in expected)
+
+
+def test_resuming_with_other_settings_is_an_error_that_names_them(smoke_config, tmp_path):
+    train_backbone(smoke_config, tmp_path, max_minutes=0, progress=False)
+    with pytest.raises(ValueError, match="lr"):
+        train_backbone(dataclasses.replace(smoke_config, lr=0.5), tmp_path, resume=True, progress=False)
+
+
+def test_an_existing_run_without_resume_is_an_error(smoke_config, tmp_path):
+    train_backbone(smoke_config, tmp_path, max_minutes=0, progress=False)
+    assert (tmp_path / CHECKPOINT_NAME).exists()
+    with pytest.raises(FileExistsError, match="--resume"):
+        train_backbone(smoke_config, tmp_path, progress=False)
+
+
+def test_the_trained_model_loads_back_with_its_hash_routing_table(smoke_config, tmp_path):
+    run = train_backbone(smoke_config, tmp_path, progress=False)
+    loaded = DeepseekV4ForCausalLM.from_pretrained(tmp_path / MODEL_DIR_NAME)
+    expected = run.model.state_dict()
+    assert all(torch.equal(expected[name], tensor) for name, tensor in loaded.state_dict().items())
+    assert loaded.model.layers[0].mlp.gate.tid2eid.unique().numel() > 1
+
+
+def test_evaluate_backbone_reports_every_task_at_every_length(smoke_model):
+    results = evaluate_backbone(smoke_model, [96, 128], examples_per_task=1, progress=False)
+    assert list(results) == [96, 128]
+    assert all(list(row) == list(TASK_NAMES) and all(0 <= v <= 1 for v in row.values()) for row in results.values())

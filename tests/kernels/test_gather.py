@@ -1,0 +1,81 @@
+"""Chunk recall from the cold pool into GPU slots: the Triton gather and the staging copy against the reference."""
+
+import pytest
+import torch
+
+from fm_transformers.kernels import HAS_TRITON
+from fm_transformers.kernels.gather import (
+    gather_chunks,
+    gather_chunks_copy,
+    gather_chunks_reference,
+    gather_chunks_triton,
+)
+
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+
+
+def make_inputs(gen, device, n_pool, n_slots, n_moved, dim, dtype):
+    """A host pool (pinned when the slots are on a GPU), slots already holding other data, distinct rows."""
+    src = torch.randn(n_pool, dim, generator=gen).to(dtype)
+    src = src.pin_memory() if device == "cuda" else src
+    dst = torch.randn(n_slots, dim, generator=gen).to(dtype).to(device)
+    src_idx = torch.randperm(n_pool, generator=gen)[:n_moved].to(device)
+    dst_idx = torch.randperm(n_slots, generator=gen)[:n_moved].to(device)
+    return src, src_idx, dst, dst_idx
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_gather_chunks_triton_matches_reference_and_leaves_other_slots_alone(gen, device, dtype):
+    src, src_idx, dst, dst_idx = make_inputs(gen, device, 41, 23, 13, 24, dtype)
+    want = gather_chunks_reference(src, src_idx, dst.clone(), dst_idx)
+    untouched = dst.clone()
+    assert gather_chunks_triton(src, src_idx, dst, dst_idx) is dst
+    assert torch.equal(dst, want)
+    others = torch.ones(23, dtype=torch.bool, device=device).index_fill_(0, dst_idx, False)
+    assert torch.equal(dst[others], untouched[others])
+
+
+def test_gather_chunks_copy_matches_reference(gen, device):
+    src, src_idx, dst, dst_idx = make_inputs(gen, device, 41, 23, 13, 24, torch.bfloat16)
+    want = gather_chunks_reference(src, src_idx, dst.clone(), dst_idx)
+    assert torch.equal(gather_chunks_copy(src, src_idx, dst, dst_idx), want)
+
+
+@needs_triton
+def test_gather_chunks_of_nothing_changes_nothing(gen, device):
+    src, src_idx, dst, dst_idx = make_inputs(gen, device, 41, 23, 0, 24, torch.float32)
+    before = dst.clone()
+    assert torch.equal(gather_chunks_triton(src, src_idx, dst, dst_idx), before)
+
+
+def test_gather_chunks_rejects_pool_and_slots_of_different_layouts(gen, device):
+    src, src_idx, dst, dst_idx = make_inputs(gen, device, 41, 23, 13, 24, torch.float32)
+    with pytest.raises(ValueError, match="same dtype and row size"):
+        gather_chunks_copy(src.bfloat16(), src_idx, dst, dst_idx)
+
+
+@needs_triton
+@pytest.mark.gpu
+def test_gather_chunks_reads_the_pinned_pool_in_place_at_real_sizes_on_gpu(gen):
+    """A pool of 100K bf16 chunks of 512 values; recall 10% of it into 12K slots."""
+    src, src_idx, dst, dst_idx = make_inputs(gen, "cuda", 100_000, 12_000, 10_000, 512, torch.bfloat16)
+    want = gather_chunks_reference(src, src_idx, dst.clone(), dst_idx)
+    assert torch.equal(gather_chunks(src, src_idx, dst, dst_idx), want)
+
+
+@pytest.mark.gpu
+def test_gather_chunks_copy_from_a_pinned_pool_at_real_sizes_on_gpu(gen):
+    src, src_idx, dst, dst_idx = make_inputs(gen, "cuda", 100_000, 12_000, 10_000, 512, torch.bfloat16)
+    want = gather_chunks_reference(src, src_idx, dst.clone(), dst_idx)
+    assert torch.equal(gather_chunks_copy(src, src_idx, dst, dst_idx), want)
+
+
+@pytest.mark.gpu
+def test_gather_chunks_from_a_pageable_pool_takes_the_staging_copy_on_gpu(gen):
+    """The GPU cannot read pageable host memory: the dispatcher must not hand such a pool to the kernel."""
+    src, src_idx, dst, dst_idx = make_inputs(gen, "cuda", 1000, 300, 200, 512, torch.bfloat16)
+    src = src.clone()
+    assert not src.is_pinned()
+    want = gather_chunks_reference(src, src_idx, dst.clone(), dst_idx)
+    assert torch.equal(gather_chunks(src, src_idx, dst, dst_idx), want)

@@ -1,0 +1,56 @@
+"""`fm-indexer`: every subcommand documents itself, and the four run end to end on the tiny backbone offline."""
+
+import json
+
+import pytest
+
+from fm_transformers.indexer import MemoryIndexerModel
+from fm_transformers.training.cli import main
+from fm_transformers.training.synthetic import needle_documents, write_jsonl
+
+
+@pytest.mark.parametrize(
+    "command, option",
+    [("dump-labels", "--documents"), ("train", "--negative-ratio"), ("eval", "--threshold"), ("push", "--local-dir")],
+)
+def test_every_subcommand_has_help(command, option, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert option in capsys.readouterr().out
+
+
+def test_dump_train_eval_push_from_the_command_line(tmp_path, capsys):
+    documents = tmp_path / "docs.jsonl"
+    records = needle_documents(3, 96, seed=0)
+    records.append({"id": "text", "text": "The quick brown fox jumps over the lazy dog. " * 3})  # bytes on tiny
+    write_jsonl(documents, records)
+    dump = ["dump-labels", "--model", "tiny", "--documents", str(documents), "--layers", "4", "6"]
+    assert main([*dump, "--output", str(tmp_path / "labels"), "--tau", "16", "--chunk-size", "48"]) == 0
+
+    train = ["train", "--data", str(tmp_path / "labels"), "--eval-data", str(tmp_path / "labels")]
+    train += ["--output", str(tmp_path / "indexer"), "--num-heads", "4", "--rank", "16", "--max-steps", "3"]
+    assert main([*train, "--batch-size", "8", "--cpu"]) == 0
+    trained = json.loads(capsys.readouterr().out)
+    assert trained["steps"] == 3 and set(trained["metrics"]["recency"]) >= {"used_recall", "f1"}
+
+    metrics_file = tmp_path / "metrics.json"
+    evaluate = ["eval", "--indexer", str(tmp_path / "indexer"), "--data", str(tmp_path / "labels")]
+    assert main([*evaluate, "--output", str(metrics_file)]) == 0
+    assert json.loads(metrics_file.read_text())["documents"] == 4
+
+    repo = tmp_path / "repo"
+    push = ["push", "--indexer", str(tmp_path / "indexer"), "--repo-id", "someone/fm-indexer-tiny"]
+    assert main([*push, "--local-dir", str(repo)]) == 0
+    card = (repo / "README.md").read_text()
+    assert "base_model: fm_transformers.tiny(seed=0)" in card
+    assert "| used_recall |" in card and "| documents | 4 |" in card and "$" not in card
+    assert MemoryIndexerModel.from_pretrained(repo).config.layers == [4, 6]
+
+
+def test_an_empty_jsonl_fails_the_command_and_writes_nothing(tmp_path, caplog):
+    (tmp_path / "empty.jsonl").write_text("")
+    command = ["dump-labels", "--model", "tiny", "--documents", str(tmp_path / "empty.jsonl")]
+    assert main([*command, "--output", str(tmp_path / "labels"), "--layers", "4"]) == 2
+    assert "holds no documents" in caplog.text
+    assert not (tmp_path / "labels").exists()
