@@ -23,7 +23,7 @@ def test_every_subcommand_has_help(command, option, capsys):
 def test_dump_train_eval_push_from_the_command_line(tmp_path, capsys):
     documents = tmp_path / "docs.jsonl"
     records = needle_documents(3, 96, seed=0)
-    records.append({"id": "text", "text": "The quick brown fox jumps over the lazy dog. " * 3})  # bytes on tiny
+    records.append({"id": "text", "text": "The quick brown fox jumps over the lazy dog. " * 3})  # tiny_tokenizer
     write_jsonl(documents, records)
     dump = ["dump-labels", "--model", "tiny", "--documents", str(documents), "--layers", "4", "6"]
     assert main([*dump, "--output", str(tmp_path / "labels"), "--tau", "16", "--chunk-size", "48"]) == 0

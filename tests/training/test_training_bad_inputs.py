@@ -59,7 +59,7 @@ def test_target_layers_must_be_csa_layers(backbone, tmp_path):
 
 
 def test_token_ids_outside_the_vocabulary_are_refused(backbone, tmp_path):
-    with pytest.raises(ValueError, match="token id 999 .* vocabulary has 256"):
+    with pytest.raises(ValueError, match="token id 999 .* vocabulary has 99"):
         dump_labels(backbone, [Document("big", [999] * 64)], tmp_path / "labels", dump_config(), "tiny")
 
 

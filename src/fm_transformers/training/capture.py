@@ -9,6 +9,8 @@ Per forward call (one chunk of a document) they collect:
 This module is the one place of the training side that knows the transformers module layout.
 """
 
+from dataclasses import dataclass, field
+
 import torch
 from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4Indexer, DeepseekV4IndexerScorer
 
@@ -21,11 +23,26 @@ def csa_layers(config) -> list[int]:
     return [i for i, kind in enumerate(config.layer_types) if kind == CSA_LAYER_TYPE]
 
 
+@dataclass
+class ForwardCapture:
+    """What one forward (one chunk of a document) left behind.
+
+    hidden: layer -> (triggers in the chunk, hidden); positions: (chunk tokens,);
+    nucleus_sets: CSA layer -> (indices, keep), each (chunk tokens, k);
+    used: CSA layer -> (chunk tokens, k) native top-k as handed to the attention, -1 for empty slots.
+    """
+
+    hidden: dict[int, torch.Tensor] = field(default_factory=dict)
+    positions: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    nucleus_sets: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    used: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
 class IndexerCapture:
     """Context manager: registers the hooks on enter, removes them on exit (even on error).
 
-    After each forward, `take()` returns and clears what that forward produced. `triggers` (1-D positions)
-    selects which hidden states are kept; set it before the forward.
+    After each forward, `take()` returns what that forward produced and starts an empty capture for the next.
+    `triggers` (1-D positions) selects which hidden states are kept; set it before the forward.
     """
 
     def __init__(self, model, target_layers: list[int], nucleus: float):
@@ -39,14 +56,7 @@ class IndexerCapture:
         self.triggers = torch.zeros(0, dtype=torch.long)
         self._handles = []
         self._scores: dict[int, torch.Tensor] = {}
-        self._reset()
-
-    def _reset(self) -> None:
-        self.hidden: dict[int, torch.Tensor] = {}  # layer -> (triggers in chunk, hidden)
-        self.trigger_positions = torch.zeros(0, dtype=torch.long)
-        self.positions = torch.zeros(0, dtype=torch.long)  # (chunk tokens,)
-        self.nucleus_sets: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> (indices, keep)
-        self.used: dict[int, torch.Tensor] = {}  # layer -> (chunk tokens, k) with -1 for empty slots
+        self._current = ForwardCapture()
 
     def __enter__(self) -> "IndexerCapture":
         for layer in self.target_layers:
@@ -56,8 +66,7 @@ class IndexerCapture:
             indexer = self.layers[layer].self_attn.compressor.indexer
             if not isinstance(indexer, DeepseekV4Indexer) or not isinstance(indexer.scorer, DeepseekV4IndexerScorer):
                 raise TypeError(
-                    f"layer {layer} has no stock DeepseekV4Indexer: dump labels from an unpatched DeepSeek-V4 "
-                    f"(call fm_transformers' remove patch first if it is applied)"
+                    f"layer {layer} has no stock DeepseekV4Indexer: dump labels from an unpatched DeepSeek-V4"
                 )
             self._handles.append(indexer.scorer.register_forward_hook(self._scores_hook(layer)))
             self._handles.append(indexer.register_forward_hook(self._indexer_hook(layer)))
@@ -68,26 +77,16 @@ class IndexerCapture:
             handle.remove()
         self._handles.clear()
 
-    def take(self) -> "IndexerCapture":
-        """A snapshot of this forward's captures; the live object starts empty for the next forward."""
-        snapshot = object.__new__(IndexerCapture)
-        snapshot.__dict__.update(
-            hidden=self.hidden,
-            trigger_positions=self.trigger_positions,
-            positions=self.positions,
-            nucleus_sets=self.nucleus_sets,
-            used=self.used,
-        )
-        self._reset()
-        return snapshot
+    def take(self) -> ForwardCapture:
+        taken, self._current = self._current, ForwardCapture()
+        return taken
 
     def _hidden_hook(self, layer: int):
         def hook(module, args, kwargs):
             hidden_states = args[0] if args else kwargs["hidden_states"]  # (1, chunk tokens, hidden)
             positions = kwargs["position_ids"][0].cpu()
             rows = torch.isin(positions, self.triggers).nonzero().flatten()
-            self.hidden[layer] = hidden_states[0, rows.to(hidden_states.device)].detach().cpu()
-            self.trigger_positions = positions[rows]
+            self._current.hidden[layer] = hidden_states[0, rows.to(hidden_states.device)].detach().cpu()
 
         return hook
 
@@ -102,8 +101,8 @@ class IndexerCapture:
             positions = args[2][0]  # (chunk tokens,)
             scores = self._scores.pop(layer)[0]
             indices, keep = nucleus_top_k(scores, positions, self.top_k, self.compress_rate, self.nucleus)
-            self.nucleus_sets[layer] = (indices.cpu(), keep.cpu())
-            self.used[layer] = output[0].detach().cpu()
-            self.positions = positions.cpu()
+            self._current.nucleus_sets[layer] = (indices.cpu(), keep.cpu())
+            self._current.used[layer] = output[0].detach().cpu()
+            self._current.positions = positions.cpu()
 
         return hook

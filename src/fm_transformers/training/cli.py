@@ -5,8 +5,8 @@
     fm-indexer eval --indexer indexer/ --data heldout/
     fm-indexer push --indexer indexer/ --repo-id org/fm-indexer-v4-flash
 
-`--model tiny` stands for fm_transformers.tiny.tiny_deepseek_v4(seed=--tiny-seed), whose tokenizer is UTF-8
-bytes, so the whole pipeline runs offline on a CPU.
+`--model tiny` stands for fm_transformers.tiny.tiny_deepseek_v4(seed=--tiny-seed) with its character-level
+tokenizer (fm_transformers.tiny.tiny_tokenizer), so the whole pipeline runs offline on a CPU.
 """
 
 import argparse
@@ -151,10 +151,9 @@ def _run_dump(args) -> None:
 def load_backbone(model: str, tiny_seed: int = 0, dtype: str = "auto", device_map: str | None = None):
     """(model, name for the manifest, tokenizer); the config is checked before any weight is loaded."""
     if model == TINY:
-        from ..tiny import tiny_deepseek_v4
-        from .documents import ByteTokenizer
+        from ..tiny import tiny_deepseek_v4, tiny_tokenizer
 
-        return tiny_deepseek_v4(seed=tiny_seed), f"fm_transformers.tiny(seed={tiny_seed})", ByteTokenizer()
+        return tiny_deepseek_v4(seed=tiny_seed), f"fm_transformers.tiny(seed={tiny_seed})", tiny_tokenizer()
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(model)

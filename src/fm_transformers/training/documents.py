@@ -62,9 +62,3 @@ def _parse(line: str, number: int, path: Path, tokenizer, max_tokens: int | None
         input_ids = input_ids[:max_tokens]
     return Document(doc_id=str(record.get("id", number)), input_ids=input_ids)
 
-
-class ByteTokenizer:
-    """UTF-8 bytes as token ids: the tokenizer of the offline tiny backbone, whose vocabulary is 256."""
-
-    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
-        return {"input_ids": list(text.encode("utf-8"))}

@@ -62,7 +62,11 @@ def dump_labels(
         total=total, unit="tok", desc="dump-labels"
     ) as progress:
         for index, group in todo:
-            _write_group(model, capture, group, index, output_dir, manifest, settings, config, progress)
+            labelled = [
+                label_document(model, capture, document.input_ids, settings, config.chunk_size, progress)
+                for document in group
+            ]
+            _write_group(output_dir, manifest, index, group, labelled)
     manifest["complete"] = True
     atomic_write_json(output_dir / MANIFEST, manifest)
     return manifest
@@ -126,19 +130,20 @@ def _shard_name(index: int) -> str:
     return f"shard-{index:05d}.safetensors"
 
 
-def _write_group(model, capture, group, index, output_dir, manifest, settings, config, progress) -> None:
+def _write_group(output_dir: Path, manifest: dict, index: int, group: list[Document], labelled: list[dict]) -> None:
+    """One shard of documents, then the manifest that lists it (in that order: see shards.py)."""
     tensors, entries = {}, []
-    for position, document in enumerate(group):
+    first_layer = manifest["target_layers"][0]
+    for position, (document, document_tensors) in enumerate(zip(group, labelled)):
         prefix = f"{position}/"
-        labelled = label_document(model, capture, document.input_ids, settings, config.chunk_size, progress)
-        tensors.update({prefix + name: tensor for name, tensor in labelled.items()})
+        tensors.update({prefix + name: tensor for name, tensor in document_tensors.items()})
         entries.append(
             {
                 "id": document.doc_id,
                 "prefix": prefix,
                 "tokens": len(document.input_ids),
-                "triggers": int(labelled["positions"].numel()),
-                "chunks": int(labelled[f"keys/{settings['target_layers'][0]}"].shape[0]),
+                "triggers": int(document_tensors["positions"].numel()),
+                "chunks": int(document_tensors[f"keys/{first_layer}"].shape[0]),
             }
         )
     name = _shard_name(index)

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from ..tiny import SPECIAL_TOKENS, TINY_VOCAB_SIZE
+
 
 def needle_documents(
     count: int,
@@ -19,12 +21,13 @@ def needle_documents(
     seed: int = 0,
     needle_rate: float = 0.12,
     chunk: int = 4,
-    filler_token: int = 5,
-    vocab_size: int = 256,
+    filler_token: int = len(SPECIAL_TOKENS),
+    vocab_size: int = TINY_VOCAB_SIZE,
 ) -> list[dict]:
     """`count` documents of `length` token ids as JSONL records {"id", "input_ids"}; a seed fixes them all.
 
     chunk: the backbone's compress rate, so that each needle fills exactly one compressed chunk.
+    Needle tokens are drawn from the ids after the special tokens, up to `vocab_size` (the tiny backbone's).
     """
     generator = torch.Generator().manual_seed(seed)
     documents = []
@@ -32,7 +35,7 @@ def needle_documents(
         ids = torch.full((length,), filler_token, dtype=torch.long)
         needles = (torch.rand(length // chunk, generator=generator) < needle_rate).nonzero().flatten()
         for start in (needles * chunk).tolist():
-            ids[start : start + chunk] = torch.randint(3, vocab_size, (chunk,), generator=generator)
+            ids[start : start + chunk] = torch.randint(len(SPECIAL_TOKENS), vocab_size, (chunk,), generator=generator)
         documents.append({"id": f"needle-{seed}-{index}", "input_ids": ids.tolist()})
     return documents
 

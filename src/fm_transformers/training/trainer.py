@@ -8,7 +8,6 @@ scheduler and RNG states plus the position in the data, so a resumed run continu
 
 import json
 import logging
-import math
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -79,17 +78,21 @@ class TrainConfig:
 def build_indexer(config: TrainConfig, shards: LabelShards):
     """A fresh indexer for the dump's backbone, or the one in init_from after checking it fits that backbone."""
     identity = shards.backbone
-    layers = config.layers or shards.target_layers
     if config.init_from is None:
         return MemoryIndexerModel.from_backbone(
             backbone_config(identity),
-            layers=layers,
+            layers=config.layers or shards.target_layers,
             num_heads=config.num_heads,
             rank=config.rank,
             base_model_name_or_path=identity["name_or_path"],
         )
     model = MemoryIndexerModel.from_pretrained(config.init_from)
     check_indexer_fits(model, shards)
+    if config.layers and sorted(config.layers) != sorted(model.config.layers):
+        raise ValueError(
+            f"{config.init_from} has layers {model.config.layers}, not {config.layers}: leave --layers out "
+            f"when starting from an existing indexer"
+        )
     return model
 
 
@@ -107,6 +110,32 @@ def check_indexer_fits(model, shards: LabelShards) -> None:
         )
 
 
+class _AllLayers(torch.nn.Module):
+    """Every target layer in one forward: under DDP (several GPUs) one forward per backward is the rule."""
+
+    def __init__(self, indexer, layers: list[int]):
+        super().__init__()
+        self.indexer = indexer
+        self.layers = layers
+
+    def forward(self, hidden: dict, positions: torch.Tensor, keys: dict) -> dict:
+        """hidden {layer: (1, batch, hidden)}, positions (1, batch), keys {layer: (1, batch, n, head_dim)}."""
+        return {layer: self.indexer(layer, hidden[layer], positions, keys[layer]) for layer in self.layers}
+
+
+@dataclass
+class _Run:
+    """Everything a training loop touches, prepared by accelerate."""
+
+    model: _AllLayers
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    loader: DataLoader
+    dataset: TriggerDataset
+    layers: list[int]
+    total_steps: int  # optimizer steps of this process
+
+
 def train(config: TrainConfig) -> dict:
     """Train, save the indexer with save_pretrained in output_dir, evaluate; returns the run summary."""
     output_dir = Path(config.output_dir)
@@ -117,60 +146,70 @@ def train(config: TrainConfig) -> dict:
     _prepare_output(output_dir, config)
     accelerator = Accelerator(mixed_precision="bf16" if config.bf16 else "no", cpu=config.cpu)
     set_seed(config.seed)
+    run = _setup(accelerator, config, shards)
+    step = _resume(accelerator, output_dir) if config.resume else 0
+    step, losses = _loop(accelerator, run, config, step)
+    if not (config.save_every and step % config.save_every == 0):
+        _save_checkpoint(accelerator, output_dir, step, config.keep_checkpoints)
+    return _finish(accelerator, run.model, config, shards, eval_shards, step, losses)
 
+
+def _setup(accelerator: Accelerator, config: TrainConfig, shards: LabelShards) -> _Run:
     model = build_indexer(config, shards)
+    layers = [int(layer) for layer in model.config.layers]
     if config.lora_r is not None:
         model = add_lora(model, config.lora_r, config.lora_alpha)
-    layers = [int(layer) for layer in (config.layers or shards.target_layers)]
     dataset = TriggerDataset(shards, layers, config.negative_ratio, config.seed)
     sampler = DocumentBlockSampler(dataset, config.seed)
     loader = DataLoader(dataset, batch_size=config.batch_size, sampler=sampler, collate_fn=collate_triggers)
-    steps_per_epoch = math.ceil(len(dataset) / config.batch_size)
-    total_steps = config.max_steps or config.epochs * steps_per_epoch
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, total_steps)
-    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
-
-    step = _resume(accelerator, output_dir) if config.resume else 0
+    model, optimizer, loader = accelerator.prepare(_AllLayers(model, layers), optimizer, loader)
+    total_steps = config.max_steps or config.epochs * len(loader)  # len(loader): this process's share
+    # accelerate steps a prepared scheduler once per process at every optimizer step
+    scheduler = get_cosine_schedule_with_warmup(
+        optimizer, config.warmup_steps * accelerator.num_processes, total_steps * accelerator.num_processes
+    )
+    scheduler = accelerator.prepare(scheduler)
     logger.info("training %d parameters on %d trigger steps", sum(p.numel() for p in trainable), len(dataset))
+    return _Run(model, optimizer, scheduler, loader, dataset, layers, total_steps)
+
+
+def _loop(accelerator: Accelerator, run: _Run, config: TrainConfig, step: int) -> tuple[int, list[float]]:
+    """Optimizer steps from `step` to run.total_steps; epochs and the position inside one follow from the step."""
     losses = []
-    with tqdm(total=total_steps, initial=step, desc="train", disable=not accelerator.is_main_process) as progress:
-        while step < total_steps:
-            epoch, done_in_epoch = divmod(step, steps_per_epoch)
-            loader.set_epoch(epoch)  # accelerate's loader passes it to the sampler, and would reset it otherwise
-            dataset.set_epoch(epoch)
-            batches = accelerator.skip_first_batches(loader, done_in_epoch) if done_in_epoch else loader
+    output_dir = Path(config.output_dir)
+    with tqdm(total=run.total_steps, initial=step, desc="train", disable=not accelerator.is_main_process) as bar:
+        while step < run.total_steps:
+            epoch, done_in_epoch = divmod(step, len(run.loader))
+            run.loader.set_epoch(epoch)  # accelerate's loader passes it to the sampler, and would reset it otherwise
+            run.dataset.set_epoch(epoch)
+            batches = accelerator.skip_first_batches(run.loader, done_in_epoch) if done_in_epoch else run.loader
             for batch in batches:
-                loss = _batch_loss(model, batch, layers, config)
+                loss = _batch_loss(run.model, batch, run.layers, config)
                 accelerator.backward(loss)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
+                run.optimizer.step()
+                run.scheduler.step()
+                run.optimizer.zero_grad()
                 step += 1
                 losses.append(loss.item())
-                progress.update(1)
-                progress.set_postfix(loss=f"{losses[-1]:.4f}")
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses[-1]:.4f}")
                 if config.save_every and step % config.save_every == 0:
                     _save_checkpoint(accelerator, output_dir, step, config.keep_checkpoints)
-                if step >= total_steps:
+                if step >= run.total_steps:
                     break
-    if not (config.save_every and step % config.save_every == 0):
-        _save_checkpoint(accelerator, output_dir, step, config.keep_checkpoints)
-    return _finish(accelerator, model, config, shards, eval_shards, step, losses)
+    return step, losses
 
 
 def _batch_loss(model, batch: dict, layers: list[int], config: TrainConfig) -> torch.Tensor:
     """Each target layer learns the whole positive set on its own: at inference any one of them may select."""
-    dtype = next(p for p in model.parameters()).dtype
-    positions = batch["positions"].unsqueeze(0)
-    total = 0.0
-    for layer in layers:
-        hidden = batch["hidden"][layer].unsqueeze(0).to(dtype)  # (1, batch, hidden)
-        keys = batch["keys"][layer].unsqueeze(0)  # (1, batch, candidates, head_dim)
-        logits = model(layer, hidden, positions, keys)[0]  # (batch, candidates)
-        total = total + indexer_loss(logits, batch["targets"], batch["mask"], config.loss, config.gamma)
-    return total / len(layers)
+    dtype = next(model.parameters()).dtype
+    hidden = {layer: batch["hidden"][layer].unsqueeze(0).to(dtype) for layer in layers}
+    keys = {layer: batch["keys"][layer].unsqueeze(0) for layer in layers}
+    logits = model(hidden, batch["positions"].unsqueeze(0), keys)  # {layer: (1, batch, candidates)}
+    losses = [indexer_loss(logits[layer][0], batch["targets"], batch["mask"], config.loss, config.gamma) for layer in layers]
+    return sum(losses) / len(layers)
 
 
 def _prepare_output(output_dir: Path, config: TrainConfig) -> None:
@@ -215,7 +254,7 @@ def _save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, keep
 
 
 def _finish(accelerator, model, config, shards, eval_shards, step, losses) -> dict:
-    model = accelerator.unwrap_model(model)
+    model = accelerator.unwrap_model(model).indexer
     if is_lora(model):
         model = merge_lora(model)
     output_dir = Path(config.output_dir)
@@ -229,7 +268,7 @@ def _finish(accelerator, model, config, shards, eval_shards, step, losses) -> di
         },
         "steps": step,
         "final_loss": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
-        "metrics": evaluate(model, eval_shards, config.threshold) if eval_shards else None,
+        "metrics": evaluate(model, eval_shards, config.threshold) if eval_shards and accelerator.is_main_process else None,
     }
     if accelerator.is_main_process:
         model.save_pretrained(output_dir)

@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny DeepSeek-V4 models made in code, prompts, and stock-vs-LSA generation helpers."""
+
+import pytest
+import torch
+
+import fm_transformers as fm
+from fm_transformers.tiny import TINY_VOCAB_SIZE, tiny_deepseek_v4
+
+INDEXER_LAYERS = (2, 4)
+
+
+@pytest.fixture(scope="session")
+def model():
+    return tiny_deepseek_v4(seed=0)
+
+
+@pytest.fixture
+def indexed_model(model):
+    """The tiny model with a fresh (untrained) memory indexer on layers 2 and 4; detached afterwards."""
+    torch.manual_seed(0)
+    fm.attach_memory_indexer(model, fm.MemoryIndexerModel.from_backbone(model, layers=INDEXER_LAYERS, num_heads=8, rank=24))
+    yield model
+    fm.detach_memory_indexer(model)
+
+
+def random_prompt(length: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(4, TINY_VOCAB_SIZE, (batch, length), generator=generator)
+
+
+def greedy(model, input_ids, max_new_tokens=24, **kwargs):
+    return model.generate(
+        input_ids,
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=max_new_tokens,
+        do_sample=False,
+        return_dict_in_generate=True,
+        output_logits=True,
+        pad_token_id=0,
+        **kwargs,
+    )
+
+
+def max_logit_difference(first, second) -> float:
+    return max((a - b).abs().max().item() for a, b in zip(first.logits, second.logits))

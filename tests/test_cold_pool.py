@@ -1,0 +1,76 @@
+"""The cold pool always equals what the stock cache holds, byte for byte, and grows without copying."""
+
+import torch
+from transformers import DynamicCache
+
+import fm_transformers as fm
+from fm_transformers.pool import ColdPool
+from tests.conftest import greedy, random_prompt
+
+
+def assert_pools_equal_stock(lsa_cache, stock_cache, layers=None):
+    for index in layers or lsa_cache.csa_layers:
+        lsa_layer, stock_layer = lsa_cache.layers[index], stock_cache.layers[index]
+        for kind in ("compressor", "indexer"):
+            pooled, stock = lsa_layer.pools[kind].read(), stock_layer.compressed_kv[kind]
+            assert pooled.shape == stock.shape
+            assert torch.equal(pooled.view(torch.uint8), stock.contiguous().view(torch.uint8))
+
+
+def test_cold_pool_equals_stock_cache_after_prefill(indexed_model):
+    prompt = random_prompt(43, batch=2)
+    stock_cache = DynamicCache(config=indexed_model.config)
+    lsa_cache = fm.OffloadedLookaheadCache(indexed_model)
+    with torch.no_grad():
+        indexed_model(prompt, past_key_values=stock_cache)
+        indexed_model(prompt, past_key_values=lsa_cache)
+    assert_pools_equal_stock(lsa_cache, stock_cache)
+
+
+def stock_cache_fed_like(model, prompt, sequences):
+    """A stock cache fed the same tokens the same way: the prompt at once, then one token at a time
+    (the last generated token never entered the cache)."""
+    stock_cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(prompt, past_key_values=stock_cache)
+        for position in range(prompt.shape[1], sequences.shape[1] - 1):
+            model(sequences[:, position : position + 1], past_key_values=stock_cache)
+    return stock_cache
+
+
+def test_cold_pool_equals_stock_cache_after_decode(model):
+    """The first CSA layer is byte-exact. Deeper layers' inputs went through sparse attention, which sums
+    the same terms in another order than the stock eager attention, so they agree to float32 rounding."""
+    prompt = random_prompt(43, seed=2)
+    cache = fm.OffloadedLookaheadCache(model, {"tau": 4}, policy=fm.KeepAllPolicy())
+    out = greedy(model, prompt, max_new_tokens=20, past_key_values=cache)
+    stock_cache = stock_cache_fed_like(model, prompt, out.sequences)
+    assert_pools_equal_stock(out.past_key_values, stock_cache, layers=cache.csa_layers[:1])
+    for index in cache.csa_layers[1:]:
+        for kind in ("compressor", "indexer"):
+            pooled, stock = cache.layers[index].pools[kind].read(), stock_cache.layers[index].compressed_kv[kind]
+            torch.testing.assert_close(pooled, stock, rtol=1e-5, atol=1e-5)
+
+
+def test_cold_pool_keeps_dropped_chunks_exactly(indexed_model):
+    """With chunks dropped, deeper layers see other hidden states than a stock run; the first CSA layer's
+    inputs depend on the tokens only, so its pool must still equal the stock cache byte for byte."""
+    prompt = random_prompt(43, seed=2)
+    config = {"tau": 4, "threshold": 0.5, "resident_budget": 0.25, "recency_chunks": 1, "sink_chunks": 1}
+    out = greedy(indexed_model, prompt, max_new_tokens=20, cache_implementation="lsa", cache_config=config)
+    assert out.past_key_values.memory_report()["chunks_fetched"] > 0
+    stock_cache = stock_cache_fed_like(indexed_model, prompt, out.sequences)
+    assert_pools_equal_stock(out.past_key_values, stock_cache, layers=out.past_key_values.csa_layers[:1])
+
+
+def test_cold_pool_grows_without_copying_stored_slabs():
+    pool = ColdPool(batch_size=2, dim=5, dtype=torch.float32, pin_memory=False, slab_chunks=4)
+    first = torch.randn(2, 3, 5)
+    pool.append(first)
+    first_slab = pool.slabs[0].data_ptr()
+    second = torch.randn(2, 7, 5)
+    pool.append(second)
+    assert pool.slabs[0].data_ptr() == first_slab and len(pool.slabs) == 3
+    assert torch.equal(pool.read(), torch.cat([first, second], dim=1))
+    ids = torch.tensor([9, 0, 4])
+    assert torch.equal(pool.gather(1, ids), torch.cat([first, second], dim=1)[1, ids])

@@ -1,0 +1,50 @@
+"""With nothing dropped, LSA is the stock model: same tokens, logits within 1e-5."""
+
+import pytest
+import torch
+
+import fm_transformers as fm
+from tests.conftest import greedy, max_logit_difference, random_prompt
+
+
+@pytest.mark.parametrize("prompt_length", [37, 50])  # not multiples of 4, longer than the 16-token window
+def test_threshold_zero_matches_stock_generation(indexed_model, prompt_length):
+    prompt = random_prompt(prompt_length)
+    stock = greedy(indexed_model, prompt)
+    lsa = greedy(indexed_model, prompt, cache_implementation="lsa", cache_config={"tau": 8, "threshold": 0.0})
+    assert torch.equal(lsa.sequences, stock.sequences)
+    assert max_logit_difference(lsa, stock) < 1e-5
+    assert lsa.past_key_values.memory_report()["recalls"] >= 3
+
+
+def test_keep_all_policy_matches_stock_generation(model):
+    prompt = random_prompt(41, seed=3)
+    stock = greedy(model, prompt, max_new_tokens=30)
+    cache = fm.OffloadedLookaheadCache(model, {"tau": 4, "recency_chunks": 0, "sink_chunks": 0}, policy=fm.KeepAllPolicy())
+    lsa = greedy(model, prompt, max_new_tokens=30, past_key_values=cache)
+    assert torch.equal(lsa.sequences, stock.sequences)
+    assert max_logit_difference(lsa, stock) < 1e-5
+
+
+def test_left_padded_batch_of_different_lengths_matches_stock(indexed_model):
+    long_prompt, short_prompt = random_prompt(45, seed=1)[0], random_prompt(30, seed=2)[0]
+    input_ids = torch.zeros(2, 45, dtype=torch.long)
+    attention_mask = torch.zeros(2, 45, dtype=torch.long)
+    input_ids[0], attention_mask[0] = long_prompt, 1
+    input_ids[1, 15:], attention_mask[1, 15:] = short_prompt, 1
+    stock = greedy(indexed_model, input_ids, attention_mask=attention_mask)
+    lsa = greedy(
+        indexed_model, input_ids, attention_mask=attention_mask, cache_implementation="lsa", cache_config={"tau": 8, "threshold": 0.0}
+    )
+    assert torch.equal(lsa.sequences, stock.sequences)
+    assert max_logit_difference(lsa, stock) < 1e-5
+
+
+def test_batch_sequences_get_different_resident_sets(indexed_model):
+    prompt = torch.cat([random_prompt(48, seed=4), random_prompt(48, seed=5)])
+    out = greedy(
+        indexed_model, prompt, max_new_tokens=8, cache_implementation="lsa", cache_config={"tau": 4, "recency_chunks": 1, "sink_chunks": 0}
+    )
+    layer = out.past_key_values.lookahead_layers()[0]
+    first, second = layer.hot.chunk_ids
+    assert not torch.equal(first, second)
