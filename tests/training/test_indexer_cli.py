@@ -1,6 +1,8 @@
 """`fm-indexer`: every subcommand documents itself, and the four run end to end on the tiny backbone offline."""
 
 import json
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -54,3 +56,27 @@ def test_an_empty_jsonl_fails_the_command_and_writes_nothing(tmp_path, caplog):
     assert main([*command, "--output", str(tmp_path / "labels"), "--layers", "4"]) == 2
     assert "holds no documents" in caplog.text
     assert not (tmp_path / "labels").exists()
+
+
+def test_push_uploads_the_repo_folder_with_huggingface_hub(trained, monkeypatch):
+    import huggingface_hub
+
+    uploaded = {}
+
+    class FakeApi:
+        def __init__(self, token=None):
+            uploaded["token"] = token
+
+        def create_repo(self, repo_id, private=False, exist_ok=False):
+            uploaded["repo"] = (repo_id, private)
+
+        def upload_folder(self, folder_path, repo_id, commit_message):
+            uploaded["files"] = sorted(path.name for path in Path(folder_path).iterdir())
+            return SimpleNamespace(commit_url=f"https://huggingface.co/{repo_id}/commit/1")
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    output_dir, _ = trained
+    command = ["push", "--indexer", str(output_dir), "--repo-id", "someone/fm-indexer-tiny", "--private"]
+    assert main([*command, "--token", "hf_test"]) == 0
+    assert uploaded["repo"] == ("someone/fm-indexer-tiny", True) and uploaded["token"] == "hf_test"
+    assert uploaded["files"] == ["README.md", "config.json", "model.safetensors", "training_summary.json"]

@@ -87,9 +87,7 @@ def test_bf16_mixed_precision_trains(train_labels, tmp_path):
 def test_lora_adapts_an_existing_indexer_and_saves_a_plain_one(train_labels, trained, tmp_path):
     pytest.importorskip("peft")
     base_dir, _ = trained
-    summary = train(
-        small_train_config(train_labels, tmp_path / "lora", max_steps=5, init_from=str(base_dir), lora_r=4)
-    )
+    summary = train(small_train_config(train_labels, tmp_path / "lora", max_steps=5, init_from=str(base_dir), lora_r=4))
     assert summary["hyperparameters"]["lora_r"] == 4
     base = MemoryIndexerModel.from_pretrained(base_dir).state_dict()
     adapted = MemoryIndexerModel.from_pretrained(tmp_path / "lora").state_dict()

@@ -70,13 +70,13 @@ def reference_nucleus(row: torch.Tensor, visible: int, top_k: int, mass: float) 
         return set()
     probs = torch.softmax(row[order].float(), dim=0).tolist()
     kept, total = [], 0.0
-    for chunk, prob in zip(order, probs):
+    for chunk, prob in zip(order, probs, strict=True):
         if total >= mass:
             break
         kept.append(chunk)
         total += prob
     floor = min(probs[: len(kept)])
-    return set(kept) | {chunk for chunk, prob in zip(order, probs) if prob >= floor}
+    return set(kept) | {chunk for chunk, prob in zip(order, probs, strict=True) if prob >= floor}
 
 
 def reference_document(recorder: RawRecorder, seq_len: int, vote: int, mass: float = 0.6, top_k: int = 6):
@@ -155,13 +155,13 @@ def test_no_label_names_a_chunk_that_does_not_exist_at_its_trigger(train_labels)
         data = shards.load(index)
         limits = ((data["positions"] + 1) // RATE).tolist()
         for name in ("labels", "used"):
-            for limit, row in zip(limits, csr_rows(data, name)):
+            for limit, row in zip(limits, csr_rows(data, name), strict=True):
                 assert all(0 <= chunk < limit for chunk in row)
 
 
 def test_golden_labels_are_a_subset_of_the_used_chunks(train_labels):
     data = LabelShards(train_labels).load(1)
-    for golden, used in zip(csr_rows(data, "labels"), csr_rows(data, "used")):
+    for golden, used in zip(csr_rows(data, "labels"), csr_rows(data, "used"), strict=True):
         assert set(golden) <= set(used)
 
 
@@ -197,7 +197,12 @@ def test_an_interrupted_dump_resumes_to_the_same_result(backbone, tmp_path, monk
 
 
 def test_a_backbone_with_fewer_csa_layers_than_the_vote_clamps_it(tmp_path, caplog):
-    layer_types = ["sliding_attention", "sliding_attention", "compressed_sparse_attention", "compressed_sparse_attention"]
+    layer_types = [
+        "sliding_attention",
+        "sliding_attention",
+        "compressed_sparse_attention",
+        "compressed_sparse_attention",
+    ]
     model = tiny_deepseek_v4(seed=0, layer_types=layer_types)
     documents = as_documents(needle_documents(1, 64, seed=0))
     with caplog.at_level(logging.WARNING):

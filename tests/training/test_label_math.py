@@ -60,7 +60,7 @@ def test_future_chunks_are_never_kept_whatever_their_score():
 
 
 def test_a_token_that_sees_no_chunk_keeps_nothing():
-    indices, keep = nucleus_top_k(torch.tensor([[1.0, 2.0]]), torch.tensor([2]), 2, RATE, 0.6)
+    _, keep = nucleus_top_k(torch.tensor([[1.0, 2.0]]), torch.tensor([2]), 2, RATE, 0.6)
     assert not keep.any()
 
 
@@ -101,7 +101,7 @@ def test_vote_keeps_chunks_in_at_least_vote_layers():
 
 def test_vote_counts_each_token_separately():
     layers = [_layer([{1}, {2}]), _layer([{2}, {1}])]
-    rows, chunks = vote_golden(layers, vote=2)
+    rows, _ = vote_golden(layers, vote=2)
     assert rows.numel() == 0
 
 
@@ -114,7 +114,7 @@ def test_vote_larger_than_the_csa_layers_is_clamped_and_said(caplog):
 
 def test_picked_pairs_skip_empty_slots_and_keep_repeats():
     rows, chunks = picked_pairs([torch.tensor([[0, 1, -1]]), torch.tensor([[1, -1, -1]])])
-    assert sorted(zip(rows.tolist(), chunks.tolist())) == [(0, 0), (0, 1), (0, 1)]
+    assert sorted(zip(rows.tolist(), chunks.tolist(), strict=True)) == [(0, 0), (0, 1), (0, 1)]
 
 
 def test_trigger_steps_start_after_warmup_and_keep_whole_windows():
@@ -150,11 +150,11 @@ def test_lookahead_union_of_nothing_is_empty_rows():
 @pytest.mark.parametrize(
     "settings, message",
     [
-        (dict(tau=0), "tau must be at least 1"),
-        (dict(nucleus=0.0), "nucleus must be a probability mass"),
-        (dict(nucleus=1.5), "nucleus must be a probability mass"),
-        (dict(vote=0), "vote must be at least 1"),
-        (dict(warmup=-1), "warmup must be a token count"),
+        ({"tau": 0}, "tau must be at least 1"),
+        ({"nucleus": 0.0}, "nucleus must be a probability mass"),
+        ({"nucleus": 1.5}, "nucleus must be a probability mass"),
+        ({"vote": 0}, "vote must be at least 1"),
+        ({"warmup": -1}, "warmup must be a token count"),
     ],
 )
 def test_label_config_refuses_impossible_settings(settings, message):

@@ -15,21 +15,21 @@ def as_documents(records: list[dict]) -> list[Document]:
 
 
 def dump_config(**overrides) -> DumpConfig:
-    settings = dict(target_layers=TARGET_LAYERS, labels=LabelConfig(tau=TAU), chunk_size=128, docs_per_shard=4)
+    settings = {"target_layers": TARGET_LAYERS, "labels": LabelConfig(tau=TAU), "chunk_size": 128, "docs_per_shard": 4}
     settings.update(overrides)
     return DumpConfig(**settings)
 
 
 def small_train_config(data, output_dir, **overrides) -> TrainConfig:
-    settings = dict(
-        data=str(data),
-        output_dir=str(output_dir),
-        num_heads=8,
-        rank=64,
-        max_steps=300,
-        batch_size=32,
-        learning_rate=3e-3,
-        cpu=True,
-    )
+    settings = {
+        "data": str(data),
+        "output_dir": str(output_dir),
+        "num_heads": 8,
+        "rank": 64,
+        "max_steps": 300,
+        "batch_size": 32,
+        "learning_rate": 3e-3,
+        "cpu": True,
+    }
     settings.update(overrides)
     return TrainConfig(**settings)

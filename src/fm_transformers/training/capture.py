@@ -10,6 +10,7 @@ This module is the one place of the training side that knows the transformers mo
 """
 
 from dataclasses import dataclass, field
+from typing import Self
 
 import torch
 from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4Indexer, DeepseekV4IndexerScorer
@@ -58,7 +59,7 @@ class IndexerCapture:
         self._scores: dict[int, torch.Tensor] = {}
         self._current = ForwardCapture()
 
-    def __enter__(self) -> "IndexerCapture":
+    def __enter__(self) -> Self:
         for layer in self.target_layers:
             attention = self.layers[layer].self_attn
             self._handles.append(attention.register_forward_pre_hook(self._hidden_hook(layer), with_kwargs=True))

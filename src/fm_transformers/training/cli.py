@@ -98,6 +98,7 @@ def _add_train(commands) -> None:
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
     parser.add_argument("--threshold", type=float, default=0.5, help="selection threshold for the evaluation")
     parser.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is there")
+    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes reading shards")
     parser.set_defaults(run=_run_train)
 
 
@@ -206,9 +207,13 @@ def _run_train(args) -> None:
         resume=args.resume,
         threshold=args.threshold,
         cpu=args.cpu,
+        num_workers=args.num_workers,
     )
     summary = train(config)
-    _print_json({"output": args.output, "steps": summary["steps"], "metrics": summary["metrics"]})
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        _print_json({"output": args.output, "steps": summary["steps"], "metrics": summary["metrics"]})
 
 
 def _run_eval(args) -> None:

@@ -34,11 +34,11 @@ def read_jsonl(path: str | Path, tokenizer=None, max_tokens: int | None = None) 
             documents.append(_parse(line, number, path, tokenizer, max_tokens))
     if not documents:
         raise ValueError(
-            f"{path} holds no documents: write one JSON object a line, each with a \"text\" or \"input_ids\" field"
+            f'{path} holds no documents: write one JSON object a line, each with a "text" or "input_ids" field'
         )
     ids = [document.doc_id for document in documents]
     if len(set(ids)) != len(ids):
-        raise ValueError(f"{path} has repeated document ids: give every line a unique \"id\" (or leave ids out)")
+        raise ValueError(f'{path} has repeated document ids: give every line a unique "id" (or leave ids out)')
     return documents
 
 
@@ -49,16 +49,15 @@ def _parse(line: str, number: int, path: Path, tokenizer, max_tokens: int | None
     except json.JSONDecodeError as error:
         raise ValueError(f"{where} is not valid JSON ({error.msg}): write one JSON object a line") from None
     if not isinstance(record, dict) or ("text" not in record and "input_ids" not in record):
-        raise ValueError(f"{where} has neither \"text\" nor \"input_ids\": give each document one of them")
+        raise ValueError(f'{where} has neither "text" nor "input_ids": give each document one of them')
     if "input_ids" in record:
         input_ids = record["input_ids"]
         if not isinstance(input_ids, list) or not all(isinstance(i, int) and i >= 0 for i in input_ids):
-            raise ValueError(f"{where}: \"input_ids\" must be a list of non-negative integers")
+            raise ValueError(f'{where}: "input_ids" must be a list of non-negative integers')
     else:
         if tokenizer is None:
-            raise ValueError(f"{where} has \"text\" but no tokenizer was given: pass the model's tokenizer")
+            raise ValueError(f'{where} has "text" but no tokenizer was given: pass the model\'s tokenizer')
         input_ids = list(tokenizer(record["text"], add_special_tokens=False)["input_ids"])
     if max_tokens is not None:
         input_ids = input_ids[:max_tokens]
     return Document(doc_id=str(record.get("id", number)), input_ids=input_ids)
-

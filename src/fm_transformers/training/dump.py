@@ -58,9 +58,10 @@ def dump_labels(
     if done:
         logger.info("resuming the dump in %s: %d of %d shards already written", output_dir, len(done), len(plan))
     total = sum(len(document.input_ids) for _, group in todo for document in group)
-    with IndexerCapture(model, settings["target_layers"], config.labels.nucleus) as capture, tqdm(
-        total=total, unit="tok", desc="dump-labels"
-    ) as progress:
+    with (
+        IndexerCapture(model, settings["target_layers"], config.labels.nucleus) as capture,
+        tqdm(total=total, unit="tok", desc="dump-labels") as progress,
+    ):
         for index, group in todo:
             labelled = [
                 label_document(model, capture, document.input_ids, settings, config.chunk_size, progress)
@@ -134,7 +135,7 @@ def _write_group(output_dir: Path, manifest: dict, index: int, group: list[Docum
     """One shard of documents, then the manifest that lists it (in that order: see shards.py)."""
     tensors, entries = {}, []
     first_layer = manifest["target_layers"][0]
-    for position, (document, document_tensors) in enumerate(zip(group, labelled)):
+    for position, (document, document_tensors) in enumerate(zip(group, labelled, strict=True)):
         prefix = f"{position}/"
         tensors.update({prefix + name: tensor for name, tensor in document_tensors.items()})
         entries.append(

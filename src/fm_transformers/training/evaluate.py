@@ -118,4 +118,3 @@ def _dense(data: dict, name: str, rows: slice, width: int) -> torch.Tensor:
     values = data[f"{name}/counts"][span] if f"{name}/counts" in data else 1
     out[row_ids, data[f"{name}/indices"][span]] = values
     return out
-

@@ -99,9 +99,7 @@ def nucleus_top_k(
     return indices, keep
 
 
-def vote_golden(
-    per_layer: list[tuple[torch.Tensor, torch.Tensor]], vote: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def vote_golden(per_layer: list[tuple[torch.Tensor, torch.Tensor]], vote: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(token row, chunk) pairs that are in the nucleus of at least `vote` layers, as two 1-D tensors."""
     rows, chunks = _kept_pairs(per_layer)
     if rows.numel() == 0:

@@ -69,7 +69,9 @@ def _metrics_table(metrics: dict | None) -> str:
         return "No held-out evaluation was recorded."
     names = ("precision", "recall", "f1", "resident_fraction", "used_recall", "used_chunk_recall")
     rows = "\n".join(f"| {name} | {metrics[name]:.4f} | {metrics['recency'][name]:.4f} |" for name in names)
-    return f"Threshold {metrics['threshold']}.\n\n| metric | memory indexer | recency, same size |\n|---|---|---|\n{rows}"
+    return (
+        f"Threshold {metrics['threshold']}.\n\n| metric | memory indexer | recency, same size |\n|---|---|---|\n{rows}"
+    )
 
 
 def build_repo_folder(indexer_dir: str | Path, repo_id: str, folder: str | Path, template_path=None) -> Path:

@@ -89,7 +89,9 @@ def read_manifest(directory: str | Path) -> dict:
     directory = Path(directory)
     path = directory / MANIFEST
     if not path.is_file():
-        raise FileNotFoundError(f"{directory} has no {MANIFEST}: point at a directory written by `fm-indexer dump-labels`")
+        raise FileNotFoundError(
+            f"{directory} has no {MANIFEST}: point at a directory written by `fm-indexer dump-labels`"
+        )
     manifest = json.loads(path.read_text())
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise ValueError(
@@ -163,7 +165,7 @@ class LabelShards:
         with safe_open(str(document.path), framework="pt") as shard:
             return {
                 name[len(document.prefix) :]: shard.get_tensor(name)
-                for name in shard.keys()
+                for name in shard
                 if name.startswith(document.prefix)
             }
 

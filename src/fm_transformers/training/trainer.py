@@ -31,7 +31,16 @@ logger = logging.getLogger(__name__)
 SUMMARY = "training_summary.json"
 STATE = "trainer_state.json"
 # Run plumbing, left out of the summary that the model card shows.
-NOT_HYPERPARAMETERS = ("data", "eval_data", "output_dir", "resume", "cpu", "save_every", "keep_checkpoints")
+NOT_HYPERPARAMETERS = (
+    "data",
+    "eval_data",
+    "output_dir",
+    "resume",
+    "cpu",
+    "save_every",
+    "keep_checkpoints",
+    "num_workers",
+)
 # Settings that fix the shape of the model and the data order: a resume with other values cannot continue.
 RESUME_FIXED = ("data", "layers", "num_heads", "rank", "init_from", "lora_r", "batch_size", "seed")
 
@@ -65,6 +74,7 @@ class TrainConfig:
     resume: bool = False
     threshold: float = 0.5
     cpu: bool = False
+    num_workers: int = 0
 
     def __post_init__(self):
         if self.loss not in LOSSES:
@@ -161,7 +171,13 @@ def _setup(accelerator: Accelerator, config: TrainConfig, shards: LabelShards) -
         model = add_lora(model, config.lora_r, config.lora_alpha)
     dataset = TriggerDataset(shards, layers, config.negative_ratio, config.seed)
     sampler = DocumentBlockSampler(dataset, config.seed)
-    loader = DataLoader(dataset, batch_size=config.batch_size, sampler=sampler, collate_fn=collate_triggers)
+    loader = DataLoader(
+        dataset,
+        batch_size=config.batch_size,
+        sampler=sampler,
+        collate_fn=collate_triggers,
+        num_workers=config.num_workers,
+    )
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
     model, optimizer, loader = accelerator.prepare(_AllLayers(model, layers), optimizer, loader)
@@ -208,7 +224,9 @@ def _batch_loss(model, batch: dict, layers: list[int], config: TrainConfig) -> t
     hidden = {layer: batch["hidden"][layer].unsqueeze(0).to(dtype) for layer in layers}
     keys = {layer: batch["keys"][layer].unsqueeze(0) for layer in layers}
     logits = model(hidden, batch["positions"].unsqueeze(0), keys)  # {layer: (1, batch, candidates)}
-    losses = [indexer_loss(logits[layer][0], batch["targets"], batch["mask"], config.loss, config.gamma) for layer in layers]
+    losses = [
+        indexer_loss(logits[layer][0], batch["targets"], batch["mask"], config.loss, config.gamma) for layer in layers
+    ]
     return sum(losses) / len(layers)
 
 
@@ -268,7 +286,9 @@ def _finish(accelerator, model, config, shards, eval_shards, step, losses) -> di
         },
         "steps": step,
         "final_loss": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
-        "metrics": evaluate(model, eval_shards, config.threshold) if eval_shards and accelerator.is_main_process else None,
+        "metrics": evaluate(model, eval_shards, config.threshold)
+        if eval_shards and accelerator.is_main_process
+        else None,
     }
     if accelerator.is_main_process:
         model.save_pretrained(output_dir)

@@ -1,0 +1,78 @@
+"""The memory indexer's scores follow REFERENCE.md section 2; selection is threshold + union + tail + sink."""
+
+import torch
+
+import fm_transformers as fm
+from fm_transformers.config import LSAConfig
+from fm_transformers.policies import SelectionContext, resident_sets
+
+
+def interleaved_rope(x, positions, inv_freq):
+    """RoPE on the trailing 2 * len(inv_freq) channels, rotating consecutive pairs (V4's layout)."""
+    rope_dim = 2 * inv_freq.numel()
+    angles = positions[..., None].float() * inv_freq  # (..., rope_dim / 2)
+    cos, sin = angles.cos()[..., None, :], angles.sin()[..., None, :]  # broadcast over heads
+    head = x[..., -rope_dim:]
+    even, odd = head[..., 0::2], head[..., 1::2]
+    rotated = torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1).flatten(-2)
+    return torch.cat([x[..., :-rope_dim], rotated], dim=-1)
+
+
+def test_scores_equal_the_formula_on_random_inputs(model):
+    indexer = fm.MemoryIndexerModel.from_backbone(model, layers=[2, 6], num_heads=5, rank=12)
+    layer = indexer.indexers["6"]
+    hidden, keys = torch.randn(3, 2, 64), torch.randn(3, 11, 16)
+    positions = torch.tensor([[40, 41], [7, 8], [100, 101]])
+    q = layer.up_proj(layer.q_norm.weight * torch.nn.functional.rms_norm(layer.down_proj(hidden), (12,), eps=1e-6))
+    q = interleaved_rope(q.view(3, 2, 5, 16), positions, indexer.rotary_emb.compress_inv_freq)
+    w = layer.weights_proj(hidden) * 16**-0.5 * 5**-0.5
+    expected = torch.sigmoid((w[..., None] * torch.relu(torch.einsum("bshd,btd->bsht", q, keys))).sum(2))
+    torch.testing.assert_close(indexer.scores(6, hidden, positions, keys), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_policy_keeps_chunks_over_threshold_in_any_layer(model):
+    indexer = fm.MemoryIndexerModel.from_backbone(model, layers=[2, 4], num_heads=4, rank=8)
+    policy = fm.MemoryIndexerPolicy(indexer, threshold=0.5)
+    hidden, keys_a, keys_b = torch.randn(2, 64), torch.randn(2, 9, 16), torch.randn(2, 9, 16)
+    positions = torch.tensor([60, 60])
+    policy.observe(2, hidden, positions, keys_a)
+    policy.observe(4, hidden, positions, keys_b)
+    context = SelectionContext(num_chunks=9, visible=torch.tensor([9, 9]), trigger_index=0, device=torch.device("cpu"))
+    priorities = policy.priorities(context)
+    union = torch.maximum(indexer.scores(2, hidden[:, None], positions[:, None], keys_a), indexer.scores(4, hidden[:, None], positions[:, None], keys_b))[:, 0]
+    assert torch.equal(torch.isfinite(priorities), union >= 0.5)
+    assert 0 < int(torch.isfinite(priorities).sum()) < 18  # the random indexer keeps some, not all
+
+
+def test_policy_never_selects_chunks_the_token_cannot_see(model):
+    indexer = fm.MemoryIndexerModel.from_backbone(model, layers=[2], num_heads=4, rank=8)
+    policy = fm.MemoryIndexerPolicy(indexer, threshold=0.0)
+    policy.observe(2, torch.randn(1, 64), torch.tensor([22]), torch.randn(1, 9, 16))  # sees chunks 0..4
+    context = SelectionContext(num_chunks=9, visible=torch.tensor([5]), trigger_index=0, device=torch.device("cpu"))
+    assert torch.isfinite(policy.priorities(context))[0].tolist() == [True] * 5 + [False] * 4
+
+
+def context_for(num_chunks, batch=1):
+    return SelectionContext(num_chunks=num_chunks, visible=torch.full((batch,), num_chunks), trigger_index=0, device=torch.device("cpu"))
+
+
+def test_recency_tail_and_sink_are_always_resident():
+    context = context_for(20)
+    nothing_wanted = torch.full((1, 20), float("-inf"))
+    (ids,) = resident_sets(nothing_wanted, context, LSAConfig(recency_chunks=3, sink_chunks=2))
+    assert ids.tolist() == [0, 1, 17, 18, 19]
+
+
+def test_budget_keeps_highest_priorities_and_never_drops_tail_or_sink():
+    context = context_for(20)
+    priorities = torch.arange(20, dtype=torch.float32).flip(0).unsqueeze(0)  # chunk 0 highest
+    (ids,) = resident_sets(priorities, context, LSAConfig(recency_chunks=2, sink_chunks=1, resident_budget=6))
+    assert ids.tolist() == [0, 1, 2, 3, 18, 19]
+    (ids,) = resident_sets(priorities, context, LSAConfig(recency_chunks=4, sink_chunks=2, resident_budget=3))
+    assert ids.tolist() == [0, 1, 16, 17, 18, 19]
+
+
+def test_fractional_budget_scales_with_history():
+    priorities = torch.zeros(1, 40)
+    (ids,) = resident_sets(priorities, context_for(40), LSAConfig(recency_chunks=0, sink_chunks=0, resident_budget=0.25))
+    assert ids.numel() == 10
