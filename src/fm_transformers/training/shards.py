@@ -165,7 +165,7 @@ class LabelShards:
         with safe_open(str(document.path), framework="pt") as shard:
             return {
                 name[len(document.prefix) :]: shard.get_tensor(name)
-                for name in shard
+                for name in shard.keys()  # noqa: SIM118 (safe_open is not iterable)
                 if name.startswith(document.prefix)
             }
 
