@@ -43,7 +43,7 @@ def test_left_padded_batch_of_different_lengths_matches_stock(indexed_model):
 def test_batch_sequences_get_different_resident_sets(indexed_model):
     prompt = torch.cat([random_prompt(48, seed=4), random_prompt(48, seed=5)])
     out = greedy(
-        indexed_model, prompt, max_new_tokens=8, cache_implementation="lsa", cache_config={"tau": 4, "recency_chunks": 1, "sink_chunks": 0}
+        indexed_model, prompt, max_new_tokens=8, cache_implementation="lsa", cache_config={"tau": 4, "recency_chunks": 1, "sink_chunks": 0, "resident_budget": 6}
     )
     layer = out.past_key_values.lookahead_layers()[0]
     first, second = layer.hot.chunk_ids

@@ -11,6 +11,7 @@ import torch
 from transformers.models.deepseek_v4.modeling_deepseek_v4 import apply_rotary_pos_emb
 
 from .cache import INDEX_KEYS, KV, LookaheadCSALayer, OffloadedLookaheadCache
+from .kernels.level2_topk import level2_topk
 
 
 def lookahead_csa_forward(compressor, stock_forward, hidden_states, q_residual, position_ids, cache, layer_idx):
@@ -35,25 +36,25 @@ def _decode_step(compressor, layer: LookaheadCSALayer, hidden_states, q_residual
     layer.update_compressor_states(INDEX_KEYS, compress_new_entries(indexer, layer, hidden_states, INDEX_KEYS))
 
     slot_index, chunk_ids = layer.hot.candidates()  # (batch, candidates), -1 padded
-    keys = layer.candidate_index_keys(slot_index, chunk_ids)  # (batch, candidates, index_head_dim)
-    scores = native_index_scores(indexer, hidden_states, q_residual, position_ids, keys)  # (batch, 1, candidates)
-    visible_limit = (position_ids + 1) // compressor.compress_rate  # (batch, 1)
-    invisible = (chunk_ids < 0).unsqueeze(1) | (chunk_ids.unsqueeze(1) >= visible_limit.unsqueeze(-1))
-    scores = scores.masked_fill(invisible, float("-inf"))
-    top = scores.topk(min(indexer.index_topk, scores.shape[-1]), dim=-1)  # (batch, 1, k)
-    picked_slots = slot_index.gather(1, top.indices[:, 0])  # (batch, k)
+    key_table, key_slots = layer.candidate_index_key_slots(slot_index, chunk_ids)
+    visible = (chunk_ids >= 0) & (chunk_ids < (position_ids + 1) // compressor.compress_rate)  # (batch, candidates)
+    q, weights = native_index_query(indexer, hidden_states, q_residual, position_ids)
+    top_pos, _ = level2_topk(q, weights, key_table, key_slots, visible, indexer.index_topk, indexer.scorer.softmax_scale)
+    picked_slots = slot_index.gather(1, top_pos.clamp(min=0))  # (batch, k)
     entries = layer.candidate_entries(KV, picked_slots)  # (batch, k, head_dim)
-    block_bias = torch.zeros_like(top.values, dtype=entries.dtype).masked_fill(~torch.isfinite(top.values), float("-inf"))
-    return entries.unsqueeze(1), block_bias.unsqueeze(1)
+    block_bias = torch.zeros(top_pos.shape, dtype=entries.dtype, device=entries.device).masked_fill(top_pos < 0, float("-inf"))
+    return entries.unsqueeze(1), block_bias[:, None, None]  # (batch, 1, k, head_dim), (batch, 1, 1, k)
 
 
-def native_index_scores(indexer, hidden_states, q_residual, position_ids, keys):
-    """The stock Lightning Indexer's scores of the current queries against given keys: (batch, seq, n)."""
-    batch, seq_len, _ = hidden_states.shape
+def native_index_query(indexer, hidden_states, q_residual, position_ids):
+    """The stock Lightning Indexer's query of the current token: q (batch, heads, index_head_dim) with RoPE,
+    and its head weights (batch, heads) in float32, scaled as the stock scorer scales them."""
+    batch = hidden_states.shape[0]
     cos, sin = indexer.rotary_emb(hidden_states, position_ids=position_ids, layer_type=indexer.rope_layer_type)
-    q = indexer.q_b_proj(q_residual).view(batch, seq_len, -1, indexer.head_dim).transpose(1, 2)
-    q = apply_rotary_pos_emb(q, cos, sin).transpose(1, 2)
-    return indexer.scorer(q, keys, hidden_states)
+    q = indexer.q_b_proj(q_residual).view(batch, 1, -1, indexer.head_dim).transpose(1, 2)
+    q = apply_rotary_pos_emb(q, cos, sin)[:, :, 0]
+    weights = indexer.scorer.weights_proj(hidden_states[:, 0]).float() * indexer.scorer.weights_scaling
+    return q, weights
 
 
 def compress_new_entries(module, layer: LookaheadCSALayer, hidden_states: torch.Tensor, kind: str) -> torch.Tensor:

@@ -128,12 +128,14 @@ class LookaheadCSALayer(DeepseekV4CSACache):
         table = self.hot.stacked(kind)
         return table[slot_index.clamp(min=0)]
 
-    def candidate_index_keys(self, slot_index: torch.Tensor, chunk_ids: torch.Tensor) -> torch.Tensor:
-        """(batch, n, index_head_dim) native indexer keys of the candidates."""
-        if self.keep_index_keys_on_device:
-            rows = torch.arange(chunk_ids.shape[0], device=chunk_ids.device).unsqueeze(1)
-            return self.index_keys[rows, chunk_ids.clamp(min=0)]
-        return self.candidate_entries(INDEX_KEYS, slot_index)
+    def candidate_index_key_slots(self, slot_index: torch.Tensor, chunk_ids: torch.Tensor):
+        """(key table (rows, index_head_dim), slots (batch, n)) addressing the candidates' native indexer keys;
+        -1 where the candidate slot is padding."""
+        if not self.keep_index_keys_on_device:
+            return self.hot.stacked(INDEX_KEYS), slot_index
+        batch, chunks, dim = self.index_keys.shape
+        rows = torch.arange(batch, device=chunk_ids.device).unsqueeze(1) * chunks
+        return self.index_keys.reshape(batch * chunks, dim), torch.where(chunk_ids >= 0, rows + chunk_ids, -1)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
