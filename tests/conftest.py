@@ -1,5 +1,7 @@
 """Shared fixtures: tiny DeepSeek-V4 models made in code, prompts, and stock-vs-LSA generation helpers."""
 
+import os
+
 import pytest
 import torch
 
@@ -7,11 +9,13 @@ import fm_transformers as fm
 from fm_transformers.tiny import TINY_VOCAB_SIZE, tiny_deepseek_v4
 
 INDEXER_LAYERS = (2, 4)
+# The equivalence tests run on the CPU by default; FM_TEST_DEVICE=cuda runs them on a GPU.
+DEVICE = torch.device(os.environ.get("FM_TEST_DEVICE", "cpu"))
 
 
 @pytest.fixture(scope="session")
 def model():
-    return tiny_deepseek_v4(seed=0)
+    return tiny_deepseek_v4(seed=0).to(DEVICE)
 
 
 @pytest.fixture
@@ -25,7 +29,7 @@ def indexed_model(model):
 
 def random_prompt(length: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
-    return torch.randint(4, TINY_VOCAB_SIZE, (batch, length), generator=generator)
+    return torch.randint(4, TINY_VOCAB_SIZE, (batch, length), generator=generator).to(DEVICE)
 
 
 def greedy(model, input_ids, max_new_tokens=24, **kwargs):
