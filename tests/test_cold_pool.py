@@ -14,7 +14,7 @@ def assert_pools_equal_stock(lsa_cache, stock_cache, layers=None):
         for kind in ("compressor", "indexer"):
             pooled, stock = lsa_layer.pools[kind].read(), stock_layer.compressed_kv[kind]
             assert pooled.shape == stock.shape
-            assert torch.equal(pooled.view(torch.uint8), stock.contiguous().view(torch.uint8))
+            assert torch.equal(pooled.view(torch.uint8), stock.cpu().contiguous().view(torch.uint8))
 
 
 def test_cold_pool_equals_stock_cache_after_prefill(indexed_model):
@@ -49,7 +49,7 @@ def test_cold_pool_equals_stock_cache_after_decode(model):
     for index in cache.csa_layers[1:]:
         for kind in ("compressor", "indexer"):
             pooled, stock = cache.layers[index].pools[kind].read(), stock_cache.layers[index].compressed_kv[kind]
-            torch.testing.assert_close(pooled, stock, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(pooled, stock.cpu(), rtol=1e-5, atol=1e-5)
 
 
 def test_cold_pool_keeps_dropped_chunks_exactly(indexed_model):
