@@ -114,6 +114,15 @@ class MemoryIndexer(nn.Module):
         self.weights_proj = nn.Linear(config.hidden_size, config.num_heads, bias=False)  # W_w
         self.weights_scale = config.head_dim**-0.5 * config.num_heads**-0.5
 
+    def query(self, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """q (batch, queries, heads, head_dim) with RoPE and head weights (batch, queries, heads), in float32."""
+        batch, queries, _ = hidden_states.shape
+        q = self.up_proj(self.q_norm(self.down_proj(hidden_states)))
+        q = q.view(batch, queries, self.num_heads, self.head_dim).transpose(1, 2)
+        q = apply_rotary_pos_emb(q, cos, sin).transpose(1, 2).float()
+        weights = self.weights_proj(hidden_states).float() * self.weights_scale
+        return q, weights
+
     def forward(self, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor):
         """Logits (before the sigmoid) of every query against its keys.
 
@@ -121,11 +130,7 @@ class MemoryIndexer(nn.Module):
         keys: (batch, chunks, head_dim) shared by all queries, or (batch, queries, n, head_dim) per query.
         Returns (batch, queries, chunks) or (batch, queries, n), in float32.
         """
-        batch, queries, _ = hidden_states.shape
-        q = self.up_proj(self.q_norm(self.down_proj(hidden_states)))
-        q = q.view(batch, queries, self.num_heads, self.head_dim).transpose(1, 2)
-        q = apply_rotary_pos_emb(q, cos, sin).transpose(1, 2).float()  # (batch, queries, heads, head_dim)
-        weights = self.weights_proj(hidden_states).float() * self.weights_scale  # (batch, queries, heads)
+        q, weights = self.query(hidden_states, cos, sin)
         if keys.dim() == 3:
             dots = torch.einsum("bshd,btd->bsht", q, keys.float())
         else:
@@ -212,6 +217,11 @@ class MemoryIndexerModel(PreTrainedModel):
         indexer = self.indexers[str(layer)]
         cos, sin = self.rotary(hidden_states, position_ids)
         return indexer(hidden_states, cos, sin, keys)
+
+    def query(self, layer: int, hidden_states: torch.Tensor, position_ids: torch.Tensor):
+        """Layer `layer`'s query and head weights for level-1 scoring (see MemoryIndexer.query)."""
+        cos, sin = self.rotary(hidden_states, position_ids)
+        return self.indexers[str(layer)].query(hidden_states, cos, sin)
 
     def scores(self, layer: int, hidden_states: torch.Tensor, position_ids: torch.Tensor, keys: torch.Tensor):
         """I[t, s] in [0, 1]: the probability that chunk s is needed in the next tau steps."""

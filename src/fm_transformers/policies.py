@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import LSAConfig
+from .kernels.level1_scoring import level1_scores
 
 NOT_WANTED = float("-inf")
 
@@ -124,13 +125,11 @@ class MemoryIndexerPolicy(ResidentPolicy):
     @torch.no_grad()
     def observe(self, layer_idx, hidden_states, position_ids, index_keys):
         device = next(self.indexer.indexers[str(layer_idx)].parameters()).device
-        scores = self.indexer.scores(
-            layer_idx, hidden_states[:, None].to(device), position_ids[:, None].to(device), index_keys.to(device)
-        )[:, 0]  # (batch, chunks)
-        causal_limit = (position_ids.to(device) + 1) // self.indexer.config.backbone["compress_rates"]["compressed_sparse_attention"]
-        invisible = torch.arange(scores.shape[1], device=device).unsqueeze(0) >= causal_limit.unsqueeze(1)
-        scores = scores.masked_fill(invisible, NOT_WANTED)
-        self._running_max = scores if self._running_max is None else torch.maximum(self._running_max, scores.to(self._running_max.device))
+        q, weights = self.indexer.query(layer_idx, hidden_states[:, None].to(device), position_ids[:, None].to(device))
+        rate = self.indexer.config.backbone["compress_rates"]["compressed_sparse_attention"]
+        visible = (position_ids.to(device) + 1) // rate  # chunks each sequence may see
+        running_max = None if self._running_max is None else self._running_max.to(device)
+        self._running_max = level1_scores(q[:, 0], weights[:, 0], index_keys.to(device), visible, running_max)
 
     def priorities(self, context):
         if self._running_max is None:

@@ -91,6 +91,7 @@ class HotSet:
         self.slots = {kind: torch.empty(0, dim, dtype=dtype, device=device) for kind, dim in kinds.items()}
         self.tail = {kind: torch.empty(batch_size, 0, dim, dtype=dtype, device=device) for kind, dim in kinds.items()}
         self.tail_start = 0
+        self._candidates: tuple[int, tuple[torch.Tensor, torch.Tensor]] | None = None  # (tail length, result)
 
     @property
     def batch_size(self) -> int:
@@ -132,6 +133,7 @@ class HotSet:
             self.slots[kind] = torch.cat(new_slots[kind]) if new_slots[kind] else self.slots[kind][:0]
             self.tail[kind] = self.tail[kind][:, max(horizon - self.tail_start, 0) :].clone()
         self.tail_start = max(horizon, self.tail_start)
+        self._candidates = None
         return fetched
 
     def candidates(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,6 +143,8 @@ class HotSet:
         address `stacked(kind)`: the slot table followed by the tail rows, sequence by sequence.
         """
         tail_len = self.tail_length
+        if self._candidates is not None and self._candidates[0] == tail_len:
+            return self._candidates[1]
         counts = [ids.numel() + tail_len for ids in self.chunk_ids]
         width = max(counts, default=0)
         slot_index = torch.full((self.batch_size, width), -1, dtype=torch.long, device=self.device)
@@ -154,6 +158,7 @@ class HotSet:
             slot_index[row, resident : resident + tail_len] = total_slots + row * tail_len + torch.arange(tail_len, device=self.device)
             chunk_ids[row, :resident] = ids
             chunk_ids[row, resident : resident + tail_len] = tail_ids
+        self._candidates = (tail_len, (slot_index, chunk_ids))
         return slot_index, chunk_ids
 
     def stacked(self, kind: str) -> torch.Tensor:
@@ -180,6 +185,7 @@ class HotSet:
             self.slots[kind] = torch.cat(pieces) if pieces else self.slots[kind][:0]
             self.tail[kind] = self.tail[kind].index_select(0, rows.to(self.device))
         self.chunk_ids = [self.chunk_ids[row] for row in picked]
+        self._candidates = None
 
     def _offsets(self) -> torch.Tensor:
         counts = torch.tensor([0] + [ids.numel() for ids in self.chunk_ids])
