@@ -4,8 +4,9 @@ with the stock full cache.
 GPU run (about 8 minutes on one H100, bf16):
     python examples/train_eval_backbone.py --device cuda --output-dir runs/eval-backbone
 CPU smoke run (seconds):
-    OMP_NUM_THREADS=1 python examples/train_eval_backbone.py --device cpu --size smoke --steps 3 --dense-steps 2 --min-length 128 \
-        --max-length 128 --tokens-per-step 256 --eval-lengths 128 --eval-examples 2 --output-dir /tmp/smoke
+    OMP_NUM_THREADS=1 python examples/train_eval_backbone.py --device cpu --size smoke --steps 3 --dense-steps 2 \
+        --min-length 128 --max-length 128 --tokens-per-step 256 --eval-lengths 128 --eval-examples 2 \
+        --output-dir /tmp/smoke
 
 The same command with --resume continues a run from its last checkpoint (output-dir/checkpoint.pt); the
 trained model is saved with save_pretrained to output-dir/model, the accuracy table to output-dir/eval.json.
@@ -19,7 +20,12 @@ from pathlib import Path
 
 import torch
 
-from fm_transformers.eval import TrainingConfig, evaluate_backbone, format_accuracy_table, train_backbone
+from fm_transformers.eval import (
+    TrainingConfig,
+    evaluate_backbone,
+    format_accuracy_table,
+    train_backbone,
+)
 from fm_transformers.eval.backbone import BACKBONE_SIZES
 
 

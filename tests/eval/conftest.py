@@ -8,7 +8,11 @@ each test, so other test directories keep theirs.
 import pytest
 import torch
 
-from fm_transformers.eval import TrainingConfig, build_eval_backbone, eval_backbone_config
+from fm_transformers.eval import (
+    TrainingConfig,
+    build_eval_backbone,
+    eval_backbone_config,
+)
 from fm_transformers.eval.batches import make_batch
 
 SMOKE_LENGTH = 96

@@ -7,9 +7,10 @@ from fm_transformers.eval.vocab import ANSWER, PAD, QUERY
 
 def test_targets_are_the_answer_tokens_predicted_from_the_position_before_each():
     batch = make_batch(seed=0, step=3, context_length=128, batch_size=5)
-    rows = torch.zeros(batch.input_ids.numel(), dtype=torch.bool)
-    rows[batch.distill_rows] = True
-    for ids, targets, rows in zip(batch.input_ids.tolist(), batch.targets.tolist(), rows.view_as(batch.input_ids).tolist()):
+    distilled_mask = torch.zeros(batch.input_ids.numel(), dtype=torch.bool)
+    distilled_mask[batch.distill_rows] = True
+    distilled_rows = distilled_mask.view_as(batch.input_ids).tolist()
+    for ids, targets, rows in zip(batch.input_ids.tolist(), batch.targets.tolist(), distilled_rows):
         answer_at = [i for i, target in enumerate(targets) if target != IGNORE]
         assert answer_at[0] == 127 and ids[127] == ANSWER
         assert answer_at == list(range(127, 127 + len(answer_at)))

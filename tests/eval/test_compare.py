@@ -1,6 +1,11 @@
 import torch
 
-from fm_transformers.eval import evaluate_accuracy, format_accuracy_table, full_cache_generate, make_examples
+from fm_transformers.eval import (
+    evaluate_accuracy,
+    format_accuracy_table,
+    full_cache_generate,
+    make_examples,
+)
 from fm_transformers.eval.tasks import TASK_NAMES
 
 

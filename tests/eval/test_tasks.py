@@ -2,8 +2,22 @@ from collections import Counter
 
 import pytest
 
-from fm_transformers.eval.tasks import TASK_NAMES, accuracy, exact_match, make_example, make_examples
-from fm_transformers.eval.vocab import ANSWER, FILLER, KEYS, LET, NEEDLE, QUERY, VALUE, VALUES, VOCAB_SIZE
+from fm_transformers.eval.tasks import (
+    TASK_NAMES,
+    accuracy,
+    exact_match,
+    make_examples,
+)
+from fm_transformers.eval.vocab import (
+    ANSWER,
+    FILLER,
+    KEYS,
+    LET,
+    NEEDLE,
+    QUERY,
+    VALUES,
+    VOCAB_SIZE,
+)
 
 LENGTHS = (97, 256, 1000)
 
@@ -42,7 +56,7 @@ def test_the_needle_with_the_queried_key_holds_the_answer_where_claimed(task, le
     for example in make_examples(task, length, 5):
         key = question(example)
         (start,) = example.evidence
-        needle = [NEEDLE, *key, VALUE, *example.answer]
+        needle = [NEEDLE, *key, ANSWER, *example.answer]
         assert example.input_ids[start : start + len(needle)] == needle
         assert all(token in KEYS for token in key) and all(token in VALUES for token in example.answer)
 
@@ -61,7 +75,7 @@ def test_value_tokens_occur_only_inside_the_needles():
             inside = set()
             for start, token in enumerate(example.input_ids):
                 if token == NEEDLE:
-                    inside.update(range(start, example.input_ids.index(VALUE, start) + 4))
+                    inside.update(range(start, example.input_ids.index(ANSWER, start) + 4))
             values = {i for i, token in enumerate(example.input_ids) if token in VALUES}
             assert values <= inside
 
@@ -72,7 +86,7 @@ def test_multi_value_answer_is_every_value_of_the_key_in_order_of_appearance(len
         key = question(example)
         values = []
         for start in example.evidence:
-            assert example.input_ids[start : start + 2 + len(key)] == [NEEDLE, *key, VALUE]
+            assert example.input_ids[start : start + 2 + len(key)] == [NEEDLE, *key, ANSWER]
             values += example.input_ids[start + 2 + len(key) : start + 4 + len(key)]
         assert list(example.evidence) == sorted(example.evidence) and len(example.evidence) == 3
         assert values == example.answer
@@ -82,7 +96,8 @@ def test_multi_value_answer_is_every_value_of_the_key_in_order_of_appearance(len
 def test_variable_tracking_answer_follows_the_chain_from_the_queried_value(length):
     for example in make_examples("variable_tracking", length, 5):
         ids = example.input_ids
-        statements = {ids[i + 1]: (i, ids[i + 2]) for i, token in enumerate(ids) if token == LET}
+        statements = {ids[i + 1]: (i, ids[i + 3]) for i, token in enumerate(ids) if token == LET}
+        assert all(ids[i + 2] == ANSWER for i, token in enumerate(ids) if token == LET)
         assert len(statements) == 10  # two chains of five assignments
         (current,) = question(example)
         chain, positions = [], []

@@ -7,6 +7,7 @@ from transformers import DeepseekV4ForCausalLM
 
 from fm_transformers.eval import evaluate_backbone, train_backbone
 from fm_transformers.eval.backbone_training import CHECKPOINT_NAME, MODEL_DIR_NAME
+from fm_transformers.eval.distillation import csa_layer_indices
 from fm_transformers.eval.tasks import TASK_NAMES
 
 
@@ -14,8 +15,9 @@ def test_three_training_steps_have_finite_losses_and_go_from_dense_to_sparse(smo
     run = train_backbone(smoke_config, tmp_path, progress=False)
     assert run.finished and [m["phase"] for m in run.history] == ["dense", "dense", "sparse"]
     assert all(math.isfinite(m["loss"]) and math.isfinite(m["kl"]) and m["kl"] > 0 for m in run.history)
-    csa = [layer.self_attn for layer in run.model.model.layers if layer.self_attn.layer_type == "compressed_sparse_attention"]
-    assert all(attention.compressor.indexer.index_topk == run.model.config.index_topk for attention in csa)
+    layers = run.model.model.layers
+    indexers = [layers[i].self_attn.compressor.indexer for i in csa_layer_indices(run.model.config)]
+    assert all(indexer.index_topk == run.model.config.index_topk for indexer in indexers)
 
 
 def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(smoke_config, tmp_path):

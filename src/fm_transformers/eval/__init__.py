@@ -2,10 +2,23 @@
 (its native indexer distilled from its attention), and exact-match accuracy through a pluggable generation."""
 
 from .backbone import BACKBONE_SIZES, build_eval_backbone, eval_backbone_config
-from .backbone_training import TrainingConfig, TrainingRun, evaluate_backbone, train_backbone
+from .backbone_training import (
+    TrainingConfig,
+    TrainingRun,
+    evaluate_backbone,
+    train_backbone,
+)
 from .compare import evaluate_accuracy, format_accuracy_table, full_cache_generate
 from .distillation import IndexerDistillation, indexer_kl, set_dense_csa
-from .tasks import TASK_NAMES, TASKS, Example, accuracy, exact_match, make_example, make_examples
+from .tasks import (
+    TASK_NAMES,
+    TASKS,
+    Example,
+    accuracy,
+    exact_match,
+    make_example,
+    make_examples,
+)
 
 __all__ = [
     "BACKBONE_SIZES",

@@ -44,11 +44,11 @@ class TrainingConfig:
     seed: int = 0
     steps: int = 1200
     dense_steps: int = 600
-    min_length: int = 256
+    min_length: int = 128
     max_length: int = 2048
     ramp_steps: int = 600
     tokens_per_step: int = 32768
-    lr: float = 1e-3
+    lr: float = 2e-3
     warmup_steps: int = 50
     weight_decay: float = 0.1
     kl_weight: float = 1.0

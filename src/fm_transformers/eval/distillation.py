@@ -73,8 +73,8 @@ class IndexerDistillation:
     """Context manager: hooks every CSA layer on enter, removes the hooks on exit (even on error).
 
     Set `rows` (flat indices into batch * seq, or None for every position) before a forward to choose the
-    query positions to distill; `loss()` then returns the KL summed over CSA layers and clears what the forward captured.
-    What is kept per layer is reduced to those rows inside the hooks.
+    query positions to distill; `loss()` then returns the KL summed over CSA layers and clears what the forward
+    captured. What is kept per layer is reduced to those rows inside the hooks.
     """
 
     def __init__(self, model):

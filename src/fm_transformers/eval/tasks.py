@@ -1,11 +1,11 @@
 """RULER-style synthetic long-context tasks over the integer vocabulary of `vocab.py`, and exact-match scoring.
 
 Five tasks, each a generator `(context_length, rng) -> Example`:
-- single_needle: one needle `NEEDLE key VALUE value` in random filler; the question names the key.
+- single_needle: one needle `NEEDLE key ANSWER value` in random filler; the question names the key.
 - multi_key_needle: several needles with distinct keys; the question names one of them.
 - multi_value_needle: one key in several needles; the answer is all its values, in order of appearance.
-- variable_tracking: chains `LET value x1`, `LET x1 x2`, ... (one queried, others distracting); the question names
-  the starting value, the answer is every variable of its chain in order of assignment.
+- variable_tracking: chains `LET value ANSWER x1`, `LET x1 ANSWER x2`, ... (one queried, others distracting); the
+  question names the starting value, the answer is every variable of its chain in order of assignment.
 - common_words: aggregation with no filler: a word list where three words are far more frequent than any other;
   the answer is those three, most frequent first. No single statement carries it (it needs dense memory).
 
@@ -19,8 +19,9 @@ processes and Python runs (it does not depend on PYTHONHASHSEED).
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 
-from .vocab import ANSWER, BOS, FILLER, KEYS, LET, NEEDLE, QUERY, TASK_TOKENS, VALUE, VALUES
+from .vocab import ANSWER, BOS, FILLER, KEYS, LET, NEEDLE, QUERY, TASK_TOKENS, VALUES
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ def _draw_distinct(pool: range, size: int, count: int, rng: random.Random) -> li
 
 
 def _needle(key: list[int], value: list[int]) -> list[int]:
-    return [NEEDLE, *key, VALUE, *value]
+    return [NEEDLE, *key, ANSWER, *value]
 
 
 def _scatter(statements: list[list[int]], length: int, rng: random.Random) -> tuple[list[int], list[int]]:
@@ -126,14 +127,15 @@ def multi_value_needle(
 
 
 def variable_tracking(length: int, rng: random.Random, n_chains: int = 2, hops: int = 4) -> Example:
-    """Statements read left to right (`LET source target`), so following a chain is a chain of look-ups."""
+    """Statements read left to right (`LET source ANSWER target`), so following a chain is a chain of look-ups,
+    each continuing `variable ANSWER` the way the context did."""
     names = rng.sample(KEYS, n_chains * (hops + 1))
     starts = rng.sample(VALUES, n_chains)
     chains = []
     for chain in range(n_chains):
         variables = names[chain * (hops + 1) : (chain + 1) * (hops + 1)]
         sources = [starts[chain], *variables[:-1]]
-        chains.append([[LET, source, target] for source, target in zip(sources, variables)])
+        chains.append([[LET, source, ANSWER, target] for source, target in zip(sources, variables)])
     order = [chain for chain in range(n_chains) for _ in range(hops + 1)]
     rng.shuffle(order)  # interleave the chains, each keeping its own order
     statements, evidence, next_statement = [], [], [0] * n_chains
@@ -155,7 +157,7 @@ def common_words(length: int, rng: random.Random, shares: Sequence[float] = (0.1
     pool = [word for word in FILLER if word not in common]
     rare = body - sum(counts)
     rare_max = -(-rare // len(pool))
-    if body < 0 or any(a <= b for a, b in zip(counts, counts[1:])) or counts[-1] <= rare_max:
+    if body < 0 or any(a <= b for a, b in pairwise(counts)) or counts[-1] <= rare_max:
         raise ValueError(f"common_words needs a longer context to separate word frequencies, got {length}")
     rng.shuffle(pool)
     words = [word for word, count in zip(common, counts) for _ in range(count)]
