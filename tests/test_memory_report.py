@@ -22,7 +22,7 @@ def test_threshold_and_budget_put_less_than_full_cache_on_device(indexed_model):
     report = out.past_key_values.memory_report()
     assert 0 < report["csa_device_ratio"] < 1
     assert report["resident_chunks"] < report["chunks_in_history"]
-    assert report["host"]["csa_kv"] >= report["full_csa_bytes"] * 512 / (512 + 128) * 0  # pool is allocated
+    assert report["host"]["csa_kv"] > 0  # every chunk is in the host pool
     assert "CSA bytes on device / full" in fm.format_memory_report(report)
 
 

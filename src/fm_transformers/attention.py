@@ -10,7 +10,7 @@ observes the target layers and triggers recalls.
 import torch
 from transformers.models.deepseek_v4.modeling_deepseek_v4 import apply_rotary_pos_emb
 
-from .cache import INDEX_KEYS, KV, LookaheadCSALayer, OffloadedLookaheadCache
+from .cache import INDEX_KEYS, KV, LookaheadCSALayer
 from .kernels.level2_topk import level2_topk
 
 
@@ -89,7 +89,3 @@ def compress_new_entries(module, layer: LookaheadCSALayer, hidden_states: torch.
     positions = (torch.arange(windows, device=compressed.device) * ratio + first_position).unsqueeze(0).expand(batch, -1)
     cos, sin = module.rotary_emb(compressed, position_ids=positions, layer_type=module.rope_layer_type)
     return apply_rotary_pos_emb(compressed.unsqueeze(1), cos, sin).squeeze(1)
-
-
-def is_lookahead_cache(cache) -> bool:
-    return isinstance(cache, OffloadedLookaheadCache)

@@ -14,6 +14,7 @@ from huggingface_hub.dataclasses import strict
 from torch import nn
 from transformers import AutoConfig, AutoModel, DeepseekV4Config, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.deepseek_v4.modeling_deepseek_v4 import (
     DeepseekV4RMSNorm,
     DeepseekV4RotaryEmbedding,
@@ -202,8 +203,6 @@ class MemoryIndexerModel(PreTrainedModel):
             inv_freq, _ = module.compute_default_rope_parameters(module.config, layer_type="compress")
             rope_type = module.rope_type["compress"]
             if rope_type != "default":
-                from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
                 inv_freq, _ = ROPE_INIT_FUNCTIONS[rope_type](module.config, layer_type="compress")
             init.copy_(module.compress_inv_freq, inv_freq)
             init.copy_(module.compress_original_inv_freq, inv_freq)
