@@ -1,8 +1,15 @@
+from collections import Counter
+
 import torch
 
-from fm_transformers.eval.batches import IGNORE, curriculum_length, make_batch
+from fm_transformers.eval.batches import (
+    IGNORE,
+    TRAINING_MIX,
+    curriculum_length,
+    make_batch,
+)
 from fm_transformers.eval.tasks import TASK_NAMES
-from fm_transformers.eval.vocab import ANSWER, PAD, QUERY
+from fm_transformers.eval.vocab import ANSWER, PAD, QUERY, TASK_TOKENS
 
 
 def test_targets_are_the_answer_tokens_predicted_from_the_position_before_each():
@@ -21,11 +28,15 @@ def test_targets_are_the_answer_tokens_predicted_from_the_position_before_each()
         assert all(token == PAD for token in ids[answer_at[-1] + 1 :])
 
 
-def test_a_batch_mixes_the_tasks_evenly():
-    batch = make_batch(seed=0, step=0, context_length=128, batch_size=2 * len(TASK_NAMES))
+def test_a_batch_takes_every_entry_of_the_training_mix_in_turn():
+    batch = make_batch(seed=0, step=0, context_length=128, batch_size=2 * len(TRAINING_MIX))
     task_tokens = batch.input_ids[:, 1].tolist()
-    assert len(set(task_tokens)) == len(TASK_NAMES)
-    assert all(task_tokens.count(token) == 2 for token in task_tokens)
+    assert set(task_tokens) == {TASK_TOKENS[task] for task in TASK_NAMES}
+    answer_lengths = Counter(
+        (row[1], sum(t != IGNORE for t in targets))
+        for row, targets in zip(batch.input_ids.tolist(), batch.targets.tolist())
+    )
+    assert all(count == 2 for count in answer_lengths.values()) and len(answer_lengths) == len(TRAINING_MIX)
 
 
 def test_batches_depend_only_on_seed_and_step():

@@ -3,7 +3,7 @@ sees exactly the batches an uninterrupted one would, and no data-loader state ne
 
 A row is the context followed by the answer (teacher forcing); only answer tokens are predicted. The context
 length grows over training (short contexts teach retrieval fast, long ones teach it at the target length),
-and every batch holds about the same number of tokens, mixing the tasks evenly.
+and every batch holds about the same number of tokens, mixing the tasks of TRAINING_MIX evenly.
 Positions are given as index tensors made on the CPU, so that selecting them on the GPU needs no host sync.
 """
 
@@ -14,6 +14,15 @@ import torch
 from .tasks import TASK_NAMES, example_rng, make_example
 from .vocab import PAD, QUERY
 
+# The five evaluation tasks, plus two needle variants with long values. A long value is copied token by token
+# from a needle far outside the window, through the compressed branch: many supervised tokens per example that
+# all train the retrieval circuit, where an evaluation example gives one or two. Sparse supervision leaves a
+# model trained from scratch on its loss plateau for long; these shorten it.
+TRAINING_MIX: tuple[tuple[str, dict], ...] = (
+    *((task, {}) for task in TASK_NAMES),
+    ("single_needle", {"value_len": 16}),
+    ("multi_key_needle", {"value_len": 8}),
+)
 IGNORE = -100  # target of positions whose next token is not an answer token
 LENGTH_STEP = 64  # context lengths are multiples of this (fewer distinct shapes on the GPU)
 
@@ -41,13 +50,16 @@ def curriculum_length(seed: int, step: int, min_length: int, max_length: int, ra
     return floor + LENGTH_STEP * rng.randint(0, (ceiling - floor) // LENGTH_STEP)
 
 
-def make_batch(seed: int, step: int, context_length: int, batch_size: int, tasks=TASK_NAMES) -> Batch:
-    """`batch_size` examples of `context_length` tokens; the tasks take turns from a random offset."""
-    offset = example_rng("tasks", seed, step).randrange(len(tasks))
-    examples = [
-        make_example(tasks[(offset + i) % len(tasks)], context_length, example_rng("train", seed, step, i))
-        for i in range(batch_size)
-    ]
+def make_batch(
+    seed: int, step: int, context_length: int, batch_size: int, mix: tuple[tuple[str, dict], ...] = TRAINING_MIX
+) -> Batch:
+    """`batch_size` examples of `context_length` tokens; the (task, options) of `mix` take turns from a random
+    offset."""
+    offset = example_rng("tasks", seed, step).randrange(len(mix))
+    examples = []
+    for i in range(batch_size):
+        task, options = mix[(offset + i) % len(mix)]
+        examples.append(make_example(task, context_length, example_rng("train", seed, step, i), **options))
     width = context_length + max(len(example.answer) for example in examples) - 1
     input_ids = torch.full((batch_size, width), PAD, dtype=torch.long)
     targets = torch.full((batch_size, width), IGNORE, dtype=torch.long)

@@ -176,10 +176,11 @@ TASKS: dict[str, Callable[[int, random.Random], Example]] = {
 TASK_NAMES = tuple(TASKS)
 
 
-def make_example(task: str, length: int, rng: random.Random) -> Example:
+def make_example(task: str, length: int, rng: random.Random, **options) -> Example:
+    """One example; `options` go to the task's generator (e.g. value_len for the needle tasks)."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; known tasks: {', '.join(TASK_NAMES)}")
-    return TASKS[task](length, rng)
+    return TASKS[task](length, rng, **options)
 
 
 def make_examples(task: str, length: int, count: int, seed: int | str = 0) -> list[Example]:

@@ -1,0 +1,91 @@
+"""Full cache / LSA / recency-only / random at the same GPU budget on the synthetic tasks (REFERENCE.md section 4).
+
+    python examples/compare_methods.py --backbone DIR --indexer DIR --lengths 2048,4096 --out compare.json --plot compare.png
+
+--backbone: the evaluation backbone trained by examples/train_eval_backbone.py; --indexer: its memory indexer
+trained with `fm-indexer`. Without them (--smoke) it runs on an untrained smoke-size backbone and a fresh indexer:
+that checks the machinery, not accuracy. Prints exact-match accuracy per task and method and the measured CSA
+bytes on the device per method; writes JSON and a matplotlib plot.
+"""
+
+import argparse
+import json
+
+from transformers import AutoModelForCausalLM
+
+import fm_transformers as fm
+from fm_transformers.eval import TASK_NAMES, build_eval_backbone, eval_backbone_config, evaluate_accuracy, make_examples
+from fm_transformers.eval.methods import comparison_methods
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbone", help="trained evaluation backbone (a save_pretrained dir)")
+    parser.add_argument("--indexer", help="its memory indexer (a save_pretrained dir or Hub id)")
+    parser.add_argument("--smoke", action="store_true", help="untrained smoke-size backbone and fresh indexer")
+    parser.add_argument("--lengths", default="2048,4096", help="context lengths in tokens")
+    parser.add_argument("--examples", type=int, default=20, help="examples per task and length")
+    parser.add_argument("--budget", type=float, default=0.15, help="resident budget, a fraction of the history")
+    parser.add_argument("--tau", type=int, default=16)
+    parser.add_argument("--out", default="compare.json")
+    parser.add_argument("--plot", default="compare.png")
+    args = parser.parse_args()
+    if args.smoke:
+        model = build_eval_backbone(eval_backbone_config("smoke"), seed=0).eval()
+        indexer = fm.MemoryIndexerModel.from_backbone(model, layers=[2, 4], num_heads=4, rank=16)
+    elif args.backbone and args.indexer:
+        model = AutoModelForCausalLM.from_pretrained(args.backbone).eval()
+        indexer = fm.MemoryIndexerModel.from_pretrained(args.indexer)
+    else:
+        parser.error("pass --backbone and --indexer, or --smoke")
+    fm.attach_memory_indexer(model, indexer)
+    lsa_config = {"tau": args.tau, "threshold": 0.5, "resident_budget": args.budget, "recency_chunks": 8, "sink_chunks": 1}
+    results = {}
+    for length in [int(value) for value in args.lengths.split(",")]:
+        examples = [example for task in TASK_NAMES for example in make_examples(task, length, args.examples, seed=length)]
+        methods = comparison_methods(fm.attached_memory_indexer(model), lsa_config)
+        results[length] = {
+            method.name: {"accuracy": evaluate_accuracy(model, examples, method.generate), "csa_device_bytes": method.mean_csa_bytes()}
+            for method in methods
+        }
+    with open(args.out, "w") as handle:
+        json.dump(results, handle, indent=1)
+    plot(results, args.plot)
+    print_table(results)
+
+
+def mean_accuracy(entry) -> float:
+    return 100 * sum(entry["accuracy"].values()) / len(entry["accuracy"])
+
+
+def plot(results, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths = sorted(results)
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for name in results[lengths[0]]:
+        axis.plot(lengths, [mean_accuracy(results[n][name]) for n in lengths], marker="o", label=name)
+    axis.set_xscale("log", base=2)
+    axis.set_xlabel("context length (tokens)")
+    axis.set_ylabel("mean exact match (%)")
+    axis.set_title("Full / LSA / recency / random at the same GPU budget")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def print_table(results):
+    print("length | method  | mean EM % | CSA device KiB | vs full | per task EM %")
+    for length, methods in results.items():
+        full_bytes = methods["full"]["csa_device_bytes"]
+        for name, entry in methods.items():
+            tasks = " ".join(f"{task}={100 * value:.0f}" for task, value in entry["accuracy"].items())
+            share = entry["csa_device_bytes"] / full_bytes if full_bytes else float("nan")
+            print(f"{length:6d} | {name:7s} | {mean_accuracy(entry):9.1f} | {entry['csa_device_bytes'] / 1024:14.1f} | {share:7.2f} | {tasks}")
+
+
+if __name__ == "__main__":
+    main()

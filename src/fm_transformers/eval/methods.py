@@ -1,0 +1,84 @@
+"""The four methods of the paper's comparison (REFERENCE.md section 4), each a generate function that decodes
+with its own cache and records the CSA bytes that cache held on the device.
+
+Full is the stock cache. LSA, recency-only and random share one LSAConfig, so they run under the same
+per-sequence resident budget and differ only in the policy that fills it: the memory indexer, the newest
+chunks, or chunks drawn at random. Bytes are read off the cache tensors after each generation.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from ..cache import OffloadedLookaheadCache
+from ..policies import MemoryIndexerPolicy, RandomPolicy, RecencyPolicy, ResidentPolicy
+from .vocab import EOS, PAD
+
+CSA = "compressed_sparse_attention"
+METHODS = ("full", "lsa", "recency", "random")
+
+
+@dataclass
+class Method:
+    """A named generate function and the CSA device bytes of each generation it ran."""
+
+    name: str
+    generate: Callable = None
+    csa_device_bytes: list[int] = field(default_factory=list)
+
+    def mean_csa_bytes(self) -> float:
+        return sum(self.csa_device_bytes) / max(len(self.csa_device_bytes), 1)
+
+
+def _generate(model, input_ids, max_new_tokens, cache=None):
+    output = model.generate(
+        input_ids=input_ids, attention_mask=torch.ones_like(input_ids), past_key_values=cache,
+        max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=PAD, eos_token_id=EOS, return_dict_in_generate=True,
+    )
+    return output.sequences[:, input_ids.shape[1] :], output.past_key_values
+
+
+def _stock_csa_bytes(model, cache) -> int:
+    return sum(
+        tensor.nbytes
+        for index, kind in enumerate(model.config.layer_types) if kind == CSA
+        for tensor in cache.layers[index].compressed_kv.values() if tensor is not None
+    )
+
+
+def full_method() -> Method:
+    method = Method("full")
+
+    def generate(model, input_ids, max_new_tokens):
+        tokens, cache = _generate(model, input_ids, max_new_tokens)
+        method.csa_device_bytes.append(_stock_csa_bytes(model, cache))
+        return tokens
+
+    method.generate = generate
+    return method
+
+
+def policy_method(name: str, make_policy: Callable[[torch.nn.Module], ResidentPolicy], lsa_config: dict) -> Method:
+    method = Method(name)
+
+    def generate(model, input_ids, max_new_tokens):
+        cache = OffloadedLookaheadCache(model, lsa_config, policy=make_policy(model))
+        tokens, cache = _generate(model, input_ids, max_new_tokens, cache)
+        report = cache.memory_report()
+        method.csa_device_bytes.append(report["device"]["csa_kv"] + report["device"]["csa_index_keys"])
+        return tokens
+
+    method.generate = generate
+    return method
+
+
+def comparison_methods(indexer, lsa_config: dict, seed: int = 0) -> list[Method]:
+    """Full, LSA (the given memory indexer), recency-only and random, the last three under `lsa_config`'s budget."""
+    threshold = lsa_config.get("threshold", 0.5)
+    return [
+        full_method(),
+        policy_method("lsa", lambda model: MemoryIndexerPolicy(indexer, threshold), lsa_config),
+        policy_method("recency", lambda model: RecencyPolicy(window=1 << 40), lsa_config),
+        policy_method("random", lambda model: RandomPolicy(fraction=1.0, seed=seed), lsa_config),
+    ]
