@@ -17,6 +17,7 @@ from .config import LSAConfig
 from .indexer import attached_memory_indexer
 from .policies import MemoryIndexerPolicy, ResidentPolicy, SelectionContext, resident_sets
 from .pool import ColdPool, HotSet
+from .report import memory_report
 
 CSA_LAYER_TYPE = "compressed_sparse_attention"
 KV, INDEX_KEYS = "compressor", "indexer"
@@ -238,6 +239,5 @@ class OffloadedLookaheadCache(DynamicCache):
         return [self.layers[index] for index in self.csa_layers]
 
     def memory_report(self) -> dict:
-        from .report import memory_report
-
+        """Bytes on the device and the host by kind, measured from the tensors (see report.py)."""
         return memory_report(self)
