@@ -19,11 +19,17 @@ import time
 from types import SimpleNamespace
 
 import torch
+from fm_transformers.kernels import (
+    gather_chunks,
+    gather_chunks_copy,
+    level2_topk,
+    sparse_decode_attention,
+)
 from transformers import DeepseekV4Config, DeepseekV4ForCausalLM, DynamicCache
 from transformers.models.deepseek_v4.modeling_deepseek_v4 import eager_attention_forward
 
 import fm_transformers as fm
-from fm_transformers.kernels import gather_chunks, gather_chunks_copy, level2_topk, sparse_decode_attention
+from fm_transformers.report import stock_csa_bytes
 
 CSA, HCA, SLIDING = "compressed_sparse_attention", "heavily_compressed_attention", "sliding_attention"
 
@@ -63,13 +69,6 @@ def fill_context(model, cache, tokens: int, seed: int):
             layer.update_compressor_states("compressor", randn(1, tokens // 128, config.head_dim))
 
 
-def csa_stock_bytes(cache, model, kinds=("compressor", "indexer")) -> int:
-    return sum(
-        layer.compressed_kv[kind].nbytes for index, layer in enumerate(cache.layers) if model.config.layer_types[index] == CSA
-        for kind in kinds if layer.compressed_kv[kind] is not None
-    )
-
-
 def decode(model, cache, tokens: int, steps: int):
     """Per-step wall times (ms) of `steps` single-token forwards after a `tokens`-long context."""
     device = model.device
@@ -92,7 +91,8 @@ def run_stock(model, tokens, steps):
     fill_context(model, cache, tokens, seed=tokens)
     reset_peak(model.device)
     times = decode(model, cache, tokens, steps)
-    return {"csa_gpu_bytes": csa_stock_bytes(cache, model), "csa_kv_gpu_bytes": csa_stock_bytes(cache, model, ("compressor",)), "peak_bytes": peak(model.device), "ms_per_token": statistics.median(times[2:])}
+    return {"csa_gpu_bytes": stock_csa_bytes(cache, model.config.layer_types),
+        "csa_kv_gpu_bytes": stock_csa_bytes(cache, model.config.layer_types, ("compressor",)), "peak_bytes": peak(model.device), "ms_per_token": statistics.median(times[2:])}
 
 
 def run_lsa(model, tokens, steps, tau):

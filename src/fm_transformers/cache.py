@@ -14,12 +14,11 @@ from transformers.cache_utils import DynamicCache
 from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4CSACache
 
 from .config import LSAConfig
-from .indexer import attached_memory_indexer
+from .indexer import CSA_LAYER_TYPE, attached_memory_indexer
 from .policies import MemoryIndexerPolicy, ResidentPolicy, SelectionContext, resident_sets
 from .pool import ColdPool, HotSet
 from .report import memory_report
 
-CSA_LAYER_TYPE = "compressed_sparse_attention"
 KV, INDEX_KEYS = "compressor", "indexer"
 
 

@@ -21,6 +21,18 @@ def _stock_layer_bytes(layer) -> int:
     return _device_bytes(tensors)
 
 
+def stock_csa_bytes(cache, layer_types, kinds=("compressor", "indexer")) -> int:
+    """Bytes of the CSA compressed entries a stock DeepSeek-V4 cache holds (compressed KV and indexer keys),
+    read off its tensors: the baseline every LSA byte count is compared with."""
+    return sum(
+        layer.compressed_kv[kind].nbytes
+        for layer, layer_type in zip(cache.layers, layer_types)
+        if layer_type == "compressed_sparse_attention"
+        for kind in kinds
+        if layer.compressed_kv[kind] is not None
+    )
+
+
 def memory_report(cache) -> dict:
     """Bytes by place and kind, the full-cache equivalent, the ratio, and recall counters."""
     lookahead = cache.lookahead_layers()

@@ -13,9 +13,9 @@ import torch
 
 from ..cache import OffloadedLookaheadCache
 from ..policies import MemoryIndexerPolicy, RandomPolicy, RecencyPolicy, ResidentPolicy
+from ..report import stock_csa_bytes
 from .vocab import EOS, PAD
 
-CSA = "compressed_sparse_attention"
 METHODS = ("full", "lsa", "recency", "random")
 
 
@@ -39,20 +39,12 @@ def _generate(model, input_ids, max_new_tokens, cache=None):
     return output.sequences[:, input_ids.shape[1] :], output.past_key_values
 
 
-def _stock_csa_bytes(model, cache) -> int:
-    return sum(
-        tensor.nbytes
-        for index, kind in enumerate(model.config.layer_types) if kind == CSA
-        for tensor in cache.layers[index].compressed_kv.values() if tensor is not None
-    )
-
-
 def full_method() -> Method:
     method = Method("full")
 
     def generate(model, input_ids, max_new_tokens):
         tokens, cache = _generate(model, input_ids, max_new_tokens)
-        method.csa_device_bytes.append(_stock_csa_bytes(model, cache))
+        method.csa_device_bytes.append(stock_csa_bytes(cache, model.config.layer_types))
         return tokens
 
     method.generate = generate
