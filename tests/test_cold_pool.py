@@ -72,5 +72,15 @@ def test_cold_pool_grows_without_copying_stored_slabs():
     pool.append(second)
     assert pool.slabs[0].data_ptr() == first_slab and len(pool.slabs) == 3
     assert torch.equal(pool.read(), torch.cat([first, second], dim=1))
-    ids = torch.tensor([9, 0, 4])
-    assert torch.equal(pool.gather(1, ids), torch.cat([first, second], dim=1)[1, ids])
+
+
+def test_cold_pool_fetches_chunks_of_any_sequence_across_slabs_into_given_rows():
+    pool = ColdPool(batch_size=2, dim=5, dtype=torch.float32, pin_memory=False, slab_chunks=4)
+    entries = torch.randn(2, 10, 5)
+    pool.append(entries)
+    rows, ids, dst_rows = torch.tensor([1, 0, 1, 0]), torch.tensor([9, 0, 4, 5]), torch.tensor([3, 0, 5, 1])
+    dst = torch.zeros(6, 5)
+    read = pool.fetch_into(rows, ids, dst, dst_rows)
+    assert torch.equal(dst[dst_rows], entries[rows, ids])
+    assert torch.equal(dst[[2, 4]], torch.zeros(2, 5))  # rows not asked for stay untouched
+    assert len(read) == 3  # every slab touched, kept alive until the copies ran

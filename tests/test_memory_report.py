@@ -11,7 +11,7 @@ def test_device_csa_kv_bytes_equal_resident_chunks_times_entry_bytes(indexed_mod
     )
     cache = out.past_key_values
     report = cache.memory_report()
-    measured = sum(layer.hot.slots["compressor"].nbytes + layer.hot.tail["compressor"].nbytes for layer in cache.lookahead_layers())
+    measured = sum(layer.hot.table("compressor")[: layer.hot.resident_count()].nbytes for layer in cache.lookahead_layers())
     entry_bytes = indexed_model.config.head_dim * indexed_model.dtype.itemsize
     assert report["device"]["csa_kv"] == measured == report["resident_chunks"] * entry_bytes
 

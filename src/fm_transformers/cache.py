@@ -3,11 +3,10 @@
 Sliding-window and HCA layers keep the stock cache layers. Each CSA layer becomes a `LookaheadCSALayer`:
 every compressed entry goes to its cold pool as it is made (so the pool always equals the stock cache),
 and the device holds only the resident chunks plus the tail made since the last recall. The cache also
-runs the level-1 schedule: a recall triggers after each prefill forward and every `tau` decode steps; the
-policy's resident set then applies to every CSA layer from the next forward on.
+runs the level-1 schedule: a recall triggers after each prefill forward and every `tau` decode steps, at
+the last CSA layer; every CSA layer then starts fetching the policy's resident set (on its own CUDA
+stream, overlapping the rest of the forward) and uses it from the next forward on.
 """
-
-from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import DynamicCache
@@ -42,15 +41,6 @@ def _memory_indexer_policy(model, config: LSAConfig) -> MemoryIndexerPolicy:
     return MemoryIndexerPolicy(indexer, threshold=config.threshold, layers=config.indexer_layers)
 
 
-@dataclass
-class Selection:
-    """A resident set made at a trigger: per sequence the chunk ids (< num_chunks) to hold on the device."""
-
-    chunk_ids: list[torch.Tensor]
-    num_chunks: int
-    made_in_forward: int
-
-
 class LookaheadCSALayer(DeepseekV4CSACache):
     """The CSA cache layer of LSA. Compression state (buffers, overlap) stays as in the stock layer;
     compressed entries go to the cold pool and the hot set instead of one growing device tensor.
@@ -61,11 +51,19 @@ class LookaheadCSALayer(DeepseekV4CSACache):
 
     _layer_type = None  # keep transformers' layer registry pointing at the stock CSA layer
 
-    def __init__(self, config, keep_index_keys_on_device: bool, pool_dtype: torch.dtype | None, pin_memory: bool):
+    def __init__(
+        self,
+        config,
+        keep_index_keys_on_device: bool,
+        pool_dtype: torch.dtype | None,
+        tail_reserve: int,
+        copy_stream: "torch.cuda.Stream | None",
+    ):
         super().__init__(config)
         self.dims = {KV: config.head_dim, INDEX_KEYS: config.index_head_dim}
         self.keep_index_keys_on_device = keep_index_keys_on_device
-        self.pool_dtype, self.pin_memory = pool_dtype, pin_memory
+        self.pool_dtype, self.pin_memory = pool_dtype, copy_stream is not None
+        self.tail_reserve, self.copy_stream = tail_reserve, copy_stream
         self.prefilling = True
         self._reset_storage()
 
@@ -73,7 +71,7 @@ class LookaheadCSALayer(DeepseekV4CSACache):
         self.pools: dict[str, ColdPool] = {}
         self.hot: HotSet | None = None
         self.index_keys: torch.Tensor | None = None  # (batch, chunks, index_head_dim), target layers only
-        self.applied_forward = -1
+        self.has_resident_set = False
         self.recalls = 0
         self.chunks_fetched = 0
 
@@ -82,13 +80,9 @@ class LookaheadCSALayer(DeepseekV4CSACache):
         pool_dtype = self.pool_dtype or dtype
         self.pools = {kind: ColdPool(batch, dim, pool_dtype, self.pin_memory) for kind, dim in self.dims.items()}
         hot_kinds = {KV: self.dims[KV]} if self.keep_index_keys_on_device else dict(self.dims)
-        self.hot = HotSet(hot_kinds, batch, device, dtype)
+        self.hot = HotSet(hot_kinds, batch, device, dtype, self.tail_reserve, self.copy_stream)
         if self.keep_index_keys_on_device:
             self.index_keys = entries.new_zeros(batch, 0, self.dims[INDEX_KEYS])
-
-    @property
-    def has_resident_set(self) -> bool:
-        return self.applied_forward >= 0
 
     @property
     def num_chunks(self) -> int:
@@ -110,29 +104,25 @@ class LookaheadCSALayer(DeepseekV4CSACache):
     def _full_history(self, name: str) -> torch.Tensor:
         if name == INDEX_KEYS and self.keep_index_keys_on_device:
             return self.index_keys
-        tail = self.hot.tail[name]
+        tail = self.hot.tail(name)
         if self.hot.tail_start == 0:
             return tail
         older = self.pools[name].read(0, self.hot.tail_start).to(tail.device, tail.dtype)
         return torch.cat([older, tail], dim=1)
 
-    def apply_selection(self, selection: Selection) -> None:
-        """Make `selection` the resident set: keep what is on the device, fetch the rest from the pool."""
-        fetch = lambda kind, row, ids: self.pools[kind].gather(row, ids)  # noqa: E731
-        self.chunks_fetched += self.hot.rebuild(selection.chunk_ids, selection.num_chunks, fetch)
-        self.applied_forward = selection.made_in_forward
+    def recall(self, chunk_ids: list[torch.Tensor], num_chunks: int) -> None:
+        """Make `chunk_ids[b]` (sorted, < num_chunks) the resident set of sequence b: keep what is on the
+        device, fetch the rest from the pool (asynchronously on a GPU, see HotSet)."""
+        fetch = lambda kind, *where: self.pools[kind].fetch_into(*where)  # noqa: E731
+        self.chunks_fetched += self.hot.recall(chunk_ids, num_chunks, fetch)
+        self.has_resident_set = True
         self.recalls += 1
-
-    def candidate_entries(self, kind: str, slot_index: torch.Tensor) -> torch.Tensor:
-        """(batch, n, dim) entries at hot-set slot indices (batch, n); -1 slots give arbitrary rows."""
-        table = self.hot.stacked(kind)
-        return table[slot_index.clamp(min=0)]
 
     def candidate_index_key_slots(self, slot_index: torch.Tensor, chunk_ids: torch.Tensor):
         """(key table (rows, index_head_dim), slots (batch, n)) addressing the candidates' native indexer keys;
         -1 where the candidate slot is padding."""
         if not self.keep_index_keys_on_device:
-            return self.hot.stacked(INDEX_KEYS), slot_index
+            return self.hot.table(INDEX_KEYS), slot_index
         batch, chunks, dim = self.index_keys.shape
         rows = torch.arange(batch, device=chunk_ids.device).unsqueeze(1) * chunks
         return self.index_keys.reshape(batch * chunks, dim), torch.where(chunk_ids >= 0, rows + chunk_ids, -1)
@@ -148,6 +138,8 @@ class LookaheadCSALayer(DeepseekV4CSACache):
 
     def reset(self) -> None:
         super().reset()
+        if self.hot is not None:
+            self.hot.finish()
         self.prefilling = True
         self._reset_storage()
 
@@ -171,42 +163,39 @@ class OffloadedLookaheadCache(DynamicCache):
             raise ValueError(f"policy target layers {unknown} are not CSA layers (CSA layers: {self.csa_layers})")
         device = next(model.parameters()).device
         pool_dtype = None if self.lsa_config.pool_dtype is None else self.lsa_config.torch_pool_dtype(model.dtype)
+        self.compress_rate = model_config.compress_rates[CSA_LAYER_TYPE]
+        copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None  # recalls of every CSA layer
         for index in self.csa_layers:
             self.layers[index] = LookaheadCSALayer(
                 model_config,
                 keep_index_keys_on_device=index in self.policy.target_layers,
                 pool_dtype=pool_dtype,
-                pin_memory=device.type == "cuda",
+                tail_reserve=-(-self.lsa_config.tau // self.compress_rate) + 1,  # chunks made between two recalls
+                copy_stream=copy_stream,
             )
-        self.compress_rate = model_config.compress_rates[CSA_LAYER_TYPE]
         self._reset_schedule()
 
     def _reset_schedule(self):
-        self.forward_index = -1
         self.triggering = False
         self.steps_since_trigger = 0
         self.trigger_count = 0
-        self.selection: Selection | None = None
 
     def begin_csa_layer(self, layer_idx: int, seq_len: int) -> LookaheadCSALayer:
-        """Called by each CSA layer before it runs: advances the schedule and applies a due resident set."""
+        """Called by each CSA layer before it runs: advances the schedule; says whether the layer prefills."""
         if layer_idx == self.csa_layers[0]:
-            self.forward_index += 1
-            if seq_len > 1 or self.selection is None:
+            if seq_len > 1 or self.trigger_count == 0:
                 self.triggering = True
             else:
                 self.steps_since_trigger += 1
                 self.triggering = self.steps_since_trigger >= self.lsa_config.tau
         layer = self.layers[layer_idx]
-        selection = self.selection
-        if selection is not None and selection.made_in_forward < self.forward_index and layer.applied_forward < selection.made_in_forward:
-            layer.apply_selection(selection)
         layer.prefilling = seq_len > 1 or not layer.has_resident_set
         return layer
 
     def end_csa_layer(self, layer_idx: int, hidden_states: torch.Tensor, position_ids: torch.Tensor) -> None:
         """Called by each CSA layer after it ran, with the last token's hidden state (batch, hidden) and
-        position (batch,): feeds the policy at a trigger and closes the trigger at the last CSA layer."""
+        position (batch,): feeds the policy at a trigger; at the last CSA layer, starts the recall of every
+        CSA layer (nothing reads their hot sets again in this forward)."""
         if not self.triggering:
             return
         layer = self.layers[layer_idx]
@@ -220,15 +209,11 @@ class OffloadedLookaheadCache(DynamicCache):
                 device=hidden_states.device,
             )
             chunk_ids = resident_sets(self.policy.priorities(context), context, self.lsa_config)
-            self.selection = Selection(chunk_ids, layer.num_chunks, self.forward_index)
+            for csa_layer in self.lookahead_layers():
+                csa_layer.recall(chunk_ids, layer.num_chunks)
             self.trigger_count += 1
             self.steps_since_trigger = 0
             self.triggering = False
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        super().reorder_cache(beam_idx)
-        if self.selection is not None:
-            self.selection.chunk_ids = [self.selection.chunk_ids[row] for row in beam_idx.tolist()]
 
     def reset(self) -> None:
         super().reset()

@@ -5,9 +5,12 @@ stock cache would hold. The hot set is a cache of some of them on the device, re
 Nothing here knows about models: entries are rows of `dim` numbers, addressed by (sequence, chunk id).
 """
 
+import contextlib
 from collections.abc import Callable
 
 import torch
+
+from .kernels.gather import gather_chunks
 
 
 class ColdPool:
@@ -38,17 +41,31 @@ class ColdPool:
             written += take
             self.length += take
 
-    def gather(self, row: int, chunk_ids: torch.Tensor) -> torch.Tensor:
-        """(n, dim) host tensor with the entries of sequence `row` at `chunk_ids`."""
-        chunk_ids = chunk_ids.cpu()
+    def fetch_into(self, rows: torch.Tensor, chunk_ids: torch.Tensor, dst: torch.Tensor, dst_rows: torch.Tensor) -> list[torch.Tensor]:
+        """dst[dst_rows[i]] = entry of sequence rows[i] at chunk_ids[i], for a device or host `dst` (M,) indices.
+
+        One gather per slab touched, issued on the current stream: on a GPU the kernel reads the pinned slab
+        in place (no staging copy). Returns the slabs read, which must outlive the copies.
+        """
         if chunk_ids.numel() and int(chunk_ids.max()) >= self.length:
             raise IndexError(f"chunk {int(chunk_ids.max())} requested, the pool holds {self.length}")
-        out = torch.empty(chunk_ids.numel(), self.dim, dtype=self.dtype)
-        slab_of, offset = chunk_ids // self.slab_chunks, chunk_ids % self.slab_chunks
-        for slab in slab_of.unique().tolist():
-            where = slab_of == slab
-            out[where] = self.slabs[slab][row, offset[where]]
-        return out
+        slab_of = chunk_ids // self.slab_chunks
+        order = slab_of.argsort()
+        slabs = slab_of[order].unique_consecutive(return_counts=True)
+        src_idx = (rows * self.slab_chunks + chunk_ids % self.slab_chunks)[order]  # rows of a (batch * slab_chunks, dim) slab
+        dst_rows = dst_rows[order]
+        staging = dst if dst.dtype == self.dtype else torch.empty(dst_rows.numel(), self.dim, dtype=self.dtype, device=dst.device)
+        staged_rows = dst_rows if staging is dst else torch.arange(dst_rows.numel(), device=dst.device)
+        read, start = [], 0
+        for slab, count in zip(*(values.tolist() for values in slabs)):
+            source = self.slabs[slab].view(-1, self.dim)
+            part = slice(start, start + count)
+            gather_chunks(source, src_idx[part], staging, staged_rows[part])
+            read.append(source)
+            start += count
+        if staging is not dst:
+            dst[dst_rows] = staging.to(dst.dtype)
+        return read
 
     def read(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """(batch, stop - start, dim): a contiguous copy of a range, for every sequence."""
@@ -78,69 +95,132 @@ class ColdPool:
 
 
 class HotSet:
-    """The device side of one CSA layer: resident chunks in flat slot tables plus the fresh tail.
+    """The device side of one CSA layer: resident chunks and the fresh tail in one slot table per kind.
 
-    Resident chunks of all sequences sit back to back in one (slots, dim) table per kind, sequence b in
-    rows offsets[b]:offsets[b+1], in chunk-id order. The tail holds every chunk made since the last recall
-    horizon (ids tail_start.. for all sequences), which the next recall has not judged yet.
+    Table rows [0, resident_rows) hold the resident chunks of all sequences back to back, sequence b in rows
+    offsets[b]:offsets[b+1], in chunk-id order. The tail follows, time-major: chunk tail_start + t of sequence
+    b sits in row resident_rows + t * batch + b, so a new chunk of every sequence is appended in place (the
+    table keeps `tail_reserve` chunks per sequence of room) and the kernels index the table as it is.
+    The tail holds every chunk made since the last recall horizon, which no recall has judged yet.
+
+    A recall builds the next table on `copy_stream` when there is one (a CUDA stream), overlapping the decode
+    work queued meanwhile; the first use of the table makes the current stream wait for the copies.
     """
 
-    def __init__(self, kinds: dict[str, int], batch_size: int, device: torch.device, dtype: torch.dtype):
+    def __init__(
+        self,
+        kinds: dict[str, int],
+        batch_size: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        tail_reserve: int = 16,
+        copy_stream: "torch.cuda.Stream | None" = None,
+    ):
         self.kinds, self.device, self.dtype = dict(kinds), device, dtype
+        self.tail_reserve, self.copy_stream = tail_reserve, copy_stream
         self.chunk_ids = [torch.empty(0, dtype=torch.long, device=device) for _ in range(batch_size)]
-        self.slots = {kind: torch.empty(0, dim, dtype=dtype, device=device) for kind, dim in kinds.items()}
-        self.tail = {kind: torch.empty(batch_size, 0, dim, dtype=dtype, device=device) for kind, dim in kinds.items()}
+        self._tables = {kind: torch.empty(0, dim, dtype=dtype, device=device) for kind, dim in kinds.items()}
+        self._used = dict.fromkeys(kinds, 0)  # rows in use per kind: resident rows + tail rows
+        self.resident_rows = 0
         self.tail_start = 0
+        self._ready: torch.cuda.Event | None = None  # the current stream waits on it before touching the tables
+        self._in_flight: tuple[torch.cuda.Event, list[torch.Tensor]] | None = None  # last recall, host sources
         self._candidates: tuple[int, tuple[torch.Tensor, torch.Tensor]] | None = None  # (tail length, result)
 
     @property
     def batch_size(self) -> int:
         return len(self.chunk_ids)
 
-    def append_tail(self, kind: str, entries: torch.Tensor) -> None:
-        """entries: (batch, n, dim), the newest chunks of this kind."""
-        self.tail[kind] = torch.cat([self.tail[kind], entries.to(self.dtype)], dim=1)
+    def table(self, kind: str) -> torch.Tensor:
+        """(capacity, dim): the slot table `candidates()` indexes into; rows past the used ones are unset."""
+        self._wait_for_recall()
+        return self._tables[kind]
 
-    def rebuild(self, new_ids: list[torch.Tensor], horizon: int, fetch: Callable[[str, int, torch.Tensor], torch.Tensor]) -> int:
+    def tail(self, kind: str) -> torch.Tensor:
+        """(batch, tail_length, dim) view of the tail."""
+        rows = self.table(kind)[self.resident_rows : self._used[kind]]
+        return rows.view(-1, self.batch_size, self.kinds[kind]).transpose(0, 1)
+
+    @property
+    def tail_length(self) -> int:
+        return (self._used[next(iter(self.kinds))] - self.resident_rows) // self.batch_size
+
+    def append_tail(self, kind: str, entries: torch.Tensor) -> None:
+        """entries: (batch, n, dim), the newest chunks of this kind, written in place after the tail."""
+        rows = entries.shape[1] * self.batch_size
+        table, used = self.table(kind), self._used[kind]
+        if used + rows > table.shape[0]:
+            grown = table.new_empty(used + rows + self.tail_reserve * self.batch_size, self.kinds[kind])
+            grown[:used] = table[:used]
+            self._tables[kind] = table = grown
+        table[used : used + rows] = entries.transpose(0, 1).reshape(rows, self.kinds[kind])
+        self._used[kind] = used + rows
+
+    def recall(self, new_ids: list[torch.Tensor], horizon: int, fetch: Callable[..., list[torch.Tensor]]) -> int:
         """Make `new_ids[b]` (sorted ids < horizon) the resident set of sequence b; the tail keeps ids >= horizon.
 
-        Chunks already on the device (resident or in the tail) are moved there; the others come from
-        `fetch(kind, row, ids)`, the cold pool. Returns the number of chunks fetched.
+        Chunks already on the device (resident or in the tail) are copied within it; only the others come
+        from `fetch(kind, rows, ids, dst, dst_rows)`, the cold pool, which returns the host tensors it reads.
+        Returns the number of chunks fetched.
         """
-        fetched = 0
-        old_offsets = self._offsets()
-        new_slots = {kind: [] for kind in self.kinds}
-        placed_ids = []
+        self.finish()
+        plan = self._plan(new_ids, horizon)
+        kept_tail = max(self.tail_length - max(horizon - self.tail_start, 0), 0) * self.batch_size
+        resident = plan["dst"].numel() + plan["missing_dst"].numel()
+        capacity = resident + kept_tail + self.tail_reserve * self.batch_size
+        tables = {kind: self._tables[kind].new_empty(capacity, dim) for kind, dim in self.kinds.items()}
+        stream = self.copy_stream
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+        host_sources = []
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            for kind, new in tables.items():
+                old, used = self._tables[kind], self._used[kind]
+                new[plan["dst"]] = old[plan["src"]]
+                new[resident : resident + kept_tail] = old[used - kept_tail : used]
+                host_sources += fetch(kind, plan["missing_rows"], plan["missing_ids"], new, plan["missing_dst"])
+        if stream is not None:
+            for tensor in [*self._tables.values(), *tables.values(), *plan.values()]:
+                tensor.record_stream(stream)  # the allocator must not reuse them before the copies ran
+            self._ready = torch.cuda.Event()
+            self._ready.record(stream)
+            self._in_flight = (self._ready, host_sources)
+        self._tables, self.chunk_ids = tables, [ids.to(self.device) for ids in new_ids]
+        self._used = dict.fromkeys(self.kinds, resident + kept_tail)
+        self.resident_rows = resident
+        self.tail_start = max(horizon, self.tail_start)
+        self._candidates = None
+        return plan["missing_ids"].numel()
+
+    def _plan(self, new_ids: list[torch.Tensor], horizon: int) -> dict[str, torch.Tensor]:
+        """Where each new resident row comes from: table rows on the device (src -> dst) or the pool (missing)."""
+        old_offsets, batch = self._offsets(), self.batch_size
+        src, dst, missing_rows, missing_ids, missing_dst = [], [], [], [], []
+        base = 0
         for row, ids in enumerate(new_ids):
             ids = ids.to(self.device)
             old_ids = self.chunk_ids[row]
             old_pos = torch.searchsorted(old_ids, ids).clamp(max=max(old_ids.numel() - 1, 0))
-            in_old = (old_pos < old_ids.numel()) & (old_ids[old_pos] == ids) if old_ids.numel() else torch.zeros_like(ids, dtype=torch.bool)
+            in_old = old_ids[old_pos] == ids if old_ids.numel() else torch.zeros_like(ids, dtype=torch.bool)
             in_tail = ~in_old & (ids >= self.tail_start)
             missing = ~in_old & ~in_tail
-            fetched += int(missing.sum())
-            base = int(old_offsets[row])
-            for kind in self.kinds:
-                rows = torch.empty(ids.numel(), self.kinds[kind], dtype=self.dtype, device=self.device)
-                rows[in_old] = self.slots[kind][base + old_pos[in_old]]
-                rows[in_tail] = self.tail[kind][row, ids[in_tail] - self.tail_start]
-                if missing.any():
-                    rows[missing] = fetch(kind, row, ids[missing]).to(self.device, self.dtype)
-                new_slots[kind].append(rows)
-            placed_ids.append(ids)
-        self.chunk_ids = placed_ids
-        for kind in self.kinds:
-            self.slots[kind] = torch.cat(new_slots[kind]) if new_slots[kind] else self.slots[kind][:0]
-            self.tail[kind] = self.tail[kind][:, max(horizon - self.tail_start, 0) :].clone()
-        self.tail_start = max(horizon, self.tail_start)
-        self._candidates = None
-        return fetched
+            tail_rows = self.resident_rows + (ids - self.tail_start) * batch + row
+            slots = base + torch.arange(ids.numel(), device=self.device)
+            src.append(torch.where(in_old, int(old_offsets[row]) + old_pos, tail_rows)[~missing])
+            dst.append(slots[~missing])
+            missing_rows.append(torch.full_like(ids[missing], row))
+            missing_ids.append(ids[missing])
+            missing_dst.append(slots[missing])
+            base += ids.numel()
+        empty = torch.empty(0, dtype=torch.long, device=self.device)
+        lists = dict(src=src, dst=dst, missing_rows=missing_rows, missing_ids=missing_ids, missing_dst=missing_dst)
+        return {name: torch.cat(parts) if parts else empty for name, parts in lists.items()}
 
     def candidates(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Level-2 candidates per sequence: resident chunks then the tail.
 
         Returns (slot_index, chunk_ids), both (batch, max_candidates) long and -1-padded. Slot indices
-        address `stacked(kind)`: the slot table followed by the tail rows, sequence by sequence.
+        address `table(kind)`.
         """
         tail_len = self.tail_length
         if self._candidates is not None and self._candidates[0] == tail_len:
@@ -150,42 +230,53 @@ class HotSet:
         slot_index = torch.full((self.batch_size, width), -1, dtype=torch.long, device=self.device)
         chunk_ids = torch.full_like(slot_index, -1)
         offsets = self._offsets()
-        total_slots = int(offsets[-1])
-        tail_ids = torch.arange(self.tail_start, self.tail_start + tail_len, device=self.device)
+        tail_steps = torch.arange(tail_len, device=self.device)
         for row, ids in enumerate(self.chunk_ids):
             resident = ids.numel()
             slot_index[row, :resident] = torch.arange(int(offsets[row]), int(offsets[row + 1]), device=self.device)
-            slot_index[row, resident : resident + tail_len] = total_slots + row * tail_len + torch.arange(tail_len, device=self.device)
+            slot_index[row, resident : resident + tail_len] = self.resident_rows + tail_steps * self.batch_size + row
             chunk_ids[row, :resident] = ids
-            chunk_ids[row, resident : resident + tail_len] = tail_ids
+            chunk_ids[row, resident : resident + tail_len] = self.tail_start + tail_steps
         self._candidates = (tail_len, (slot_index, chunk_ids))
         return slot_index, chunk_ids
 
-    def stacked(self, kind: str) -> torch.Tensor:
-        """(slots + batch * tail, dim): the table `candidates()` indexes into."""
-        return torch.cat([self.slots[kind], self.tail[kind].reshape(-1, self.kinds[kind])])
-
-    @property
-    def tail_length(self) -> int:
-        return next(iter(self.tail.values())).shape[1]
-
     def resident_count(self) -> int:
         """Chunks on the device for all sequences, tail included."""
-        return sum(ids.numel() for ids in self.chunk_ids) + self.batch_size * self.tail_length
+        return self.resident_rows + self.batch_size * self.tail_length
 
     def device_bytes(self, kind: str) -> int:
-        """Bytes of this kind on the device, measured from the tensors that hold them."""
-        return self.slots[kind].nbytes + self.tail[kind].nbytes
+        """Bytes of the rows holding chunks of this kind, measured from the table."""
+        table = self._tables[kind]
+        return table[: self._used[kind]].nbytes
+
+    def spare_bytes(self) -> int:
+        """Bytes of table rows allocated as room for the tail but not holding a chunk yet."""
+        return sum(table[self._used[kind] :].nbytes for kind, table in self._tables.items())
 
     def reorder(self, rows: torch.Tensor) -> None:
-        offsets = self._offsets()
-        picked = [int(row) for row in rows.tolist()]
-        for kind in self.kinds:
-            pieces = [self.slots[kind][int(offsets[row]) : int(offsets[row + 1])] for row in picked]
-            self.slots[kind] = torch.cat(pieces) if pieces else self.slots[kind][:0]
-            self.tail[kind] = self.tail[kind].index_select(0, rows.to(self.device))
+        """Keep sequence rows[i] as row i (beam search); the batch size may change."""
+        offsets, picked, tail_len = self._offsets(), [int(row) for row in rows.tolist()], self.tail_length
+        rows = rows.to(self.device)
+        for kind, dim in self.kinds.items():
+            pieces = [self.table(kind)[int(offsets[row]) : int(offsets[row + 1])] for row in picked]
+            tail = self.tail(kind).index_select(0, rows).transpose(0, 1).reshape(-1, dim)
+            room = self._tables[kind].new_empty(self.tail_reserve * len(picked), dim)
+            self._tables[kind] = torch.cat([*pieces, tail, room])
         self.chunk_ids = [self.chunk_ids[row] for row in picked]
+        self.resident_rows = sum(ids.numel() for ids in self.chunk_ids)
+        self._used = dict.fromkeys(self.kinds, self.resident_rows + len(picked) * tail_len)
         self._candidates = None
+
+    def finish(self) -> None:
+        """Block until the last recall's copies are done and release the host memory they read."""
+        if self._in_flight is not None:
+            self._in_flight[0].synchronize()
+            self._in_flight = None
+
+    def _wait_for_recall(self) -> None:
+        if self._ready is not None:
+            torch.cuda.current_stream(self.device).wait_event(self._ready)
+            self._ready = None
 
     def _offsets(self) -> torch.Tensor:
         counts = torch.tensor([0] + [ids.numel() for ids in self.chunk_ids])

@@ -1,8 +1,8 @@
 """The memory report of an OffloadedLookaheadCache, measured from the tensors that exist.
 
 "device" is where the model computes (the GPU; the CPU in CPU-only runs), "host" is the cold pool.
-Bytes are read off the tensors (`nbytes` of the hot-set slots, tails and stock cache tensors, allocated
-storage of the pool slabs), never from a formula. `full_csa_bytes` is what the stock cache would hold for
+Bytes are read off the tensors (`nbytes` of the hot-set table rows holding chunks, of the rows kept free
+for the tail, of the stock cache tensors; allocated storage of the pool slabs), never from a formula. `full_csa_bytes` is what the stock cache would hold for
 the CSA compressed KV and indexer keys: the entries stored in the pool, at the model's dtype.
 """
 
@@ -36,13 +36,14 @@ def stock_csa_bytes(cache, layer_types, kinds=("compressor", "indexer")) -> int:
 def memory_report(cache) -> dict:
     """Bytes by place and kind, the full-cache equivalent, the ratio, and recall counters."""
     lookahead = cache.lookahead_layers()
-    csa_kv = csa_index = host_kv = host_index = full = 0
+    csa_kv = csa_index = tail_room = host_kv = host_index = full = 0
     resident = 0
     for layer in lookahead:
         if layer.hot is None:
             continue
         csa_kv += layer.hot.device_bytes("compressor")
         csa_index += layer.hot.device_bytes("indexer") if "indexer" in layer.hot.kinds else layer.index_keys.nbytes
+        tail_room += layer.hot.spare_bytes()
         host_kv += layer.pools["compressor"].allocated_bytes()
         host_index += layer.pools["indexer"].allocated_bytes()
         model_itemsize = layer.hot.dtype.itemsize
@@ -57,7 +58,13 @@ def memory_report(cache) -> dict:
     other = sum(_stock_layer_bytes(layer) for index, layer in enumerate(cache.layers) if index not in cache.csa_layers)
     csa_device = csa_kv + csa_index
     return {
-        "device": {"csa_kv": csa_kv, "csa_index_keys": csa_index, "csa_window_and_state": csa_state, "other_layers": other},
+        "device": {
+            "csa_kv": csa_kv,
+            "csa_index_keys": csa_index,
+            "csa_tail_room": tail_room,
+            "csa_window_and_state": csa_state,
+            "other_layers": other,
+        },
         "host": {"csa_kv": host_kv, "csa_index_keys": host_index},
         "full_csa_bytes": full,
         "csa_device_ratio": csa_device / full if full else 0.0,

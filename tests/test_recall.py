@@ -1,0 +1,114 @@
+"""The hot set: one slot table per kind with the tail appended in place, and recalls that fetch only what changed."""
+
+import pytest
+import torch
+
+import fm_transformers as fm
+from fm_transformers.pool import ColdPool, HotSet
+from tests.conftest import random_prompt
+
+DIM, BATCH = 6, 2
+
+
+def hot_set_with_pool(chunks: int, reserve: int = 4):
+    """A hot set whose tail holds `chunks` chunks of two sequences, all of them also in the pool."""
+    pool = ColdPool(BATCH, DIM, torch.float32, pin_memory=False, slab_chunks=3)
+    hot = HotSet({"kv": DIM}, BATCH, torch.device("cpu"), torch.float32, tail_reserve=reserve)
+    entries = torch.randn(BATCH, chunks, DIM)
+    pool.append(entries)
+    hot.append_tail("kv", entries)
+    fetch = lambda kind, *where: pool.fetch_into(*where)  # noqa: E731
+    return hot, pool, entries, fetch
+
+
+def candidate_entries(hot):
+    """(batch, candidates, dim) read through candidates() and the table, and the candidate chunk ids."""
+    slot_index, chunk_ids = hot.candidates()
+    return hot.table("kv")[slot_index.clamp(min=0)], chunk_ids
+
+
+def assert_candidates_hold_their_chunks(hot, entries):
+    got, chunk_ids = candidate_entries(hot)
+    for row in range(BATCH):
+        valid = chunk_ids[row] >= 0
+        assert torch.equal(got[row, valid], entries[row, chunk_ids[row, valid]])
+
+
+def test_recall_keeps_chosen_chunks_and_the_tail_past_the_horizon():
+    hot, _, entries, fetch = hot_set_with_pool(10)
+    fetched = hot.recall([torch.tensor([0, 3, 7]), torch.tensor([2])], horizon=8, fetch=fetch)
+    assert fetched == 0  # everything chosen was in the tail already
+    assert hot.tail_start == 8 and hot.tail_length == 2 and hot.resident_count() == 4 + 2 * BATCH
+    _, chunk_ids = hot.candidates()
+    assert chunk_ids[0].tolist() == [0, 3, 7, 8, 9] and chunk_ids[1].tolist() == [2, 8, 9, -1, -1]
+    assert_candidates_hold_their_chunks(hot, entries)
+
+
+def test_second_recall_fetches_only_the_chunks_that_changed():
+    hot, _, entries, fetch = hot_set_with_pool(10)
+    hot.recall([torch.tensor([0, 3]), torch.tensor([2, 5])], horizon=10, fetch=fetch)
+    fetched = hot.recall([torch.tensor([0, 1, 3, 4]), torch.tensor([5, 9])], horizon=10, fetch=fetch)
+    assert fetched == 3  # 1 and 4 of sequence 0, 9 of sequence 1; 0, 3 and 5 stay on the device
+    assert_candidates_hold_their_chunks(hot, entries)
+
+
+def test_tail_grows_in_place_within_its_reserve():
+    hot, pool, entries, fetch = hot_set_with_pool(6, reserve=3)
+    hot.recall([torch.tensor([1]), torch.tensor([4, 5])], horizon=6, fetch=fetch)
+    table = hot.table("kv")
+    assert table.shape[0] == 3 + 3 * BATCH  # resident rows + the reserve for the tail
+    for _ in range(3):
+        new = torch.randn(BATCH, 1, DIM)
+        pool.append(new)
+        hot.append_tail("kv", new)
+        entries = torch.cat([entries, new], dim=1)
+    assert hot.table("kv").data_ptr() == table.data_ptr()  # appended in place, the table was never copied
+    assert hot.tail_length == 3 and torch.equal(hot.tail("kv"), entries[:, 6:])
+    assert_candidates_hold_their_chunks(hot, entries)
+    beyond = torch.randn(BATCH, 1, DIM)
+    hot.append_tail("kv", beyond)  # past the reserve: the table grows, the contents stay
+    assert torch.equal(hot.tail("kv"), torch.cat([entries[:, 6:], beyond], dim=1))
+
+
+def test_reorder_keeps_each_sequence_with_its_chunks():
+    hot, _, entries, fetch = hot_set_with_pool(8)
+    hot.recall([torch.tensor([0, 2]), torch.tensor([1, 4, 6])], horizon=7, fetch=fetch)
+    hot.reorder(torch.tensor([1, 1, 0]))
+    got, chunk_ids = candidate_entries(hot)
+    expected = entries[[1, 1, 0]]
+    for row in range(3):
+        valid = chunk_ids[row] >= 0
+        assert torch.equal(got[row, valid], expected[row, chunk_ids[row, valid]])
+    assert chunk_ids[0].tolist() == [1, 4, 6, 7] and chunk_ids[2].tolist() == [0, 2, 7, -1]
+
+
+def test_recall_starts_at_the_trigger_so_copies_can_overlap_what_follows(model):
+    """The resident set is fetched when level 1 decides it, at the end of the trigger forward: the next
+    forward only waits for copies that were queued while the rest of the trigger forward ran."""
+    cache = fm.OffloadedLookaheadCache(model, {"tau": 4, "resident_budget": 5, "recency_chunks": 1, "sink_chunks": 1}, fm.RecencyPolicy(2))
+    with torch.no_grad():
+        model(random_prompt(41), past_key_values=cache)
+    for layer in cache.lookahead_layers():
+        assert layer.recalls == 1 and layer.has_resident_set
+        assert layer.hot.chunk_ids[0].tolist() == [0, 8, 9]  # sink, recency window of 2
+        assert layer.hot.tail_length == 0  # the prefill's device copy is already gone
+
+
+@pytest.mark.gpu
+def test_recall_copies_run_on_the_copy_stream_and_the_next_use_waits_for_them():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    stream = torch.cuda.Stream()
+    pool = ColdPool(BATCH, 512, torch.bfloat16, pin_memory=True, slab_chunks=1024)
+    hot = HotSet({"kv": 512}, BATCH, torch.device("cuda"), torch.bfloat16, tail_reserve=4, copy_stream=stream)
+    entries = torch.randn(BATCH, 50_000, 512, dtype=torch.bfloat16)
+    pool.append(entries)
+    fetch = lambda kind, *where: pool.fetch_into(*where)  # noqa: E731
+    ids = [torch.randperm(50_000)[:20_000].sort().values for _ in range(BATCH)]
+    assert hot.recall(ids, horizon=50_000, fetch=fetch) == 2 * 20_000
+    assert hot._in_flight is not None  # host memory of the fetch is held until the copies are done
+    got, chunk_ids = candidate_entries(hot)  # waits on the recall's event before reading
+    for row in range(BATCH):
+        assert torch.equal(got[row].cpu(), entries[row, chunk_ids[row].cpu()])
+    hot.finish()
+    assert hot._in_flight is None
