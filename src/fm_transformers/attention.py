@@ -1,10 +1,11 @@
-"""The CSA compressor forward under LSA.
+"""The attention of a CSA layer under LSA.
 
 Prefill runs the stock forward (the full compressed history on the device, see LookaheadCSALayer). A decode
-step compresses the new token exactly as the stock compressor does, then runs level 2 over the resident
-candidates only: the native indexer's scores, its top-k, and the gathered entries that the stock attention
-then attends together with the sliding window and the sink. Around both, the cache's level-1 schedule
-observes the target layers and triggers recalls.
+step runs the stock projections, RoPE and output projections around a sparse core: it compresses the new
+token exactly as the stock compressor does, runs level 2 over the resident candidates only (the native
+indexer's scores and its top-k), and attends the sliding window, those picks and the sink with the
+kernels' sparse decode attention, reading the picks in place in the hot set. Around both, the cache's
+level-1 schedule observes the target layers and triggers recalls.
 """
 
 import torch
@@ -12,25 +13,68 @@ from transformers.models.deepseek_v4.modeling_deepseek_v4 import apply_rotary_po
 
 from .cache import INDEX_KEYS, KV, LookaheadCSALayer
 from .kernels.level2_topk import level2_topk
+from .kernels.sparse_decode_attention import sparse_decode_attention
 
 
-def lookahead_csa_forward(compressor, stock_forward, hidden_states, q_residual, position_ids, cache, layer_idx):
-    """Drop-in for DeepseekV4CSACompressor.forward when the cache is an OffloadedLookaheadCache.
+def lookahead_attention_forward(attention, stock_forward, hidden_states, position_embeddings, position_ids, attention_mask, cache, **kwargs):
+    """Drop-in for DeepseekV4Attention.forward of a CSA layer when the cache is an OffloadedLookaheadCache.
 
-    Returns (compressed_kv (batch, 1, n, head_dim), block_bias (batch, 1, seq, n)) like the stock forward.
+    Returns (output (batch, seq, hidden), attention weights or None) like the stock forward.
     """
     batch, seq_len, _ = hidden_states.shape
-    position_ids = position_ids.expand(batch, -1)
-    layer = cache.begin_csa_layer(layer_idx, seq_len)
+    layer = cache.begin_csa_layer(attention.layer_idx, seq_len)
     if layer.prefilling:
-        output = stock_forward(compressor, hidden_states, q_residual, position_ids, cache, layer_idx)
+        output = stock_forward(attention, hidden_states, position_embeddings, position_ids, attention_mask, cache, **kwargs)
     else:
-        output = _decode_step(compressor, layer, hidden_states, q_residual, position_ids)
-    cache.end_csa_layer(layer_idx, hidden_states[:, -1], position_ids[:, -1])
+        output = sparse_decode_forward(attention, layer, hidden_states, position_embeddings, position_ids, attention_mask, cache)
+    cache.end_csa_layer(attention.layer_idx, hidden_states[:, -1], position_ids.expand(batch, -1)[:, -1])
     return output
 
 
-def _decode_step(compressor, layer: LookaheadCSALayer, hidden_states, q_residual, position_ids):
+def sparse_decode_forward(attention, layer: LookaheadCSALayer, hidden_states, position_embeddings, position_ids, attention_mask, cache):
+    """The stock DeepseekV4Attention.forward for one decode token, with the window + all-entries eager
+    attention replaced by sparse decode attention over the window, the level-2 picks and the sink."""
+    input_shape = hidden_states.shape[:-1]
+    hidden_shape = (*input_shape, -1, attention.head_dim)
+    cos, sin = position_embeddings[attention.rope_layer_type]
+    q_residual = attention.q_a_norm(attention.q_a_proj(hidden_states))
+    q = attention.q_b_proj(q_residual).view(*hidden_shape).transpose(1, 2)
+    q = apply_rotary_pos_emb(attention.q_b_norm(q), cos, sin)  # (batch, heads, 1, head_dim)
+    kv = attention.kv_norm(attention.kv_proj(hidden_states)).view(*hidden_shape).transpose(1, 2)
+    kv = apply_rotary_pos_emb(kv, cos, sin)
+    window = cache.update(kv, kv, attention.layer_idx)[0][:, 0]  # (batch, window, head_dim)
+    table, picked = level2_picks(attention.compressor, layer, hidden_states, q_residual, position_ids.expand(input_shape[0], -1))
+    bias = window_bias(attention_mask, window)
+    out = sparse_decode_attention(q[:, :, 0], window, bias, table, picked, attention.sinks, attention.scaling)
+    # K = V carries RoPE on its rope slice: undo it at the query position, as the stock forward does.
+    out = apply_rotary_pos_emb(out.unsqueeze(2), cos, -sin).transpose(1, 2)  # (batch, 1, heads, head_dim)
+    grouped = attention.o_a_proj(out.reshape(*input_shape, attention.config.o_groups, -1)).flatten(2)
+    return attention.o_b_proj(grouped), None
+
+
+def window_bias(attention_mask: torch.Tensor | None, window: torch.Tensor) -> torch.Tensor:
+    """(batch, window) float32 additive bias over the window slots: the stock mask's row of the decode token
+    (0 where visible; a very negative number or -inf where masked, e.g. left padding)."""
+    batch, slots = window.shape[:2]
+    if attention_mask is None:
+        return torch.zeros(batch, slots, device=window.device)
+    if attention_mask.shape[-1] != slots:
+        raise ValueError(
+            f"the attention mask covers {attention_mask.shape[-1]} key slots, the sliding window holds {slots}: "
+            "LSA decode expects the sliding-window mask that DeepSeek-V4 builds for its cache"
+        )
+    row = attention_mask[:, 0, -1].expand(batch, -1)
+    if row.dtype == torch.bool:
+        return torch.zeros(row.shape, device=row.device).masked_fill(~row, float("-inf"))
+    return row.float()
+
+
+def level2_picks(compressor, layer: LookaheadCSALayer, hidden_states, q_residual, position_ids):
+    """Store the new token's compressed entries, then pick the native top-k among the resident candidates.
+
+    Returns (the layer's KV slot table (rows, head_dim), picked rows (batch, k)), -1 where fewer than k
+    candidates are causally visible.
+    """
     layer.update_compressor_states(KV, compress_new_entries(compressor, layer, hidden_states, KV))
     indexer = compressor.indexer
     layer.update_compressor_states(INDEX_KEYS, compress_new_entries(indexer, layer, hidden_states, INDEX_KEYS))
@@ -40,10 +84,8 @@ def _decode_step(compressor, layer: LookaheadCSALayer, hidden_states, q_residual
     visible = (chunk_ids >= 0) & (chunk_ids < (position_ids + 1) // compressor.compress_rate)  # (batch, candidates)
     q, weights = native_index_query(indexer, hidden_states, q_residual, position_ids)
     top_pos, _ = level2_topk(q, weights, key_table, key_slots, visible, indexer.index_topk, indexer.scorer.softmax_scale)
-    picked_slots = slot_index.gather(1, top_pos.clamp(min=0))  # (batch, k)
-    entries = layer.candidate_entries(KV, picked_slots)  # (batch, k, head_dim)
-    block_bias = torch.zeros(top_pos.shape, dtype=entries.dtype, device=entries.device).masked_fill(top_pos < 0, float("-inf"))
-    return entries.unsqueeze(1), block_bias[:, None, None]  # (batch, 1, k, head_dim), (batch, 1, 1, k)
+    picked = slot_index.gather(1, top_pos.clamp(min=0)).masked_fill(top_pos < 0, -1)  # (batch, k)
+    return layer.hot.table(KV), picked
 
 
 def native_index_query(indexer, hidden_states, q_residual, position_ids):

@@ -1,5 +1,5 @@
-"""The one place that touches transformers: patch DeepSeek-V4's CSA compressor and register
-`cache_implementation="lsa"` with generate.
+"""The one place that touches transformers: patch DeepSeek-V4's attention (CSA layers under an LSA cache)
+and register `cache_implementation="lsa"` with generate.
 
 The patch is idempotent and removable. Before patching it checks that the classes look the way this code
 was written for (transformers 5.23), so an upgrade that changes them fails loudly instead of silently.
@@ -11,20 +11,26 @@ from transformers import GenerationMixin
 from transformers.generation import configuration_utils as generation_config_module
 from transformers.models.deepseek_v4 import modeling_deepseek_v4 as v4
 
-from .attention import lookahead_csa_forward
+from .attention import lookahead_attention_forward
 from .cache import OffloadedLookaheadCache, require_deepseek_v4
 from .config import LSAConfig
+from .indexer import CSA_LAYER_TYPE
 
 CACHE_IMPLEMENTATION = "lsa"
 _ORIGINAL = "_fm_lsa_original"
 
 _EXPECTED_METHODS = {
+    v4.DeepseekV4Attention: ("forward",),
     v4.DeepseekV4CSACompressor: ("forward",),
     v4.DeepseekV4Indexer: ("forward",),
     v4.DeepseekV4CSACache: ("store_compression_weights", "update_overlap_state", "update_compressor_states", "reorder_cache"),
     GenerationMixin: ("_prepare_cache_for_generation",),
 }
-_EXPECTED_FORWARD_PARAMETERS = ["self", "hidden_states", "q_residual", "position_ids", "past_key_values", "layer_idx"]
+# The stock attention forward is called with these arguments, and calls the compressor with these.
+_EXPECTED_FORWARD_PARAMETERS = {
+    v4.DeepseekV4Attention: ["self", "hidden_states", "position_embeddings", "position_ids", "attention_mask", "past_key_values", "kwargs"],
+    v4.DeepseekV4CSACompressor: ["self", "hidden_states", "q_residual", "position_ids", "past_key_values", "layer_idx"],
+}
 
 
 def check_transformers_compatibility() -> None:
@@ -36,12 +42,13 @@ def check_transformers_compatibility() -> None:
                     f"fm_transformers expects {cls.__name__}.{method} (transformers 5.23); this transformers lacks it. "
                     "Install a transformers version fm_transformers supports."
                 )
-    parameters = list(inspect.signature(_original(v4.DeepseekV4CSACompressor, "forward")).parameters)
-    if parameters != _EXPECTED_FORWARD_PARAMETERS:
-        raise RuntimeError(
-            f"DeepseekV4CSACompressor.forward takes {parameters}, fm_transformers was written for "
-            f"{_EXPECTED_FORWARD_PARAMETERS}: install a transformers version fm_transformers supports"
-        )
+    for cls, expected in _EXPECTED_FORWARD_PARAMETERS.items():
+        parameters = list(inspect.signature(_original(cls, "forward")).parameters)
+        if parameters != expected:
+            raise RuntimeError(
+                f"{cls.__name__}.forward takes {parameters}, fm_transformers was written for {expected}: "
+                "install a transformers version fm_transformers supports"
+            )
     if not isinstance(getattr(generation_config_module, "ALL_CACHE_IMPLEMENTATIONS", None), tuple):
         raise RuntimeError("transformers.generation.configuration_utils.ALL_CACHE_IMPLEMENTATIONS is missing")
 
@@ -51,11 +58,13 @@ def _original(cls, name):
     return getattr(method, _ORIGINAL, method)
 
 
-def _patched_csa_forward(self, hidden_states, q_residual, position_ids, past_key_values, layer_idx):
-    stock_forward = _original(v4.DeepseekV4CSACompressor, "forward")
-    if isinstance(past_key_values, OffloadedLookaheadCache):
-        return lookahead_csa_forward(self, stock_forward, hidden_states, q_residual, position_ids, past_key_values, layer_idx)
-    return stock_forward(self, hidden_states, q_residual, position_ids, past_key_values, layer_idx)
+def _patched_attention_forward(self, hidden_states, position_embeddings, position_ids, attention_mask, past_key_values=None, **kwargs):
+    stock_forward = _original(v4.DeepseekV4Attention, "forward")
+    if isinstance(past_key_values, OffloadedLookaheadCache) and self.layer_type == CSA_LAYER_TYPE:
+        return lookahead_attention_forward(
+            self, stock_forward, hidden_states, position_embeddings, position_ids, attention_mask, past_key_values, **kwargs
+        )
+    return stock_forward(self, hidden_states, position_embeddings, position_ids, attention_mask, past_key_values, **kwargs)
 
 
 def _patched_prepare_cache(self, generation_config, model_kwargs, *args, **kwargs):
@@ -71,7 +80,7 @@ def _patched_prepare_cache(self, generation_config, model_kwargs, *args, **kwarg
 
 
 def apply_lsa_patch() -> None:
-    """Route DeepSeek-V4 CSA layers through LSA when their cache is an OffloadedLookaheadCache, and let
+    """Route DeepSeek-V4 CSA attention layers through LSA when their cache is an OffloadedLookaheadCache, and let
     generate build that cache for cache_implementation="lsa". Safe to call more than once."""
     check_transformers_compatibility()
     for cls, name, patched in _PATCHES:
@@ -95,10 +104,10 @@ def remove_lsa_patch() -> None:
 
 
 def is_patched() -> bool:
-    return getattr(v4.DeepseekV4CSACompressor.__dict__.get("forward"), _ORIGINAL, None) is not None
+    return getattr(v4.DeepseekV4Attention.__dict__.get("forward"), _ORIGINAL, None) is not None
 
 
 _PATCHES = (
-    (v4.DeepseekV4CSACompressor, "forward", _patched_csa_forward),
+    (v4.DeepseekV4Attention, "forward", _patched_attention_forward),
     (GenerationMixin, "_prepare_cache_for_generation", _patched_prepare_cache),
 )
