@@ -1,0 +1,46 @@
+"""The long-context decode benchmark runs end to end at tiny sizes (--quick) and reports what it promises."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "benchmarks" / "decode_long_context.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("decode_long_context", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_run_measures_stock_and_lsa_at_each_batch_size_and_kernels_against_floors(tmp_path):
+    out = tmp_path / "decode.json"
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--batch-sizes", "1,2", "--out", str(out)],
+        capture_output=True, text=True, timeout=600, check=True,
+    )
+    results = json.loads(out.read_text())
+    assert [(run["context"], run["batch"]) for run in results["runs"]] == [(2048, 1), (2048, 2)]
+    for run in results["runs"]:
+        assert run["stock"]["ms_per_token"] > 0 and run["lsa"]["ms_per_token"] > 0
+        assert run["lsa"]["csa_kv_gpu_bytes"] < run["stock"]["csa_kv_gpu_bytes"]
+    assert [k["batch"] for k in results["kernels"]] == [1, 2, 4]  # batch 4 is always measured
+    for kernel in results["kernels"]:
+        assert 0 < kernel["level2_floor_ms"] and 0 < kernel["attention_floor_ms"] < kernel["stock_layer_step_floor_ms"]
+    table = done.stdout[done.stdout.index("GPU:") :].splitlines()
+    assert len(table) <= 12 and table[3].startswith("2K | 1 |")
+
+
+def test_a_run_out_of_gpu_memory_is_reported_as_oom():
+    script = load_script()
+
+    def too_big():
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    assert script.measure(too_big) == script.OOM
+    assert script.measure(lambda: {"ms_per_token": 1.0}) == {"ms_per_token": 1.0}
