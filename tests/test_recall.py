@@ -70,6 +70,21 @@ def test_tail_grows_in_place_within_its_reserve():
     assert torch.equal(hot.tail("kv"), torch.cat([entries[:, 6:], beyond], dim=1))
 
 
+def test_recall_converts_chunks_from_a_pool_kept_in_another_dtype():
+    pool = ColdPool(BATCH, DIM, torch.float16, pin_memory=False, slab_chunks=3)
+    hot = HotSet({"kv": DIM}, BATCH, torch.device("cpu"), torch.float32, tail_reserve=2)
+    entries = torch.randn(BATCH, 8, DIM)
+    pool.append(entries)
+    hot.append_tail("kv", entries)
+    hot.recall([torch.tensor([1]), torch.tensor([2])], horizon=8, fetch=lambda kind, *where: pool.fetch_into(*where))
+    hot.recall([torch.tensor([1, 5]), torch.tensor([0, 7])], horizon=8, fetch=lambda kind, *where: pool.fetch_into(*where))
+    got, chunk_ids = candidate_entries(hot)
+    assert got.dtype == torch.float32
+    assert torch.equal(got[0, 0], entries[0, 1])  # stayed on the device since it was made
+    assert torch.equal(got[0, 1], entries[0, 5].half().float())  # came back from the float16 pool
+    assert torch.equal(got[1], entries[1, [0, 7]].half().float())
+
+
 def test_reorder_keeps_each_sequence_with_its_chunks():
     hot, _, entries, fetch = hot_set_with_pool(8)
     hot.recall([torch.tensor([0, 2]), torch.tensor([1, 4, 6])], horizon=7, fetch=fetch)
