@@ -62,7 +62,7 @@ class LookaheadCSALayer(DeepseekV4CSACache):
         super().__init__(config)
         self.dims = {KV: config.head_dim, INDEX_KEYS: config.index_head_dim}
         self.keep_index_keys_on_device = keep_index_keys_on_device
-        self.pool_dtype, self.pin_memory = pool_dtype, copy_stream is not None
+        self.pool_dtype, self.pin_memory = pool_dtype, copy_stream is not None  # pinned slabs when on a GPU
         self.tail_reserve, self.copy_stream = tail_reserve, copy_stream
         self.prefilling = True
         self._reset_storage()
