@@ -27,24 +27,30 @@ def test_cold_pool_equals_stock_cache_after_prefill(indexed_model):
     assert_pools_equal_stock(lsa_cache, stock_cache)
 
 
-def stock_cache_fed_like(model, prompt, sequences):
-    """A stock cache fed the same tokens the same way: the prompt at once, then one token at a time
-    (the last generated token never entered the cache)."""
-    stock_cache = DynamicCache(config=model.config)
-    with torch.no_grad():
-        model(prompt, past_key_values=stock_cache)
-        for position in range(prompt.shape[1], sequences.shape[1] - 1):
-            model(sequences[:, position : position + 1], past_key_values=stock_cache)
-    return stock_cache
+def stock_generate_following(model, prompt, sequences):
+    """The cache of a stock `generate` forced onto `sequences`: the same generate code path (attention mask,
+    positions) as the LSA run, so every layer before the first CSA layer computes exactly what it computed."""
+    new_tokens = sequences[:, prompt.shape[1] :].tolist()
+
+    def allowed(batch_id, tokens):
+        return [new_tokens[batch_id][tokens.shape[0] - prompt.shape[1]]]
+
+    out = greedy(model, prompt, max_new_tokens=len(new_tokens[0]), prefix_allowed_tokens_fn=allowed)
+    assert torch.equal(out.sequences, sequences)
+    return out.past_key_values
 
 
 def test_cold_pool_equals_stock_cache_after_decode(model):
-    """The first CSA layer is byte-exact. Deeper layers' inputs went through sparse attention, which sums
-    the same terms in another order than the stock eager attention, so they agree to float32 rounding."""
+    """Against a stock `generate` with the same settings (same tokens under keep-all, same code path up to
+    the first CSA layer), the first CSA layer is byte-exact. Deeper layers' inputs went through sparse
+    attention, which sums the same terms in another order than the stock eager attention, so they agree
+    to float32 rounding."""
     prompt = random_prompt(43, seed=2)
     cache = fm.OffloadedLookaheadCache(model, {"tau": 4}, policy=fm.KeepAllPolicy())
     out = greedy(model, prompt, max_new_tokens=20, past_key_values=cache)
-    stock_cache = stock_cache_fed_like(model, prompt, out.sequences)
+    stock = greedy(model, prompt, max_new_tokens=20)
+    assert torch.equal(out.sequences, stock.sequences)
+    stock_cache = stock.past_key_values
     assert_pools_equal_stock(out.past_key_values, stock_cache, layers=cache.csa_layers[:1])
     for index in cache.csa_layers[1:]:
         for kind in ("compressor", "indexer"):
@@ -59,7 +65,7 @@ def test_cold_pool_keeps_dropped_chunks_exactly(indexed_model):
     config = {"tau": 4, "threshold": 0.5, "resident_budget": 0.25, "recency_chunks": 1, "sink_chunks": 1}
     out = greedy(indexed_model, prompt, max_new_tokens=20, cache_implementation="lsa", cache_config=config)
     assert out.past_key_values.memory_report()["chunks_fetched"] > 0
-    stock_cache = stock_cache_fed_like(indexed_model, prompt, out.sequences)
+    stock_cache = stock_generate_following(indexed_model, prompt, out.sequences)
     assert_pools_equal_stock(out.past_key_values, stock_cache, layers=out.past_key_values.csa_layers[:1])
 
 

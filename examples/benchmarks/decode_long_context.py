@@ -7,8 +7,9 @@ as if a prompt of that length had been prefilled (a stock prefill of 512K tokens
 both decode the same tokens. LSA uses a fresh memory indexer on the three CSA layers and a 10% budget.
 
 Measured per context and batch size: CSA cache bytes on the GPU (read off the cache tensors), peak allocated
-memory during decode, decode ms/token, the extra time of the level-1 trigger step (which queues the recall on
-its own stream) and of the step after it (which waits for the copies), and the bytes recalled. A stock run
+memory during decode, decode ms/token, the extra time over the median step of the level-1 trigger step (which
+queues the recall on its own stream) and of the step after it (which waits for the copies; step-to-step noise
+can make it negative, printed as <0), and the bytes recalled. A stock run
 that does not fit is reported as OOM and the LSA run is still measured. Then, per batch size, each kernel's
 time against its memory floor (bytes it must move over the HBM bandwidth measured in this run), and the
 gather bandwidth against the pinned host-to-device bandwidth measured in this run.
@@ -173,7 +174,9 @@ def peak(device) -> int | None:
 
 
 def time_op(fn, repeats=20) -> float:
-    """Median milliseconds of fn() with CUDA events (wall clock on CPU)."""
+    """Median milliseconds of fn() over `repeats` calls after one warm-up call (which compiles the Triton
+    kernels), each call timed alone with CUDA events (wall clock on CPU): an op whose GPU work is shorter than
+    its launch measures its launch latency."""
     fn()
     samples = []
     for _ in range(repeats):
@@ -305,8 +308,10 @@ def summary(run: dict) -> dict:
 def print_table(results):
     gib = lambda value: f"{value / 2**30:.3f}" if isinstance(value, (int, float)) else "n/a"  # noqa: E731
     ms = lambda value: f"{value:.1f}" if isinstance(value, (int, float)) else "-"  # noqa: E731
+    # A step's time over the median step: below zero it was within the step-to-step noise (raw value in the JSON).
+    extra = lambda value: "<0" if isinstance(value, (int, float)) and value < 0 else ms(value)  # noqa: E731
     print(f"\nGPU: {results['gpu']} (bf16, 2 sliding + 3 CSA + 3 HCA layers; CSA = compressed KV + indexer keys, KV = compressed KV)")
-    print("context | batch | CSA GiB stock | CSA GiB LSA | KV ratio | peak GiB stock | peak GiB LSA | ms/tok stock | ms/tok LSA | LSA/stock | trigger + next step ms | recall MiB")
+    print("context | batch | CSA GiB stock | CSA GiB LSA | KV ratio | peak GiB stock | peak GiB LSA | ms/tok stock | ms/tok LSA | LSA/stock | trigger / next step, ms over median | recall MiB")
     print("|".join(["---"] * 12))
     for run in results["runs"]:
         stock, lsa = run["stock"], run["lsa"]
@@ -322,7 +327,7 @@ def print_table(results):
             ms(stock["ms_per_token"]) if fits else OOM,
             ms(lsa["ms_per_token"]) if lsa_fits else OOM,
             f"{lsa['ms_per_token'] / stock['ms_per_token']:.2f}" if both else "-",
-            f"{ms(lsa['trigger_ms'])} + {ms(lsa['after_trigger_ms'])}" if lsa_fits else "-",
+            f"{extra(lsa['trigger_ms'])} / {extra(lsa['after_trigger_ms'])}" if lsa_fits else "-",
             f"{lsa['recall_bytes'] / 2**20:.1f}" if lsa_fits else "-",
         ]
         print(" | ".join(cells))
