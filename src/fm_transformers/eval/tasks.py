@@ -30,12 +30,15 @@ class Example:
 
     evidence: start positions (in input_ids) of the statements that carry the answer, in order of appearance;
     empty for the aggregation task, whose answer is spread over the whole context.
+    recalled: positions inside input_ids whose token is itself a retrieval answer (the values of questions asked
+    inside the context, training tasks only); training predicts them as it predicts `answer`.
     """
 
     task: str
     input_ids: list[int]
     answer: list[int]
     evidence: tuple[int, ...] = ()
+    recalled: tuple[int, ...] = ()
 
 
 def example_rng(*parts) -> random.Random:
@@ -166,6 +169,27 @@ def common_words(length: int, rng: random.Random, shares: Sequence[float] = (0.1
     return Example("common_words", [BOS, TASK_TOKENS["common_words"], *words, QUERY, ANSWER], common)
 
 
+def associative_recall(
+    length: int, rng: random.Random, key_len: int = 2, value_len: int = 3, tokens_per_pair: int = 64
+) -> Example:
+    """Training only (multi-query associative recall): one key-value needle per `tokens_per_pair` tokens, each
+    asked once later in the context (`QUERY key ANSWER value`, at a uniform distance after its needle), plus the
+    final question. Every asked value is supervised, so a context teaches tens of retrievals instead of one: a
+    model trained from scratch leaves the loss plateau far sooner than on one answer per context."""
+    pairs = max(1, length // tokens_per_pair)
+    keys = _draw_distinct(KEYS, key_len, pairs, rng)
+    values = _draw_distinct(VALUES, value_len, pairs, rng)
+    told = [rng.random() for _ in range(pairs)]
+    asked = [rng.uniform(time, 1.0) for time in told]
+    events = sorted([(time, 0, pair) for pair, time in enumerate(told)] + [(time, 1, pair) for pair, time in enumerate(asked)])
+    statements = [[NEEDLE if is_query == 0 else QUERY, *keys[pair], ANSWER, *values[pair]] for _, is_query, pair in events]
+    queries = [index for index, (_, is_query, _) in enumerate(events) if is_query]
+    target = rng.randrange(pairs)
+    example = _assemble("associative_recall", statements, queries, keys[target], values[target], length, rng)
+    recalled = tuple(start + key_len + 2 + offset for start in example.evidence for offset in range(value_len))
+    return Example(example.task, example.input_ids, example.answer, example.evidence, recalled)
+
+
 TASKS: dict[str, Callable[[int, random.Random], Example]] = {
     "single_needle": single_needle,
     "multi_key_needle": multi_key_needle,
@@ -174,13 +198,14 @@ TASKS: dict[str, Callable[[int, random.Random], Example]] = {
     "common_words": common_words,
 }
 TASK_NAMES = tuple(TASKS)
+TRAINING_TASKS: dict[str, Callable[[int, random.Random], Example]] = {**TASKS, "associative_recall": associative_recall}
 
 
 def make_example(task: str, length: int, rng: random.Random, **options) -> Example:
     """One example; `options` go to the task's generator (e.g. value_len for the needle tasks)."""
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; known tasks: {', '.join(TASK_NAMES)}")
-    return TASKS[task](length, rng, **options)
+    if task not in TRAINING_TASKS:
+        raise ValueError(f"unknown task {task!r}; known tasks: {', '.join(TRAINING_TASKS)}")
+    return TRAINING_TASKS[task](length, rng, **options)
 
 
 def make_examples(task: str, length: int, count: int, seed: int | str = 0) -> list[Example]:

@@ -24,6 +24,7 @@ TASK_TOKENS = {
     "multi_value_needle": 10,
     "variable_tracking": 11,
     "common_words": 12,
+    "associative_recall": 13,  # training only
 }
 
 FIRST_CONTENT = 16
