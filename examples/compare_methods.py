@@ -1,6 +1,6 @@
 """Full cache / LSA / recency-only / random at the same GPU budget on the synthetic tasks (REFERENCE.md section 4).
 
-    python examples/compare_methods.py --backbone DIR --indexer DIR --lengths 2048,4096 --out compare.json --plot compare.png
+    python examples/compare_methods.py --backbone DIR --indexer DIR --lengths 1024,2048 --out compare.json --plot compare.png
 
 --backbone: the evaluation backbone trained by examples/train_eval_backbone.py; --indexer: its memory indexer
 trained with `fm-indexer`. Without them (--smoke) it runs on an untrained smoke-size backbone and a fresh indexer:
@@ -11,6 +11,7 @@ bytes on the device per method; writes JSON and a matplotlib plot.
 import argparse
 import json
 
+import torch
 from transformers import AutoModelForCausalLM
 
 import fm_transformers as fm
@@ -23,18 +24,19 @@ def main():
     parser.add_argument("--backbone", help="trained evaluation backbone (a save_pretrained dir)")
     parser.add_argument("--indexer", help="its memory indexer (a save_pretrained dir or Hub id)")
     parser.add_argument("--smoke", action="store_true", help="untrained smoke-size backbone and fresh indexer")
-    parser.add_argument("--lengths", default="2048,4096", help="context lengths in tokens")
+    parser.add_argument("--lengths", default="1024,2048", help="context lengths in tokens")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--examples", type=int, default=20, help="examples per task and length")
-    parser.add_argument("--budget", type=float, default=0.15, help="resident budget, a fraction of the history")
+    parser.add_argument("--budget", type=float, default=0.1, help="resident budget, a fraction of the history")
     parser.add_argument("--tau", type=int, default=16)
     parser.add_argument("--out", default="compare.json")
     parser.add_argument("--plot", default="compare.png")
     args = parser.parse_args()
     if args.smoke:
-        model = build_eval_backbone(eval_backbone_config("smoke"), seed=0).eval()
+        model = build_eval_backbone(eval_backbone_config("smoke"), seed=0).to(args.device).eval()
         indexer = fm.MemoryIndexerModel.from_backbone(model, layers=[2, 4], num_heads=4, rank=16)
     elif args.backbone and args.indexer:
-        model = AutoModelForCausalLM.from_pretrained(args.backbone).eval()
+        model = AutoModelForCausalLM.from_pretrained(args.backbone).to(args.device).eval()
         indexer = fm.MemoryIndexerModel.from_pretrained(args.indexer)
     else:
         parser.error("pass --backbone and --indexer, or --smoke")

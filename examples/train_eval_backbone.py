@@ -53,6 +53,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-minutes", type=float, default=None, help="stop training (with a checkpoint) after this")
     parser.add_argument("--eval-lengths", default=None, help="comma-separated; default: max-length and twice it")
     parser.add_argument("--eval-examples", type=int, default=50, help="per task and length")
+    parser.add_argument("--export-bf16", default=None, help="also save the trained model here in bf16 (small shards)")
     return parser.parse_args()
 
 
@@ -89,6 +90,8 @@ def main() -> None:
     print(format_accuracy_table(results))
     report = {"config": asdict(config), "finished": run.finished, "accuracy": {str(n): r for n, r in results.items()}}
     (Path(args.output_dir) / "eval.json").write_text(json.dumps(report, indent=2))
+    if args.export_bf16:
+        run.model.to(torch.bfloat16).save_pretrained(args.export_bf16, max_shard_size="12MB")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from fm_transformers.eval.batches import (
     make_batch,
 )
 from fm_transformers.eval.tasks import TASK_NAMES
-from fm_transformers.eval.vocab import ANSWER, PAD, QUERY, TASK_TOKENS
+from fm_transformers.eval.vocab import PAD, QUERY, TASK_TOKENS
 
 
 def test_targets_are_the_answer_tokens_predicted_from_the_position_before_each():
@@ -19,7 +19,7 @@ def test_targets_are_the_answer_tokens_predicted_from_the_position_before_each()
     distilled_rows = distilled_mask.view_as(batch.input_ids).tolist()
     for ids, targets, rows in zip(batch.input_ids.tolist(), batch.targets.tolist(), distilled_rows):
         answer_at = [i for i, target in enumerate(targets) if target != IGNORE]
-        assert answer_at[0] == 127 and ids[127] == ANSWER
+        assert answer_at[0] == 127 and QUERY in ids[126:128]
         assert answer_at == list(range(127, 127 + len(answer_at)))
         # teacher forcing: answer token j is the input at the position after the one predicting it
         assert all(ids[i + 1] == targets[i] for i in answer_at[:-1])

@@ -9,7 +9,6 @@ from fm_transformers.eval.tasks import (
     make_examples,
 )
 from fm_transformers.eval.vocab import (
-    ANSWER,
     FILLER,
     KEYS,
     LET,
@@ -23,9 +22,9 @@ LENGTHS = (97, 256, 1000)
 
 
 def question(example):
-    """The tokens between QUERY and ANSWER at the end of the input."""
+    """The tokens after QUERY at the end of the input."""
     start = example.input_ids.index(QUERY)
-    return example.input_ids[start + 1 : -1]
+    return example.input_ids[start + 1 :]
 
 
 @pytest.mark.parametrize("task", TASK_NAMES)
@@ -46,7 +45,7 @@ def test_context_length_is_exact_and_tokens_are_in_the_vocabulary(task, length):
 def test_the_input_ends_with_the_only_question(task):
     for example in make_examples(task, 256, 3):
         assert example.input_ids.count(QUERY) == 1
-        assert example.input_ids[-1] == ANSWER
+        assert QUERY in example.input_ids[-2:]
         assert example.task == task and example.answer
 
 
@@ -56,7 +55,7 @@ def test_the_needle_with_the_queried_key_holds_the_answer_where_claimed(task, le
     for example in make_examples(task, length, 5):
         key = question(example)
         (start,) = example.evidence
-        needle = [NEEDLE, *key, ANSWER, *example.answer]
+        needle = [NEEDLE, *key, *example.answer]
         assert example.input_ids[start : start + len(needle)] == needle
         assert all(token in KEYS for token in key) and all(token in VALUES for token in example.answer)
 
@@ -64,7 +63,7 @@ def test_the_needle_with_the_queried_key_holds_the_answer_where_claimed(task, le
 def test_multi_key_needles_have_distinct_keys_and_one_matches_the_question():
     for example in make_examples("multi_key_needle", 512, 5):
         starts = [i for i, token in enumerate(example.input_ids) if token == NEEDLE]
-        keys = [tuple(example.input_ids[i + 1 : i + 3]) for i in starts]
+        keys = [tuple(example.input_ids[i + 1 : i + 2]) for i in starts]
         assert len(starts) == 4 and len(set(keys)) == 4
         assert keys.count(tuple(question(example))) == 1
 
@@ -75,7 +74,7 @@ def test_value_tokens_occur_only_inside_the_needles():
             inside = set()
             for start, token in enumerate(example.input_ids):
                 if token == NEEDLE:
-                    inside.update(range(start, example.input_ids.index(ANSWER, start) + 4))
+                    inside.update(range(start, start + 5))
             values = {i for i, token in enumerate(example.input_ids) if token in VALUES}
             assert values <= inside
 
@@ -86,8 +85,8 @@ def test_multi_value_answer_is_every_value_of_the_key_in_order_of_appearance(len
         key = question(example)
         values = []
         for start in example.evidence:
-            assert example.input_ids[start : start + 2 + len(key)] == [NEEDLE, *key, ANSWER]
-            values += example.input_ids[start + 2 + len(key) : start + 4 + len(key)]
+            assert example.input_ids[start : start + 1 + len(key)] == [NEEDLE, *key]
+            values += example.input_ids[start + 1 + len(key) : start + 3 + len(key)]
         assert list(example.evidence) == sorted(example.evidence) and len(example.evidence) == 3
         assert values == example.answer
 
@@ -96,8 +95,7 @@ def test_multi_value_answer_is_every_value_of_the_key_in_order_of_appearance(len
 def test_variable_tracking_answer_follows_the_chain_from_the_queried_value(length):
     for example in make_examples("variable_tracking", length, 5):
         ids = example.input_ids
-        statements = {ids[i + 1]: (i, ids[i + 3]) for i, token in enumerate(ids) if token == LET}
-        assert all(ids[i + 2] == ANSWER for i, token in enumerate(ids) if token == LET)
+        statements = {ids[i + 1]: (i, ids[i + 2]) for i, token in enumerate(ids) if token == LET}
         assert len(statements) == 10  # two chains of five assignments
         (current,) = question(example)
         chain, positions = [], []
@@ -112,7 +110,7 @@ def test_variable_tracking_answer_follows_the_chain_from_the_queried_value(lengt
 @pytest.mark.parametrize("length", LENGTHS)
 def test_common_words_answer_is_the_three_most_frequent_most_frequent_first(length):
     for example in make_examples("common_words", length, 5):
-        words = example.input_ids[2:-2]
+        words = example.input_ids[2:-1]
         assert all(word in FILLER for word in words)
         counts = Counter(words)
         ranked = [word for word, _ in counts.most_common()]
@@ -146,3 +144,10 @@ def test_accuracy_is_the_fraction_answered_exactly():
     assert accuracy(predictions, examples) == 0.75
     with pytest.raises(ValueError, match="predictions"):
         accuracy(predictions[:2], examples)
+
+
+def test_answer_tokens_of_an_example_are_distinct_so_every_copy_has_one_source():
+    for task in ("single_needle", "multi_key_needle", "multi_value_needle"):
+        for example in make_examples(task, 512, 5):
+            values = [token for token in example.input_ids if token in VALUES]
+            assert len(values) == len(set(values))

@@ -2,17 +2,18 @@
 synthetic tasks, because a random backbone cannot tell whether LSA keeps accuracy and real weights cannot be
 downloaded in tests.
 
-Why these sizes: the sliding window (64 tokens) is far shorter than the contexts (1K-4K), so an answer has to
-come through the compressed branches. CSA compresses 4 tokens an entry and its Lightning Indexer keeps 32 of
-them (6% of the history at 2K, 3% at 4K), so retrieval depends on the indexer's choice, which is what LSA must
-preserve. HCA at rate 128 (the paper's) is coarse: 16 entries at 2K. The layer schedule is the tiny model's
+Why these sizes: the sliding window (64 tokens) is far shorter than the contexts (1K-2K), so an answer has to
+come through the compressed branches. CSA compresses 4 tokens an entry and its Lightning Indexer keeps 16 of
+them (6% of the history at 1K, 3% at 2K), so retrieval depends on the indexer's choice, which is what LSA must
+preserve. HCA at rate 128 (the paper's) is coarse: 8 entries at 1K. The layer schedule is the tiny model's
 (two sliding layers, then CSA and HCA, four CSA layers in all), so the project's tests and this model share it.
 
-Two departures from V4's proportions, both for learning speed from scratch (measured on CPU with a copy task,
-where the stock proportions stayed on the loss plateau for hundreds of steps after these learned it):
-- RoPE on every head dim (V4 rotates 1/8 of them): the sliding layers must form previous-token heads, which
-  bind a needle's value to its key, and a few rotary dims make those slow to appear. The indexer head dim equals
-  the head dim, since the indexer rotates as many dims as the attention does.
+Proportions follow V4 where they decide LSA's memory: the indexer keys are a quarter of an entry's size
+(index_head_dim 32 vs head_dim 128; V4-Flash 128 vs 512), as is the rotary slice of the compressed branch.
+Two departures, both for learning speed from scratch (measured on CPU with a copy task, where the stock
+proportions stayed on the loss plateau for hundreds of steps after these learned it):
+- The sliding layers rotate every head dim (rope type "main"; V4 rotates 1/8 of them): they must form
+  previous-token heads, which bind a needle's value to its key, and a few rotary dims make those slow to appear.
 - One hyper-connection stream (V4 has four): the same code path (pre / post / Sinkhorn mixing), fewer streams.
 """
 
@@ -28,14 +29,15 @@ BACKBONE_SIZES: dict[str, dict] = {
         hidden_size=256,
         moe_intermediate_size=256,
         num_attention_heads=8,
-        head_dim=64,
+        head_dim=128,
         q_lora_rank=128,
         o_groups=4,
         o_lora_rank=64,
         index_n_heads=8,
-        index_head_dim=64,
-        index_topk=32,
+        index_head_dim=32,
+        index_topk=16,
         sliding_window=64,
+        compress_rotary_factor=0.25,
         compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 128},
     ),
     # Same structure at sizes a CPU trains a few steps of in seconds (smoke tests, contexts of ~100 tokens).
@@ -51,6 +53,7 @@ BACKBONE_SIZES: dict[str, dict] = {
         index_head_dim=16,
         index_topk=4,
         sliding_window=8,
+        compress_rotary_factor=1.0,
         compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 16},
     ),
 }
@@ -64,7 +67,6 @@ def eval_backbone_config(size: str = "small", **overrides) -> DeepseekV4Config:
         num_hidden_layers=len(TINY_LAYER_TYPES),
         layer_types=list(TINY_LAYER_TYPES),
         num_key_value_heads=1,
-        partial_rotary_factor=1.0,
         n_routed_experts=4,
         num_experts_per_tok=2,
         n_shared_experts=1,
@@ -79,7 +81,11 @@ def eval_backbone_config(size: str = "small", **overrides) -> DeepseekV4Config:
     )
     settings.update(BACKBONE_SIZES[size])
     settings.update(overrides)
-    return DeepseekV4Config(**settings)
+    compress_rotary_factor = settings.pop("compress_rotary_factor")
+    config = DeepseekV4Config(**settings)
+    config.rope_parameters["main"]["partial_rotary_factor"] = 1.0
+    config.rope_parameters["compress"]["partial_rotary_factor"] = compress_rotary_factor
+    return config
 
 
 def build_eval_backbone(config: DeepseekV4Config, seed: int = 0) -> DeepseekV4ForCausalLM:

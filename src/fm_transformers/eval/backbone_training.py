@@ -42,11 +42,11 @@ class TrainingConfig:
 
     size: str = "small"
     seed: int = 0
-    steps: int = 1200
-    dense_steps: int = 600
+    steps: int = 900
+    dense_steps: int = 400
     min_length: int = 128
-    max_length: int = 2048
-    ramp_steps: int = 600
+    max_length: int = 1024
+    ramp_steps: int = 500
     tokens_per_step: int = 32768
     lr: float = 2e-3
     warmup_steps: int = 50

@@ -14,7 +14,8 @@ import torch
 from .tasks import TASK_NAMES, example_rng, make_example
 from .vocab import PAD, QUERY
 
-# The five evaluation tasks, plus two needle variants with long values. An evaluation example supervises 3 to 6
+# The five evaluation tasks, multi-query associative recall (tens of supervised retrievals a context, see
+# tasks.associative_recall), and two needle variants with long values. An evaluation example supervises 3 to 6
 # tokens; a long value supervises 8 or 16, all of them copied from the needle. Early in the curriculum the
 # contexts are short and many needles sit inside the sliding window, where such copying is the induction
 # pattern a model trained from scratch learns first (on CPU, a copy task left the loss plateau within ~100
@@ -22,6 +23,8 @@ from .vocab import PAD, QUERY
 # trained, through the compressed entries as the contexts grow.
 TRAINING_MIX: tuple[tuple[str, dict], ...] = (
     *((task, {}) for task in TASK_NAMES),
+    ("associative_recall", {}),
+    ("associative_recall", {}),
     ("single_needle", {"value_len": 16}),
     ("multi_key_needle", {"value_len": 8}),
 )
@@ -33,7 +36,7 @@ LENGTH_STEP = 64  # context lengths are multiples of this (fewer distinct shapes
 class Batch:
     input_ids: torch.Tensor  # (batch, seq): context + answer minus its last token, PAD after
     targets: torch.Tensor  # (batch, seq): the answer token to predict at each position, IGNORE elsewhere
-    distill_rows: torch.Tensor  # (rows,) flat indices into batch * seq: the question and answer positions
+    distill_rows: torch.Tensor  # (rows,) flat indices into batch * seq: the positions that predict an answer token
     context_length: int
 
     def to(self, device: torch.device | str) -> "Batch":
@@ -71,5 +74,9 @@ def make_batch(
         input_ids[i, : len(tokens)] = torch.tensor(tokens)
         last_context = len(example.input_ids) - 1
         targets[i, last_context : last_context + len(example.answer)] = torch.tensor(example.answer)
-        rows[i, example.input_ids.index(QUERY) : len(tokens)] = True
+        rows[i, len(example.input_ids) - example.input_ids[::-1].index(QUERY) - 1 : len(tokens)] = True
+        if example.recalled:
+            recalled = torch.tensor(example.recalled)
+            targets[i, recalled - 1] = input_ids[i, recalled]
+            rows[i, recalled - 1] = True
     return Batch(input_ids, targets, rows.flatten().nonzero().squeeze(1), context_length)

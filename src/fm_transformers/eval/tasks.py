@@ -1,16 +1,21 @@
 """RULER-style synthetic long-context tasks over the integer vocabulary of `vocab.py`, and exact-match scoring.
 
 Five tasks, each a generator `(context_length, rng) -> Example`:
-- single_needle: one needle `NEEDLE key ANSWER value` in random filler; the question names the key.
+- single_needle: one needle `NEEDLE key value...` in random filler; the question names the key.
 - multi_key_needle: several needles with distinct keys; the question names one of them.
 - multi_value_needle: one key in several needles; the answer is all its values, in order of appearance.
-- variable_tracking: chains `LET value ANSWER x1`, `LET x1 ANSWER x2`, ... (one queried, others distracting); the
-  question names the starting value, the answer is every variable of its chain in order of assignment.
+- variable_tracking: chains `LET value x1`, `LET x1 x2`, ... (one queried, others distracting); the question
+  names the starting value, the answer is every variable of its chain in order of assignment.
 - common_words: aggregation with no filler: a word list where three words are far more frequent than any other;
   the answer is those three, most frequent first. No single statement carries it (it needs dense memory).
 
+Every answer token of the retrieval tasks is the token that followed the current one where it last occurred
+(the question `QUERY key` ends on the key, the needle goes on `key value...`, a chain `LET x1 x2` continues x1):
+retrieval is an induction copy, the circuit small transformers learn first, made across the compressed branch.
+All value tokens of an example are distinct, so every such copy has exactly one source.
+
 Invariants the tests hold: `len(input_ids)` is exactly the requested context length; the input ends with the
-question (`QUERY ... ANSWER`) and QUERY occurs nowhere else; the same (task, length, seed) always gives the same
+question (`QUERY ...`) and QUERY occurs nowhere else (in the evaluation tasks); the same (task, length, seed) always gives the same
 example; `Example.evidence` gives where the statements carrying the answer start.
 Seeds are strings or ints turned into a `random.Random` through its string seeding, which is stable across
 processes and Python runs (it does not depend on PYTHONHASHSEED).
@@ -21,21 +26,24 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 
-from .vocab import ANSWER, BOS, FILLER, KEYS, LET, NEEDLE, QUERY, TASK_TOKENS, VALUES
+from .vocab import BOS, FILLER, KEYS, LET, NEEDLE, QUERY, TASK_TOKENS, VALUES
 
 
 @dataclass(frozen=True)
 class Example:
-    """One task instance. `input_ids` ends with the ANSWER marker; the model must continue with `answer`.
+    """One task instance. `input_ids` ends with the question; the model must continue with `answer`.
 
     evidence: start positions (in input_ids) of the statements that carry the answer, in order of appearance;
     empty for the aggregation task, whose answer is spread over the whole context.
+    recalled: positions inside input_ids whose token is itself a retrieval answer (the values of questions asked
+    inside the context, training tasks only); training predicts them as it predicts `answer`.
     """
 
     task: str
     input_ids: list[int]
     answer: list[int]
     evidence: tuple[int, ...] = ()
+    recalled: tuple[int, ...] = ()
 
 
 def example_rng(*parts) -> random.Random:
@@ -43,20 +51,16 @@ def example_rng(*parts) -> random.Random:
     return random.Random("/".join(str(part) for part in parts))
 
 
-def _draw_distinct(pool: range, size: int, count: int, rng: random.Random) -> list[list[int]]:
-    """`count` distinct token tuples of `size` tokens each from `pool` (tokens may repeat inside a tuple)."""
-    if count > len(pool) ** size:
-        raise ValueError(f"cannot draw {count} distinct {size}-token sequences from {len(pool)} ids")
-    seen: list[tuple[int, ...]] = []
-    while len(seen) < count:
-        candidate = tuple(rng.choices(pool, k=size))
-        if candidate not in seen:
-            seen.append(candidate)
-    return [list(item) for item in seen]
+def _draw_values(count: int, size: int, rng: random.Random) -> list[list[int]]:
+    """`count` values of `size` tokens, all tokens distinct across them (each copy has one source)."""
+    if count * size > len(VALUES):
+        raise ValueError(f"cannot draw {count} values of {size} distinct tokens from {len(VALUES)} value ids")
+    tokens = rng.sample(VALUES, count * size)
+    return [tokens[i * size : (i + 1) * size] for i in range(count)]
 
 
-def _needle(key: list[int], value: list[int]) -> list[int]:
-    return [NEEDLE, *key, ANSWER, *value]
+def _needle(key: int, value: list[int]) -> list[int]:
+    return [NEEDLE, key, *value]
 
 
 def _scatter(statements: list[list[int]], length: int, rng: random.Random) -> tuple[list[int], list[int]]:
@@ -87,9 +91,9 @@ def _assemble(
     length: int,
     rng: random.Random,
 ) -> Example:
-    """BOS, the task token, a haystack holding the statements, then `QUERY question ANSWER`: exactly `length`."""
+    """BOS, the task token, a haystack holding the statements, then `QUERY question`: exactly `length`."""
     prefix = [BOS, TASK_TOKENS[task]]
-    suffix = [QUERY, *question, ANSWER]
+    suffix = [QUERY, *question]
     haystack = length - len(prefix) - len(suffix)
     needed = sum(len(statement) for statement in statements)
     if haystack < needed:
@@ -100,42 +104,38 @@ def _assemble(
     return Example(task, prefix + tokens + suffix, answer, offsets)
 
 
-def single_needle(length: int, rng: random.Random, key_len: int = 2, value_len: int = 3) -> Example:
-    (key,) = _draw_distinct(KEYS, key_len, 1, rng)
-    (value,) = _draw_distinct(VALUES, value_len, 1, rng)
-    return _assemble("single_needle", [_needle(key, value)], [0], key, value, length, rng)
+def single_needle(length: int, rng: random.Random, value_len: int = 3) -> Example:
+    key = rng.choice(KEYS)
+    (value,) = _draw_values(1, value_len, rng)
+    return _assemble("single_needle", [_needle(key, value)], [0], [key], value, length, rng)
 
 
-def multi_key_needle(
-    length: int, rng: random.Random, n_keys: int = 4, key_len: int = 2, value_len: int = 3
-) -> Example:
-    keys = _draw_distinct(KEYS, key_len, n_keys, rng)
-    values = _draw_distinct(VALUES, value_len, n_keys, rng)
+def multi_key_needle(length: int, rng: random.Random, n_keys: int = 4, value_len: int = 3) -> Example:
+    keys = rng.sample(KEYS, n_keys)
+    values = _draw_values(n_keys, value_len, rng)
     target = rng.randrange(n_keys)
     statements = [_needle(key, value) for key, value in zip(keys, values)]
-    return _assemble("multi_key_needle", statements, [target], keys[target], values[target], length, rng)
+    return _assemble("multi_key_needle", statements, [target], [keys[target]], values[target], length, rng)
 
 
-def multi_value_needle(
-    length: int, rng: random.Random, n_values: int = 3, key_len: int = 2, value_len: int = 2
-) -> Example:
-    (key,) = _draw_distinct(KEYS, key_len, 1, rng)
-    values = _draw_distinct(VALUES, value_len, n_values, rng)
+def multi_value_needle(length: int, rng: random.Random, n_values: int = 3, value_len: int = 2) -> Example:
+    key = rng.choice(KEYS)
+    values = _draw_values(n_values, value_len, rng)
     statements = [_needle(key, value) for value in values]
     answer = [token for value in values for token in value]
-    return _assemble("multi_value_needle", statements, list(range(n_values)), key, answer, length, rng)
+    return _assemble("multi_value_needle", statements, list(range(n_values)), [key], answer, length, rng)
 
 
 def variable_tracking(length: int, rng: random.Random, n_chains: int = 2, hops: int = 4) -> Example:
-    """Statements read left to right (`LET source ANSWER target`), so following a chain is a chain of look-ups,
-    each continuing `variable ANSWER` the way the context did."""
+    """Statements read left to right (`LET source target`), so following a chain is a chain of look-ups, each
+    continuing the current variable the way the context did."""
     names = rng.sample(KEYS, n_chains * (hops + 1))
     starts = rng.sample(VALUES, n_chains)
     chains = []
     for chain in range(n_chains):
         variables = names[chain * (hops + 1) : (chain + 1) * (hops + 1)]
         sources = [starts[chain], *variables[:-1]]
-        chains.append([[LET, source, ANSWER, target] for source, target in zip(sources, variables)])
+        chains.append([[LET, source, target] for source, target in zip(sources, variables)])
     order = [chain for chain in range(n_chains) for _ in range(hops + 1)]
     rng.shuffle(order)  # interleave the chains, each keeping its own order
     statements, evidence, next_statement = [], [], [0] * n_chains
@@ -151,7 +151,7 @@ def variable_tracking(length: int, rng: random.Random, n_chains: int = 2, hops: 
 def common_words(length: int, rng: random.Random, shares: Sequence[float] = (0.16, 0.12, 0.08)) -> Example:
     """The context is a shuffled word list; word i of the answer fills `shares[i]` of it, and every other word
     occurs at most ceil(rest / pool) times, strictly fewer than the least common answer word."""
-    body = length - 4  # BOS, task token, QUERY, ANSWER
+    body = length - 3  # BOS, task token, QUERY
     counts = [round(share * body) for share in shares]
     common = rng.sample(FILLER, len(shares))
     pool = [word for word in FILLER if word not in common]
@@ -163,7 +163,26 @@ def common_words(length: int, rng: random.Random, shares: Sequence[float] = (0.1
     words = [word for word, count in zip(common, counts) for _ in range(count)]
     words += [pool[index % len(pool)] for index in range(rare)]
     rng.shuffle(words)
-    return Example("common_words", [BOS, TASK_TOKENS["common_words"], *words, QUERY, ANSWER], common)
+    return Example("common_words", [BOS, TASK_TOKENS["common_words"], *words, QUERY], common)
+
+
+def associative_recall(length: int, rng: random.Random, value_len: int = 2, tokens_per_pair: int = 64) -> Example:
+    """Training only (multi-query associative recall): one key-value needle per `tokens_per_pair` tokens, each
+    asked once later in the context (`QUERY key value`, at a uniform distance after its needle), plus the final
+    question. Every asked value is supervised, so a context teaches tens of retrievals instead of one: a model
+    trained from scratch leaves the loss plateau far sooner than on one answer per context."""
+    pairs = max(1, min(length // tokens_per_pair, len(KEYS), len(VALUES) // value_len))
+    keys = rng.sample(KEYS, pairs)
+    values = _draw_values(pairs, value_len, rng)
+    told = [rng.random() for _ in range(pairs)]
+    asked = [rng.uniform(time, 1.0) for time in told]
+    events = sorted([(time, NEEDLE, pair) for pair, time in enumerate(told)] + [(time, QUERY, pair) for pair, time in enumerate(asked)])
+    statements = [[marker, keys[pair], *values[pair]] for _, marker, pair in events]
+    queries = [index for index, (_, marker, _) in enumerate(events) if marker == QUERY]
+    target = rng.randrange(pairs)
+    example = _assemble("associative_recall", statements, queries, [keys[target]], values[target], length, rng)
+    recalled = tuple(start + 2 + offset for start in example.evidence for offset in range(value_len))
+    return Example(example.task, example.input_ids, example.answer, example.evidence, recalled)
 
 
 TASKS: dict[str, Callable[[int, random.Random], Example]] = {
@@ -174,13 +193,14 @@ TASKS: dict[str, Callable[[int, random.Random], Example]] = {
     "common_words": common_words,
 }
 TASK_NAMES = tuple(TASKS)
+TRAINING_TASKS: dict[str, Callable[[int, random.Random], Example]] = {**TASKS, "associative_recall": associative_recall}
 
 
 def make_example(task: str, length: int, rng: random.Random, **options) -> Example:
     """One example; `options` go to the task's generator (e.g. value_len for the needle tasks)."""
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; known tasks: {', '.join(TASK_NAMES)}")
-    return TASKS[task](length, rng, **options)
+    if task not in TRAINING_TASKS:
+        raise ValueError(f"unknown task {task!r}; known tasks: {', '.join(TRAINING_TASKS)}")
+    return TRAINING_TASKS[task](length, rng, **options)
 
 
 def make_examples(task: str, length: int, count: int, seed: int | str = 0) -> list[Example]:

@@ -3,9 +3,9 @@
 The evaluation backbone is trained from scratch on these tasks, so there is no tokenizer: a token is an id.
 Content ids come in disjoint ranges (keys, values, filler), so a needle's key or value never occurs by chance
 in the haystack: every answer is recoverable from the statements that carry it, and from nothing else.
-One marker, ANSWER, both links a statement's two sides and ends the question: the question `QUERY key ANSWER`
-ends the way the needle `NEEDLE key ANSWER value` goes on, so the first answer token is the continuation of a
-sequence seen earlier (an induction copy, the retrieval circuit small transformers learn first).
+A question `QUERY key` ends on its key, and the needle it asks about goes on `key value...`: the first answer
+token is the continuation of a token seen earlier (an induction copy, the retrieval circuit small transformers
+learn first), and so is every later one.
 """
 
 VOCAB_SIZE = 512
@@ -13,9 +13,8 @@ VOCAB_SIZE = 512
 PAD = 0
 BOS = 1
 EOS = 2
-NEEDLE = 3  # opens a needle: NEEDLE key... ANSWER value...
-ANSWER = 4  # "what follows belongs to what precedes": a needle's value, the next variable, the answer
-LET = 5  # a variable-tracking statement: LET source ANSWER target (target takes source's value)
+NEEDLE = 3  # opens a needle: NEEDLE key value...
+LET = 5  # a variable-tracking statement: LET source target (target takes source's value)
 QUERY = 6  # opens the question at the end of the context; occurs exactly once per example
 
 TASK_TOKENS = {
@@ -24,6 +23,7 @@ TASK_TOKENS = {
     "multi_value_needle": 10,
     "variable_tracking": 11,
     "common_words": 12,
+    "associative_recall": 13,  # training only
 }
 
 FIRST_CONTENT = 16

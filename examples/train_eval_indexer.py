@@ -1,0 +1,96 @@
+"""Train the memory indexer of the evaluation backbone with the project's own pipeline (dump labels from the
+frozen backbone, backbone-free training, held-out evaluation), then print its held-out metrics next to a recency
+selector of the same size.
+
+    python examples/train_eval_indexer.py --backbone runs/eval-backbone/model --workdir runs/eval-indexer
+
+One single-layer indexer is trained per candidate layer (one layer keeps LSA's device bytes low: the target
+layer's index keys stay on the device in full) and the one with the best held-out F1 is kept.
+
+The documents are the evaluation tasks (other seeds than the evaluation's), each with its answer, laid out so
+that a trigger falls on the question's last token (fm_transformers.eval.indexer_data). The indexer is saved
+with save_pretrained to WORKDIR/indexer, ready for examples/compare_methods.py --indexer.
+"""
+
+import argparse
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from fm_transformers.eval.indexer_data import indexer_documents, question_trigger_warmup
+from fm_transformers.indexer import MemoryIndexerModel
+from fm_transformers.training import DumpConfig, LabelConfig, LabelShards, TrainConfig, dump_labels, evaluate, train
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbone", required=True, help="the trained evaluation backbone (save_pretrained dir)")
+    parser.add_argument("--workdir", required=True, help="documents' labels and the indexer go here (replaced)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--candidate-layers", type=int, nargs="+", default=[2, 4], help="CSA layers to try")
+    parser.add_argument("--context-length", type=int, default=2048, help="the backbone's training length")
+    parser.add_argument("--tau", type=int, default=16, help="decode steps between triggers (as in the comparison)")
+    parser.add_argument("--train-docs", type=int, default=400)
+    parser.add_argument("--heldout-docs", type=int, default=50)
+    parser.add_argument("--num-heads", type=int, default=16)
+    parser.add_argument("--rank", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    return parser.parse_args()
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args()
+    workdir = Path(args.workdir)
+    shutil.rmtree(workdir, ignore_errors=True)
+    backbone = AutoModelForCausalLM.from_pretrained(args.backbone).to(args.device).eval()
+    warmup = question_trigger_warmup(args.context_length, args.tau)
+    dump = DumpConfig(
+        target_layers=tuple(args.candidate_layers), labels=LabelConfig(tau=args.tau, warmup=warmup), chunk_size=512
+    )
+    for split, count in (("train", args.train_docs), ("heldout", args.heldout_docs)):
+        documents = indexer_documents(count, args.context_length, args.tau, split)
+        with torch.no_grad():
+            dump_labels(backbone, documents, workdir / "labels" / split, dump, str(args.backbone))
+    del backbone
+    heldout = LabelShards(workdir / "labels" / "heldout")
+    results = {}
+    for layer in args.candidate_layers:
+        config = TrainConfig(
+            data=str(workdir / "labels" / "train"),
+            eval_data=str(workdir / "labels" / "heldout"),
+            output_dir=str(workdir / f"indexer-layer{layer}"),
+            layers=[layer],
+            num_heads=args.num_heads,
+            rank=args.rank,
+            max_steps=args.steps,
+            batch_size=args.batch_size,
+            learning_rate=args.lr,
+            warmup_steps=50,
+            cpu=args.device == "cpu",
+        )
+        train(config)
+        results[layer] = evaluate(MemoryIndexerModel.from_pretrained(config.output_dir), heldout)
+        print_table(f"layer {layer}", results[layer])
+    best = max(results, key=lambda layer: results[layer]["f1"])
+    shutil.copytree(workdir / f"indexer-layer{best}", workdir / "indexer", ignore=shutil.ignore_patterns("checkpoints"))
+    (workdir / "heldout_metrics.json").write_text(json.dumps({"best_layer": best, "layers": results}, indent=2))
+    print(f"kept the layer-{best} indexer in {workdir / 'indexer'}")
+
+
+def print_table(title: str, metrics: dict) -> None:
+    names = ("precision", "recall", "f1", "resident_fraction", "used_recall", "used_chunk_recall")
+    print(f"\n{title}, held-out: {metrics['documents']} documents, {metrics['triggers']} trigger steps, threshold 0.5")
+    print(f"{'metric':<20}{'memory indexer':>16}{'recency, same size':>20}")
+    for name in names:
+        print(f"{name:<20}{metrics[name]:>16.3f}{metrics['recency'][name]:>20.3f}")
+
+
+if __name__ == "__main__":
+    main()
