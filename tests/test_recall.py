@@ -85,6 +85,18 @@ def test_recall_converts_chunks_from_a_pool_kept_in_another_dtype():
     assert torch.equal(got[1], entries[1, [0, 7]].half().float())
 
 
+def test_recall_into_a_fresh_hot_set_fetches_every_chunk_from_the_pool():
+    """Chunks past tail_start that never entered this hot set's tail (a hot set made after the pool filled)
+    come from the pool, not from tail rows that do not exist."""
+    pool = ColdPool(BATCH, DIM, torch.float32, pin_memory=False, slab_chunks=3)
+    hot = HotSet({"kv": DIM}, BATCH, torch.device("cpu"), torch.float32, tail_reserve=2)
+    entries = torch.randn(BATCH, 12, DIM)
+    pool.append(entries)
+    fetch = lambda kind, *where: pool.fetch_into(*where)  # noqa: E731
+    assert hot.recall([torch.tensor([1, 5, 11]), torch.tensor([0, 4])], horizon=12, fetch=fetch) == 5
+    assert_candidates_hold_their_chunks(hot, entries)
+
+
 def test_reorder_keeps_each_sequence_with_its_chunks():
     hot, _, entries, fetch = hot_set_with_pool(8)
     hot.recall([torch.tensor([0, 2]), torch.tensor([1, 4, 6])], horizon=7, fetch=fetch)

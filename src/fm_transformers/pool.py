@@ -202,7 +202,7 @@ class HotSet:
             old_ids = self.chunk_ids[row]
             old_pos = torch.searchsorted(old_ids, ids).clamp(max=max(old_ids.numel() - 1, 0))
             in_old = old_ids[old_pos] == ids if old_ids.numel() else torch.zeros_like(ids, dtype=torch.bool)
-            in_tail = ~in_old & (ids >= self.tail_start)
+            in_tail = ~in_old & (ids >= self.tail_start) & (ids < self.tail_start + self.tail_length)
             missing = ~in_old & ~in_tail
             tail_rows = self.resident_rows + (ids - self.tail_start) * batch + row
             slots = base + torch.arange(ids.numel(), device=self.device)
