@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM
 from fm_transformers.eval.indexer_data import indexer_documents, question_trigger_warmup
 from fm_transformers.indexer import MemoryIndexerModel
 from fm_transformers.training import DumpConfig, LabelConfig, LabelShards, TrainConfig, dump_labels, evaluate, train
+from fm_transformers.training.evaluate import format_metrics
 
 
 def parse_args() -> argparse.Namespace:
@@ -32,7 +33,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--workdir", required=True, help="documents' labels and the indexer go here (replaced)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--candidate-layers", type=int, nargs="+", default=[2, 4], help="CSA layers to try")
-    parser.add_argument("--context-length", type=int, default=2048, help="the backbone's training length")
+    parser.add_argument("--context-length", type=int, default=2048, help="context length of the documents")
     parser.add_argument("--tau", type=int, default=16, help="decode steps between triggers (as in the comparison)")
     parser.add_argument("--train-docs", type=int, default=400)
     parser.add_argument("--heldout-docs", type=int, default=50)
@@ -77,19 +78,11 @@ def main() -> None:
         )
         train(config)
         results[layer] = evaluate(MemoryIndexerModel.from_pretrained(config.output_dir), heldout)
-        print_table(f"layer {layer}", results[layer])
+        print(f"\nlayer {layer} " + format_metrics(results[layer]))
     best = max(results, key=lambda layer: results[layer]["f1"])
     shutil.copytree(workdir / f"indexer-layer{best}", workdir / "indexer", ignore=shutil.ignore_patterns("checkpoints"))
     (workdir / "heldout_metrics.json").write_text(json.dumps({"best_layer": best, "layers": results}, indent=2))
     print(f"kept the layer-{best} indexer in {workdir / 'indexer'}")
-
-
-def print_table(title: str, metrics: dict) -> None:
-    names = ("precision", "recall", "f1", "resident_fraction", "used_recall", "used_chunk_recall")
-    print(f"\n{title}, held-out: {metrics['documents']} documents, {metrics['triggers']} trigger steps, threshold 0.5")
-    print(f"{'metric':<20}{'memory indexer':>16}{'recency, same size':>20}")
-    for name in names:
-        print(f"{name:<20}{metrics[name]:>16.3f}{metrics['recency'][name]:>20.3f}")
 
 
 if __name__ == "__main__":

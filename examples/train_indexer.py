@@ -24,6 +24,7 @@ from fm_transformers import attach_memory_indexer
 from fm_transformers.indexer import MemoryIndexerModel
 from fm_transformers.tiny import tiny_deepseek_v4
 from fm_transformers.training import DumpConfig, LabelConfig, LabelShards, TrainConfig, dump_labels, evaluate, train
+from fm_transformers.training.evaluate import format_metrics
 from fm_transformers.training.documents import read_jsonl
 from fm_transformers.training.synthetic import needle_documents, write_jsonl
 
@@ -64,15 +65,7 @@ def main() -> None:
     reloaded = MemoryIndexerModel.from_pretrained(workdir / "indexer")
     attach_memory_indexer(backbone, reloaded)
     metrics = evaluate(reloaded, LabelShards(workdir / "labels" / "heldout"))
-    print_table(metrics)
-
-
-def print_table(metrics: dict) -> None:
-    names = ("precision", "recall", "f1", "resident_fraction", "used_recall", "used_chunk_recall")
-    print(f"\nheld-out: {metrics['documents']} documents, {metrics['triggers']} trigger steps, threshold 0.5")
-    print(f"{'metric':<20}{'memory indexer':>16}{'recency, same size':>20}")
-    for name in names:
-        print(f"{name:<20}{metrics[name]:>16.3f}{metrics['recency'][name]:>20.3f}")
+    print("\n" + format_metrics(metrics))
 
 
 if __name__ == "__main__":

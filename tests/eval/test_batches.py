@@ -13,30 +13,35 @@ from fm_transformers.eval.vocab import PAD, QUERY, TASK_TOKENS
 
 
 def test_targets_are_the_answer_tokens_predicted_from_the_position_before_each():
-    batch = make_batch(seed=0, step=3, context_length=128, batch_size=5)
+    batch = make_batch(seed=0, step=3, context_length=128, batch_size=len(TRAINING_MIX))
     distilled_mask = torch.zeros(batch.input_ids.numel(), dtype=torch.bool)
     distilled_mask[batch.distill_rows] = True
     distilled_rows = distilled_mask.view_as(batch.input_ids).tolist()
     for ids, targets, rows in zip(batch.input_ids.tolist(), batch.targets.tolist(), distilled_rows):
         answer_at = [i for i, target in enumerate(targets) if target != IGNORE]
-        assert answer_at[0] == 127 and QUERY in ids[126:128]
-        assert answer_at == list(range(127, 127 + len(answer_at)))
+        final = [i for i in answer_at if i >= 127]
+        assert final == list(range(127, 127 + len(final))) and QUERY in ids[126:128]
         # teacher forcing: answer token j is the input at the position after the one predicting it
         assert all(ids[i + 1] == targets[i] for i in answer_at[:-1])
-        distilled = [i for i, row in enumerate(rows) if row]
-        assert ids[distilled[0]] == QUERY and distilled[-1] == answer_at[-1]
-        assert all(token == PAD for token in ids[answer_at[-1] + 1 :])
+        # every position that predicts an answer is distilled, and so is the final question
+        assert all(rows[i] for i in answer_at) and rows[ids[:128].index(QUERY, 126 - 2)]
+        assert all(token == PAD for token in ids[final[-1] + 1 :])
+
+
+def test_associative_recall_rows_supervise_every_value_asked_inside_the_context():
+    batch = make_batch(seed=0, step=0, context_length=256, batch_size=4, mix=(("associative_recall", {}),))
+    for ids, targets in zip(batch.input_ids.tolist(), batch.targets.tolist()):
+        inner = [i for i, target in enumerate(targets[:255]) if target != IGNORE]
+        asked = [i for i, token in enumerate(ids[:254]) if token == QUERY]  # the final question is at 254
+        assert len(inner) == 2 * len(asked) and len(asked) >= 2  # two value tokens per question
+        assert all(ids[i + 1] == targets[i] for i in inner)
 
 
 def test_a_batch_takes_every_entry_of_the_training_mix_in_turn():
     batch = make_batch(seed=0, step=0, context_length=128, batch_size=2 * len(TRAINING_MIX))
-    task_tokens = batch.input_ids[:, 1].tolist()
-    assert set(task_tokens) == {TASK_TOKENS[task] for task in TASK_NAMES}
-    answer_lengths = Counter(
-        (row[1], sum(t != IGNORE for t in targets))
-        for row, targets in zip(batch.input_ids.tolist(), batch.targets.tolist())
-    )
-    assert all(count == 2 for count in answer_lengths.values()) and len(answer_lengths) == len(TRAINING_MIX)
+    expected = Counter(TASK_TOKENS[task] for task, _ in TRAINING_MIX for _ in range(2))
+    assert Counter(batch.input_ids[:, 1].tolist()) == expected
+    assert set(expected) == {TASK_TOKENS[task] for task in (*TASK_NAMES, "associative_recall")}
 
 
 def test_batches_depend_only_on_seed_and_step():

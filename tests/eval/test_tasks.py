@@ -123,7 +123,7 @@ def test_common_words_answer_is_the_three_most_frequent_most_frequent_first(leng
 @pytest.mark.parametrize("task", TASK_NAMES)
 def test_too_short_a_context_is_an_error_that_names_the_task(task):
     with pytest.raises(ValueError, match=task):
-        make_examples(task, 12, 1)
+        make_examples(task, 8, 1)
 
 
 def test_unknown_task_is_an_error_that_lists_the_known_ones():

@@ -42,15 +42,15 @@ class TrainingConfig:
 
     size: str = "small"
     seed: int = 0
-    steps: int = 900
-    dense_steps: int = 400
-    min_length: int = 128
-    max_length: int = 1024
-    ramp_steps: int = 500
-    tokens_per_step: int = 32768
-    lr: float = 2e-3
+    steps: int = 950
+    dense_steps: int = 520
+    min_length: int = 64
+    max_length: int = 512
+    ramp_steps: int = 700
+    tokens_per_step: int = 16384
+    lr: float = 1e-3
     warmup_steps: int = 50
-    weight_decay: float = 0.1
+    weight_decay: float = 0.0
     kl_weight: float = 1.0
     grad_clip: float = 1.0
     precision: str = "bf16"

@@ -23,8 +23,7 @@ from .vocab import PAD, QUERY
 # trained, through the compressed entries as the contexts grow.
 TRAINING_MIX: tuple[tuple[str, dict], ...] = (
     *((task, {}) for task in TASK_NAMES),
-    ("associative_recall", {}),
-    ("associative_recall", {}),
+    *(("associative_recall", {"tokens_per_pair": 16}),) * 3,
     ("single_needle", {"value_len": 16}),
     ("multi_key_needle", {"value_len": 8}),
 )

@@ -118,3 +118,14 @@ def _dense(data: dict, name: str, rows: slice, width: int) -> torch.Tensor:
     values = data[f"{name}/counts"][span] if f"{name}/counts" in data else 1
     out[row_ids, data[f"{name}/indices"][span]] = values
     return out
+
+
+def format_metrics(metrics: dict) -> str:
+    """The metrics of `evaluate` as a table, the memory indexer beside the recency selector of the same size."""
+    names = ("precision", "recall", "f1", "resident_fraction", "used_recall", "used_chunk_recall")
+    lines = [
+        f"held-out: {metrics['documents']} documents, {metrics['triggers']} trigger steps, threshold {metrics['threshold']}",
+        f"{'metric':<20}{'memory indexer':>16}{'recency, same size':>20}",
+    ]
+    lines += [f"{name:<20}{metrics[name]:>16.3f}{metrics['recency'][name]:>20.3f}" for name in names]
+    return "\n".join(lines)
