@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole evaluation on one GPU (about 8 minutes on an H100), fixed seeds: train the evaluation backbone,
+# The whole evaluation on one GPU (about 6 minutes on an H100), fixed seeds: train the evaluation backbone,
 # train its memory indexer with the project's pipeline, then compare Full / LSA / recency / random.
 # Usage: bash examples/run_evaluation.sh [WORKDIR]   (default runs/evaluation)
 set -euo pipefail
