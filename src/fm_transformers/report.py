@@ -2,8 +2,9 @@
 
 "device" is where the model computes (the GPU; the CPU in CPU-only runs), "host" is the cold pool.
 Bytes are read off the tensors (`nbytes` of the hot-set table rows holding chunks, of the rows kept free
-for the tail, of the stock cache tensors; allocated storage of the pool slabs), never from a formula. `full_csa_bytes` is what the stock cache would hold for
-the CSA compressed KV and indexer keys: the entries stored in the pool, at the model's dtype.
+for the tail, of the stock cache tensors; allocated storage of the pool slabs), never from a formula.
+`full_csa_bytes` is what the stock cache would hold for the CSA compressed KV and indexer keys: the entries
+stored in the pool, at the model's dtype.
 """
 
 import torch

@@ -5,8 +5,9 @@ downloaded in tests.
 Why these sizes: the sliding window (64 tokens) is far shorter than the contexts (trained at 512, evaluated up
 to 2K), so an answer has to come through the compressed branches. CSA compresses 4 tokens an entry and its
 Lightning Indexer keeps 16 of them (12% of the history at 512, 3% at 2K), so retrieval depends on the indexer's
-choice, which is what LSA must preserve. HCA at rate 128 (the paper's) is coarse: 4 entries at 512. The layer schedule is the tiny model's
-(two sliding layers, then CSA and HCA, four CSA layers in all), so the project's tests and this model share it.
+choice, which is what LSA must preserve. HCA at rate 128 (the paper's) is coarse: 4 entries at 512. The layer
+schedule is the tiny model's (two sliding layers, then CSA and HCA, four CSA layers in all), so the project's
+tests and this model share it.
 
 Proportions follow V4 where they decide LSA's memory: the indexer keys are a quarter of an entry's size
 (index_head_dim 32 vs head_dim 128; V4-Flash 128 vs 512), as is the rotary slice of the compressed branch.

@@ -15,10 +15,10 @@ retrieval is an induction copy, the circuit small transformers learn first, made
 All value tokens of an example are distinct, so every such copy has exactly one source.
 
 Invariants the tests hold: `len(input_ids)` is exactly the requested context length; the input ends with the
-question (`QUERY ...`) and QUERY occurs nowhere else (in the evaluation tasks); the same (task, length, seed) always gives the same
-example; `Example.evidence` gives where the statements carrying the answer start.
-Seeds are strings or ints turned into a `random.Random` through its string seeding, which is stable across
-processes and Python runs (it does not depend on PYTHONHASHSEED).
+question (`QUERY ...`) and QUERY occurs nowhere else (in the evaluation tasks); the same (task, length, seed)
+always gives the same example; `Example.evidence` gives where the statements carrying the answer start. Seeds are
+strings or ints turned into a `random.Random` through its string seeding, which is stable across processes and
+Python runs (it does not depend on PYTHONHASHSEED).
 """
 
 import random
@@ -59,8 +59,9 @@ def _draw_values(count: int, size: int, rng: random.Random) -> list[list[int]]:
     return [tokens[i * size : (i + 1) * size] for i in range(count)]
 
 
-def _needle(key: int, value: list[int]) -> list[int]:
-    return [NEEDLE, key, *value]
+def _statement(key: int, value: list[int], marker: int = NEEDLE) -> list[int]:
+    """`marker key value...`: a needle, or (marker QUERY) a question answered inside the context."""
+    return [marker, key, *value]
 
 
 def _scatter(statements: list[list[int]], length: int, rng: random.Random) -> tuple[list[int], list[int]]:
@@ -107,21 +108,21 @@ def _assemble(
 def single_needle(length: int, rng: random.Random, value_len: int = 3) -> Example:
     key = rng.choice(KEYS)
     (value,) = _draw_values(1, value_len, rng)
-    return _assemble("single_needle", [_needle(key, value)], [0], [key], value, length, rng)
+    return _assemble("single_needle", [_statement(key, value)], [0], [key], value, length, rng)
 
 
 def multi_key_needle(length: int, rng: random.Random, n_keys: int = 4, value_len: int = 3) -> Example:
     keys = rng.sample(KEYS, n_keys)
     values = _draw_values(n_keys, value_len, rng)
     target = rng.randrange(n_keys)
-    statements = [_needle(key, value) for key, value in zip(keys, values)]
+    statements = [_statement(key, value) for key, value in zip(keys, values)]
     return _assemble("multi_key_needle", statements, [target], [keys[target]], values[target], length, rng)
 
 
 def multi_value_needle(length: int, rng: random.Random, n_values: int = 3, value_len: int = 2) -> Example:
     key = rng.choice(KEYS)
     values = _draw_values(n_values, value_len, rng)
-    statements = [_needle(key, value) for value in values]
+    statements = [_statement(key, value) for value in values]
     answer = [token for value in values for token in value]
     return _assemble("multi_value_needle", statements, list(range(n_values)), [key], answer, length, rng)
 
@@ -176,8 +177,9 @@ def associative_recall(length: int, rng: random.Random, value_len: int = 2, toke
     values = _draw_values(pairs, value_len, rng)
     told = [rng.random() for _ in range(pairs)]
     asked = [rng.uniform(time, 1.0) for time in told]
-    events = sorted([(time, NEEDLE, pair) for pair, time in enumerate(told)] + [(time, QUERY, pair) for pair, time in enumerate(asked)])
-    statements = [[marker, keys[pair], *values[pair]] for _, marker, pair in events]
+    needles = [(time, NEEDLE, pair) for pair, time in enumerate(told)]
+    events = sorted(needles + [(time, QUERY, pair) for pair, time in enumerate(asked)])
+    statements = [_statement(keys[pair], values[pair], marker) for _, marker, pair in events]
     queries = [index for index, (_, marker, _) in enumerate(events) if marker == QUERY]
     target = rng.randrange(pairs)
     example = _assemble("associative_recall", statements, queries, [keys[target]], values[target], length, rng)
