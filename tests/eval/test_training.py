@@ -55,3 +55,16 @@ def test_evaluate_backbone_reports_every_task_at_every_length(smoke_model):
     results = evaluate_backbone(smoke_model, [96, 128], examples_per_task=1, progress=False)
     assert list(results) == [96, 128]
     assert all(list(row) == list(TASK_NAMES) and all(0 <= v <= 1 for v in row.values()) for row in results.values())
+
+
+def test_dense_evaluation_shows_every_entry_to_csa_and_restores_the_served_top_k(smoke_model):
+    indexers = [smoke_model.model.layers[i].self_attn.compressor.indexer for i in csa_layer_indices(smoke_model.config)]
+    widths = []
+    handle = indexers[0].register_forward_hook(lambda module, args, top_k: widths.append(top_k.shape[-1]))
+    try:
+        evaluate_backbone(smoke_model, [128], examples_per_task=1, progress=False, dense_csa=True)
+    finally:
+        handle.remove()
+    top_k = smoke_model.config.index_topk
+    assert max(widths) >= 128 // 4 > top_k  # queries chose among all (32+) entries, not the top 4
+    assert all(indexer.index_topk == top_k for indexer in indexers)

@@ -247,15 +247,23 @@ def evaluate_backbone(
     precision: str = "fp32",
     tokens_per_batch: int = 32768,
     progress: bool = True,
+    dense_csa: bool = False,
 ) -> dict[int, dict[str, float]]:
-    """Per-length, per-task exact-match accuracy with the stock full cache and the served (sparse) indexer."""
+    """Per-length, per-task exact-match accuracy with the stock full cache.
+
+    dense_csa=False is the model as served (each CSA query sees its native indexer's top-k); True lets every
+    query see all compressed entries. The gap between the two is what the native indexer's choice costs.
+    """
     device = next(model.parameters()).device
-    set_dense_csa(model, False)
+    set_dense_csa(model, dense_csa)
     model.eval()
     results = {}
-    for length in lengths:
-        examples = [ex for task in TASK_NAMES for ex in make_examples(task, length, examples_per_task, seed)]
-        with autocast(device, precision):
-            batch_size = max(1, tokens_per_batch // length)
-            results[length] = evaluate_accuracy(model, examples, batch_size=batch_size, progress=progress)
+    try:
+        for length in lengths:
+            examples = [ex for task in TASK_NAMES for ex in make_examples(task, length, examples_per_task, seed)]
+            with autocast(device, precision):
+                batch_size = max(1, tokens_per_batch // length)
+                results[length] = evaluate_accuracy(model, examples, batch_size=batch_size, progress=progress)
+    finally:
+        set_dense_csa(model, False)
     return results
