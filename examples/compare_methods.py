@@ -1,6 +1,10 @@
 """Full cache / LSA / recency-only / random at the same GPU budget on the synthetic tasks (REFERENCE.md section 4).
 
-    python examples/compare_methods.py --backbone DIR --indexer DIR --lengths 1024,2048 --out compare.json --plot compare.png
+    python examples/compare_methods.py --backbone DIR --indexer DIR --lengths 512,1024,2048 --out compare.json \
+        --plot compare.png
+
+Lengths run one after another; to spread them over GPUs or processes, run one length per command (its own
+--out) and join the results: `python examples/compare_methods.py --merge a.json b.json --out all.json --plot all.png`.
 
 --backbone: the evaluation backbone trained by examples/train_eval_backbone.py; --indexer: its memory indexer
 trained with `fm-indexer`. Without them (--smoke) it runs on an untrained smoke-size backbone and a fresh indexer:
@@ -24,36 +28,74 @@ def main():
     parser.add_argument("--backbone", help="trained evaluation backbone (a save_pretrained dir)")
     parser.add_argument("--indexer", help="its memory indexer (a save_pretrained dir or Hub id)")
     parser.add_argument("--smoke", action="store_true", help="untrained smoke-size backbone and fresh indexer")
-    parser.add_argument("--lengths", default="1024,2048", help="context lengths in tokens")
+    parser.add_argument("--merge", nargs="+", metavar="JSON", help="join the results of earlier runs, run nothing")
+    parser.add_argument("--lengths", default="512,1024,2048", help="context lengths in tokens")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="backbone dtype (auto: as saved)"
+    )
     parser.add_argument("--examples", type=int, default=20, help="examples per task and length")
     parser.add_argument("--budget", type=float, default=0.1, help="resident budget, a fraction of the history")
     parser.add_argument("--tau", type=int, default=16)
+    # Under a budget, a low threshold lets LSA fill the budget by score, as recency and random fill it; the
+    # 64-token sliding window already covers the newest tokens, so two newest chunks are enough of a tail.
+    parser.add_argument("--threshold", type=float, default=0.1, help="LSA keeps chunks scoring at least this")
+    parser.add_argument("--recency-chunks", type=int, default=2, help="newest chunks always resident (in the budget)")
     parser.add_argument("--out", default="compare.json")
     parser.add_argument("--plot", default="compare.png")
     args = parser.parse_args()
-    if args.smoke:
-        model = build_eval_backbone(eval_backbone_config("smoke"), seed=0).to(args.device).eval()
-        indexer = fm.MemoryIndexerModel.from_backbone(model, layers=[2, 4], num_heads=4, rank=16)
-    elif args.backbone and args.indexer:
-        model = AutoModelForCausalLM.from_pretrained(args.backbone).to(args.device).eval()
-        indexer = fm.MemoryIndexerModel.from_pretrained(args.indexer)
+    if args.merge:
+        results = merge(args.merge)
+    elif args.smoke or (args.backbone and args.indexer):
+        results = run(args)
     else:
-        parser.error("pass --backbone and --indexer, or --smoke")
-    fm.attach_memory_indexer(model, indexer)
-    lsa_config = {"tau": args.tau, "threshold": 0.5, "resident_budget": args.budget, "recency_chunks": 8, "sink_chunks": 1}
-    results = {}
-    for length in [int(value) for value in args.lengths.split(",")]:
-        examples = [example for task in TASK_NAMES for example in make_examples(task, length, args.examples, seed=length)]
-        methods = comparison_methods(fm.attached_memory_indexer(model), lsa_config)
-        results[length] = {
-            method.name: {"accuracy": evaluate_accuracy(model, examples, method.generate), "csa_device_bytes": method.mean_csa_bytes()}
-            for method in methods
-        }
+        parser.error("pass --backbone and --indexer, --smoke, or --merge")
     with open(args.out, "w") as handle:
         json.dump(results, handle, indent=1)
     plot(results, args.plot)
     print_table(results)
+
+
+def run(args) -> dict:
+    if args.smoke:
+        model = build_eval_backbone(eval_backbone_config("smoke"), seed=0).to(args.device).eval()
+        indexer = fm.MemoryIndexerModel.from_backbone(model, layers=[2, 4], num_heads=4, rank=16)
+    else:
+        dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+        model = AutoModelForCausalLM.from_pretrained(args.backbone, dtype=dtype).to(args.device).eval()
+        indexer = fm.MemoryIndexerModel.from_pretrained(args.indexer)
+    fm.attach_memory_indexer(model, indexer)
+    lsa_config = {
+        "tau": args.tau,
+        "threshold": args.threshold,
+        "resident_budget": args.budget,
+        "recency_chunks": args.recency_chunks,
+        "sink_chunks": 1,
+    }
+    results = {}
+    for length in [int(value) for value in args.lengths.split(",")]:
+        examples = [ex for task in TASK_NAMES for ex in make_examples(task, length, args.examples, seed=length)]
+        methods = comparison_methods(fm.attached_memory_indexer(model), lsa_config)
+        results[length] = {
+            method.name: {
+                "accuracy": evaluate_accuracy(model, examples, method.generate),
+                "csa_device_bytes": method.mean_csa_bytes(),
+            }
+            for method in methods
+        }
+    return results
+
+
+def merge(paths: list[str]) -> dict:
+    """Results of several runs by context length (JSON keys are strings); a length found twice is an error."""
+    results = {}
+    for path in paths:
+        with open(path) as handle:
+            for length, methods in json.load(handle).items():
+                if int(length) in results:
+                    raise SystemExit(f"context length {length} appears in more than one of {paths}")
+                results[int(length)] = methods
+    return dict(sorted(results.items()))
 
 
 def mean_accuracy(entry) -> float:
@@ -86,7 +128,8 @@ def print_table(results):
         for name, entry in methods.items():
             tasks = " ".join(f"{task}={100 * value:.0f}" for task, value in entry["accuracy"].items())
             share = entry["csa_device_bytes"] / full_bytes if full_bytes else float("nan")
-            print(f"{length:6d} | {name:7s} | {mean_accuracy(entry):9.1f} | {entry['csa_device_bytes'] / 1024:14.1f} | {share:7.2f} | {tasks}")
+            kib = entry["csa_device_bytes"] / 1024
+            print(f"{length:6d} | {name:7s} | {mean_accuracy(entry):9.1f} | {kib:14.1f} | {share:7.2f} | {tasks}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Train the evaluation backbone (a small DeepSeek-V4) on the synthetic tasks, then print its per-task accuracy
 with the stock full cache.
 
-GPU run (about 4 minutes on one H100, bf16):
+GPU run (3400 steps, about 15 minutes on one H100, bf16; --max-minutes and --resume split it into parts):
     python examples/train_eval_backbone.py --device cuda --output-dir runs/eval-backbone
 CPU smoke run (seconds):
     OMP_NUM_THREADS=1 python examples/train_eval_backbone.py --device cpu --size smoke --steps 3 --dense-steps 2 \

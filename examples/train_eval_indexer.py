@@ -2,10 +2,16 @@
 frozen backbone, backbone-free training, held-out evaluation), then print its held-out metrics next to a recency
 selector of the same size.
 
-    python examples/train_eval_indexer.py --backbone runs/eval-backbone/model --workdir runs/eval-indexer
+    python examples/train_eval_indexer.py --backbone runs/eval-bf16 --workdir runs/eval-indexer
 
-One single-layer indexer is trained per candidate layer (one layer keeps LSA's device bytes low: the target
-layer's index keys stay on the device in full) and the one with the best held-out F1 is kept.
+About 3 minutes on 2 CPU cores (the dump of 230 documents of ~1K tokens is most of it). One single-layer indexer
+is trained per candidate layer (one layer keeps LSA's device bytes low: the target layer's index keys stay on
+the device in full) and the one with the best held-out F1 is kept.
+
+Labels: a chunk is golden when the nuclei of at least --vote CSA layers hold it. The default is 2, not the
+paper's 3: in this backbone retrieval runs through CSA layers 2 and 7 (their nuclei hold the needle at every
+answer token) while layers 4 and 6 spread their picks over ~20 chunks, so a vote of 3 left the needles out of
+the labels, and LSA with that indexer scored 23% where the full cache scored 95%.
 
 The documents are the evaluation tasks (other seeds than the evaluation's), each with its answer, laid out so
 that a trigger falls on the question's last token (fm_transformers.eval.indexer_data). The indexer is saved
@@ -32,14 +38,17 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--backbone", required=True, help="the trained evaluation backbone (save_pretrained dir)")
     parser.add_argument("--workdir", required=True, help="documents' labels and the indexer go here (replaced)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--candidate-layers", type=int, nargs="+", default=[2, 4], help="CSA layers to try")
-    parser.add_argument("--context-length", type=int, default=2048, help="context length of the documents")
+    parser.add_argument("--candidate-layers", type=int, nargs="+", default=[2], help="CSA layers to try")
+    parser.add_argument("--context-length", type=int, default=1024, help="context length of the documents")
     parser.add_argument("--tau", type=int, default=16, help="decode steps between triggers (as in the comparison)")
-    parser.add_argument("--train-docs", type=int, default=400)
-    parser.add_argument("--heldout-docs", type=int, default=50)
+    parser.add_argument(
+        "--vote", type=int, default=2, help="CSA layers whose nuclei must agree for a golden chunk (labels)"
+    )
+    parser.add_argument("--train-docs", type=int, default=200)
+    parser.add_argument("--heldout-docs", type=int, default=30)
     parser.add_argument("--num-heads", type=int, default=16)
     parser.add_argument("--rank", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)
     return parser.parse_args()
@@ -53,7 +62,9 @@ def main() -> None:
     backbone = AutoModelForCausalLM.from_pretrained(args.backbone).to(args.device).eval()
     warmup = question_trigger_warmup(args.context_length, args.tau)
     dump = DumpConfig(
-        target_layers=tuple(args.candidate_layers), labels=LabelConfig(tau=args.tau, warmup=warmup), chunk_size=512
+        target_layers=tuple(args.candidate_layers),
+        labels=LabelConfig(tau=args.tau, warmup=warmup, vote=args.vote),
+        chunk_size=512,
     )
     for split, count in (("train", args.train_docs), ("heldout", args.heldout_docs)):
         documents = indexer_documents(count, args.context_length, args.tau, split)

@@ -1,5 +1,10 @@
 """The Full / LSA / recency / random comparison runs end to end on the CPU at short context (the CI version)."""
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 import fm_transformers as fm
@@ -30,3 +35,36 @@ def test_budgeted_methods_hold_less_than_full_and_the_same_budget(backbone_and_i
     full_bytes = results["full"][1]
     assert all(0 < results[name][1] < full_bytes for name in ("lsa", "recency", "random"))
     assert results["recency"][1] == results["random"][1]
+
+
+SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "compare_methods.py"
+
+
+def _entry(accuracy: float, kib: int) -> dict:
+    return {"accuracy": {"single_needle": accuracy}, "csa_device_bytes": kib * 1024}
+
+
+def test_the_script_joins_runs_of_separate_lengths_into_one_table_and_plot(tmp_path):
+    for length, accuracy in ((2048, 0.5), (512, 1.0)):
+        part = {str(length): {"full": _entry(accuracy, 8), "lsa": _entry(accuracy / 2, 1)}}
+        (tmp_path / f"{length}.json").write_text(json.dumps(part))
+    out, plot = tmp_path / "all.json", tmp_path / "all.png"
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--merge", str(tmp_path / "2048.json"), str(tmp_path / "512.json"),
+         "--out", str(out), "--plot", str(plot)],
+        capture_output=True, text=True, timeout=120, check=True,
+    )
+    assert list(json.loads(out.read_text())) == ["512", "2048"]
+    assert plot.stat().st_size > 0
+    assert "   512 | lsa     |      50.0 |            1.0 |    0.12" in done.stdout
+
+
+def test_the_script_refuses_to_join_two_runs_of_the_same_length(tmp_path):
+    part = tmp_path / "512.json"
+    part.write_text(json.dumps({"512": {"full": _entry(1.0, 8)}}))
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--merge", str(part), str(part), "--out", str(tmp_path / "o.json")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode != 0 and "appears in more than one" in done.stderr
+    assert not (tmp_path / "o.json").exists()

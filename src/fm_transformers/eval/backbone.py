@@ -41,22 +41,6 @@ BACKBONE_SIZES: dict[str, dict] = {
         compress_rotary_factor=0.25,
         compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 128},
     ),
-    # Twice as wide (about 40M parameters): same attention shapes, wider residual stream, experts and LoRA ranks.
-    "medium": dict(
-        hidden_size=512,
-        moe_intermediate_size=512,
-        num_attention_heads=8,
-        head_dim=128,
-        q_lora_rank=256,
-        o_groups=4,
-        o_lora_rank=128,
-        index_n_heads=8,
-        index_head_dim=32,
-        index_topk=16,
-        sliding_window=64,
-        compress_rotary_factor=0.25,
-        compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 128},
-    ),
     # Same structure at sizes a CPU trains a few steps of in seconds (smoke tests, contexts of ~100 tokens).
     "smoke": dict(
         hidden_size=32,

@@ -42,11 +42,11 @@ class TrainingConfig:
 
     size: str = "small"
     seed: int = 0
-    steps: int = 950
-    dense_steps: int = 520
+    steps: int = 3400
+    dense_steps: int = 1860
     min_length: int = 64
     max_length: int = 512
-    ramp_steps: int = 700
+    ramp_steps: int = 2500
     tokens_per_step: int = 16384
     lr: float = 1e-3
     warmup_steps: int = 50
