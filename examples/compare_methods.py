@@ -8,8 +8,11 @@ Lengths run one after another; to spread them over GPUs or processes, run one le
 
 --backbone: the evaluation backbone trained by examples/train_eval_backbone.py; --indexer: its memory indexer
 trained with `fm-indexer`. Without them (--smoke) it runs on an untrained smoke-size backbone and a fresh indexer:
-that checks the machinery, not accuracy. Prints exact-match accuracy per task and method and the measured CSA
-bytes on the device per method; writes JSON and a matplotlib plot.
+that checks the machinery, not accuracy. Prints exact-match accuracy per task and method, the measured CSA
+bytes on the device per method and the chunks each fetched from the pool per token; writes JSON and a plot.
+
+With --refresh-layers (default 2,7) two more rows run: LSA with those CSA layers refreshing the resident set on
+a miss (LSAConfig.refresh_layers), and the same refresh without the memory indexer ("refresh only").
 """
 
 import argparse
@@ -41,6 +44,12 @@ def main():
     # 64-token sliding window already covers the newest tokens, so two newest chunks are enough of a tail.
     parser.add_argument("--threshold", type=float, default=0.1, help="LSA keeps chunks scoring at least this")
     parser.add_argument("--recency-chunks", type=int, default=2, help="newest chunks always resident (in the budget)")
+    # Retrieval in the evaluation backbone runs through CSA layers 2 and 7 (see the README). Their indexer keys on
+    # the device cost 10% of the full CSA bytes here, so the refresh rows get a smaller budget for the same bytes.
+    parser.add_argument(
+        "--refresh-layers", default="2,7", help="CSA layers of the lsa+refresh and refresh-only rows ('' leaves them out)"
+    )
+    parser.add_argument("--refresh-budget", type=float, default=0.05, help="resident budget of the refresh rows")
     parser.add_argument("--out", default="compare.json")
     parser.add_argument("--plot", default="compare.png")
     args = parser.parse_args()
@@ -72,17 +81,22 @@ def run(args) -> dict:
         "recency_chunks": args.recency_chunks,
         "sink_chunks": 1,
     }
+    refresh_config = None
+    if args.refresh_layers:
+        layers = [int(value) for value in args.refresh_layers.split(",")]
+        refresh_config = {"refresh_layers": layers, "resident_budget": args.refresh_budget}
     results = {}
     for length in [int(value) for value in args.lengths.split(",")]:
         examples = [ex for task in TASK_NAMES for ex in make_examples(task, length, args.examples, seed=length)]
-        methods = comparison_methods(fm.attached_memory_indexer(model), lsa_config)
-        results[length] = {
-            method.name: {
-                "accuracy": evaluate_accuracy(model, examples, method.generate),
+        methods = comparison_methods(fm.attached_memory_indexer(model), lsa_config, refresh_config=refresh_config)
+        results[length] = {}
+        for method in methods:
+            accuracy = evaluate_accuracy(model, examples, method.generate)
+            results[length][method.name] = {
+                "accuracy": accuracy,
                 "csa_device_bytes": method.mean_csa_bytes(),
+                "fetched_per_token": method.fetched_per_token(),
             }
-            for method in methods
-        }
     return results
 
 
@@ -115,21 +129,23 @@ def plot(results, path):
     axis.set_xscale("log", base=2)
     axis.set_xlabel("context length (tokens)")
     axis.set_ylabel("mean exact match (%)")
-    axis.set_title("Full / LSA / recency / random at the same GPU budget")
+    axis.set_title("Full / LSA / recency / random at the same GPU bytes")
     axis.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=120)
 
 
 def print_table(results):
-    print("length | method  | mean EM % | CSA device KiB | vs full | per task EM %")
+    """One row per length and method; 'fetched' is chunks fetched from the pool per generated token and CSA layer."""
+    print("length | method       | mean EM % | CSA device KiB | vs full | fetched | per task EM %")
     for length, methods in results.items():
         full_bytes = methods["full"]["csa_device_bytes"]
         for name, entry in methods.items():
             tasks = " ".join(f"{task}={100 * value:.0f}" for task, value in entry["accuracy"].items())
             share = entry["csa_device_bytes"] / full_bytes if full_bytes else float("nan")
             kib = entry["csa_device_bytes"] / 1024
-            print(f"{length:6d} | {name:7s} | {mean_accuracy(entry):9.1f} | {kib:14.1f} | {share:7.2f} | {tasks}")
+            fetched = f"{entry['fetched_per_token']:7.2f}" if "fetched_per_token" in entry else f"{'-':>7}"
+            print(f"{length:6d} | {name:12s} | {mean_accuracy(entry):9.1f} | {kib:14.1f} | {share:7.2f} | {fetched} | {tasks}")
 
 
 if __name__ == "__main__":

@@ -52,6 +52,8 @@ def test_indexer_made_for_other_dimensions_is_refused(model):
         ({"resident_budget": 0}, "resident_budget"),
         ({"resident_budget": 1.5}, "resident_budget"),
         ({"pool_dtype": "int8"}, "pool_dtype"),
+        ({"refresh_layers": 2}, "refresh_layers must be a non-empty list of layer indices"),
+        ({"refresh_layers": [3]}, r"refresh_layers \[3\] are not CSA layers"),
         ({"taus": 8}, r"unknown cache_config key\(s\) \['taus'\]"),
     ],
 )

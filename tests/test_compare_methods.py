@@ -18,11 +18,14 @@ def backbone_and_indexer():
     return model, fm.MemoryIndexerModel.from_backbone(model, layers=[2, 4], num_heads=4, rank=16)
 
 
-def run(model, indexer, config, length=128):
+def run(model, indexer, config, length=128, refresh_config=None):
     fm.attach_memory_indexer(model, indexer)
     examples = [example for task in TASK_NAMES[:2] for example in make_examples(task, length, 1, seed=1)]
-    methods = comparison_methods(indexer, config)
-    return {method.name: (evaluate_accuracy(model, examples, method.generate, progress=False), method.mean_csa_bytes()) for method in methods}
+    methods = comparison_methods(indexer, config, refresh_config=refresh_config)
+    return {
+        method.name: (evaluate_accuracy(model, examples, method.generate, progress=False), method.mean_csa_bytes(), method)
+        for method in methods
+    }
 
 
 def test_lsa_keeping_everything_scores_as_full(backbone_and_indexer):
@@ -35,6 +38,20 @@ def test_budgeted_methods_hold_less_than_full_and_the_same_budget(backbone_and_i
     full_bytes = results["full"][1]
     assert all(0 < results[name][1] < full_bytes for name in ("lsa", "recency", "random"))
     assert results["recency"][1] == results["random"][1]
+
+
+def test_refresh_rows_fetch_inside_the_window_and_hold_less_than_full(backbone_and_indexer):
+    config = {"tau": 16, "threshold": 0.5, "resident_budget": 0.15, "recency_chunks": 2, "sink_chunks": 1}
+    results = run(*backbone_and_indexer, config, length=256, refresh_config={"refresh_layers": [2, 7], "resident_budget": 0.1})
+    assert list(results) == ["full", "lsa", "lsa+refresh", "refresh only", "recency", "random"]
+    full_bytes = results["full"][1]
+    # answers are shorter than tau: LSA's only recall (after prefill) finds its chunks still on the device,
+    # so whatever the refresh rows fetched, refreshes inside the window fetched it
+    assert results["lsa"][2].fetched_per_token() == 0
+    for name in ("lsa+refresh", "refresh only"):
+        assert 0 < results[name][1] < full_bytes
+        assert results[name][2].fetched_per_token() > 0
+    assert results["lsa"][2].tokens_generated == results["lsa+refresh"][2].tokens_generated > 0
 
 
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "compare_methods.py"
@@ -56,7 +73,7 @@ def test_the_script_joins_runs_of_separate_lengths_into_one_table_and_plot(tmp_p
     )
     assert list(json.loads(out.read_text())) == ["512", "2048"]
     assert plot.stat().st_size > 0
-    assert "   512 | lsa     |      50.0 |            1.0 |    0.12" in done.stdout
+    assert "   512 | lsa          |      50.0 |            1.0 |    0.12 |       - |" in done.stdout
 
 
 def test_the_script_refuses_to_join_two_runs_of_the_same_length(tmp_path):

@@ -43,7 +43,12 @@ def sparse_decode_forward(attention, layer: LookaheadCSALayer, hidden_states, po
     kv = attention.kv_norm(attention.kv_proj(hidden_states)).view(*hidden_shape).transpose(1, 2)
     kv = apply_rotary_pos_emb(kv, cos, sin)
     window = cache.update(kv, kv, attention.layer_idx)[0][:, 0]  # (batch, window, head_dim)
-    table, picked = level2_picks(attention.compressor, layer, hidden_states, q_residual, position_ids.expand(input_shape[0], -1))
+    refresh = None
+    if attention.layer_idx in cache.refresh_layers:
+        refresh = lambda picks: cache.refresh_on_miss(attention.layer_idx, picks)  # noqa: E731
+    table, picked = level2_picks(
+        attention.compressor, layer, hidden_states, q_residual, position_ids.expand(input_shape[0], -1), refresh
+    )
     bias = window_bias(attention_mask, window)
     out = sparse_decode_attention(q[:, :, 0], window, bias, table, picked, attention.sinks, attention.scaling)
     # K = V carries RoPE on its rope slice: undo it at the query position, as the stock forward does.
@@ -69,23 +74,39 @@ def window_bias(attention_mask: torch.Tensor | None, window: torch.Tensor) -> to
     return row.float()
 
 
-def level2_picks(compressor, layer: LookaheadCSALayer, hidden_states, q_residual, position_ids):
+def level2_picks(compressor, layer: LookaheadCSALayer, hidden_states, q_residual, position_ids, refresh=None):
     """Store the new token's compressed entries, then pick the native top-k among the resident candidates.
 
+    `refresh`, given at the config's refresh layers, first receives the native top-k over the
+    whole history (chunk ids, (batch, k)) and may change the resident set before the candidates are read.
     Returns (the layer's KV slot table (rows, head_dim), picked rows (batch, k)), -1 where fewer than k
     candidates are causally visible.
     """
     layer.update_compressor_states(KV, compress_new_entries(compressor, layer, hidden_states, KV))
     indexer = compressor.indexer
     layer.update_compressor_states(INDEX_KEYS, compress_new_entries(indexer, layer, hidden_states, INDEX_KEYS))
+    q, weights = native_index_query(indexer, hidden_states, q_residual, position_ids)
+    visible_chunks = (position_ids + 1) // compressor.compress_rate  # (batch, 1)
+    if refresh is not None:
+        refresh(whole_history_topk(layer, q, weights, visible_chunks, indexer))
 
     slot_index, chunk_ids = layer.hot.candidates()  # (batch, candidates), -1 padded
     key_table, key_slots = layer.candidate_index_key_slots(slot_index, chunk_ids)
-    visible = (chunk_ids >= 0) & (chunk_ids < (position_ids + 1) // compressor.compress_rate)  # (batch, candidates)
-    q, weights = native_index_query(indexer, hidden_states, q_residual, position_ids)
+    visible = (chunk_ids >= 0) & (chunk_ids < visible_chunks)  # (batch, candidates)
     top_pos, _ = level2_topk(q, weights, key_table, key_slots, visible, indexer.index_topk, indexer.scorer.softmax_scale)
     picked = slot_index.gather(1, top_pos.clamp(min=0)).masked_fill(top_pos < 0, -1)  # (batch, k)
     return layer.hot.table(KV), picked
+
+
+def whole_history_topk(layer: LookaheadCSALayer, q, weights, visible_chunks, indexer) -> torch.Tensor:
+    """The stock native top-k of a layer whose indexer keys are all on the device: chunk ids (batch, k),
+    best first, -1 where fewer than k chunks are visible."""
+    batch, chunks, dim = layer.index_keys.shape
+    chunk_ids = torch.arange(chunks, device=q.device).expand(batch, -1)
+    slots = torch.arange(batch, device=q.device).unsqueeze(1) * chunks + chunk_ids
+    keys = layer.index_keys.reshape(batch * chunks, dim)
+    top, _ = level2_topk(q, weights, keys, slots, chunk_ids < visible_chunks, indexer.index_topk, indexer.scorer.softmax_scale)
+    return top
 
 
 def native_index_query(indexer, hidden_states, q_residual, position_ids):

@@ -5,7 +5,8 @@ every compressed entry goes to its cold pool as it is made (so the pool always e
 and the device holds only the resident chunks plus the tail made since the last recall. The cache also
 runs the level-1 schedule: a recall triggers after each prefill forward and every `tau` decode steps, at
 the last CSA layer; every CSA layer then starts fetching the policy's resident set (on its own CUDA
-stream, overlapping the rest of the forward) and uses it from the next forward on.
+stream, overlapping the rest of the forward) and uses it from the next forward on. Refresh layers, if
+configured, may add the chunks their native top-k wants in between (`refresh_on_miss`).
 """
 
 import torch
@@ -14,7 +15,7 @@ from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4CSACa
 
 from .config import LSAConfig
 from .indexer import CSA_LAYER_TYPE, attached_memory_indexer
-from .policies import MemoryIndexerPolicy, ResidentPolicy, SelectionContext, resident_sets
+from .policies import NOT_WANTED, MemoryIndexerPolicy, ResidentPolicy, SelectionContext, resident_sets
 from .pool import ColdPool, HotSet
 from .report import memory_report
 
@@ -73,6 +74,7 @@ class LookaheadCSALayer(DeepseekV4CSACache):
         self.index_keys: torch.Tensor | None = None  # (batch, chunks, index_head_dim), target layers only
         self.has_resident_set = False
         self.recalls = 0
+        self.refreshes = 0
         self.chunks_fetched = 0
 
     def _lazy_init_storage(self, entries: torch.Tensor):
@@ -110,13 +112,17 @@ class LookaheadCSALayer(DeepseekV4CSACache):
         older = self.pools[name].read(0, self.hot.tail_start).to(tail.device, tail.dtype)
         return torch.cat([older, tail], dim=1)
 
-    def recall(self, chunk_ids: list[torch.Tensor], num_chunks: int) -> None:
+    def recall(self, chunk_ids: list[torch.Tensor], num_chunks: int, refresh: bool = False) -> None:
         """Make `chunk_ids[b]` (sorted, < num_chunks) the resident set of sequence b: keep what is on the
-        device, fetch the rest from the pool (asynchronously on a GPU, see HotSet)."""
+        device, fetch the rest from the pool (asynchronously on a GPU, see HotSet). A `refresh` (mid-window,
+        see OffloadedLookaheadCache.refresh_on_miss) is counted apart from the level-1 recalls."""
         fetch = lambda kind, *where: self.pools[kind].fetch_into(*where)  # noqa: E731
         self.chunks_fetched += self.hot.recall(chunk_ids, num_chunks, fetch)
         self.has_resident_set = True
-        self.recalls += 1
+        if refresh:
+            self.refreshes += 1
+        else:
+            self.recalls += 1
 
     def candidate_index_key_slots(self, slot_index: torch.Tensor, chunk_ids: torch.Tensor):
         """(key table (rows, index_head_dim), slots (batch, n)) addressing the candidates' native indexer keys;
@@ -161,6 +167,10 @@ class OffloadedLookaheadCache(DynamicCache):
         unknown = [layer for layer in self.policy.target_layers if layer not in self.csa_layers]
         if unknown:
             raise ValueError(f"policy target layers {unknown} are not CSA layers (CSA layers: {self.csa_layers})")
+        self.refresh_layers = self.lsa_config.refresh_layers or ()
+        unknown = [layer for layer in self.refresh_layers if layer not in self.csa_layers]
+        if unknown:
+            raise ValueError(f"refresh_layers {unknown} are not CSA layers (CSA layers: {self.csa_layers})")
         device = next(model.parameters()).device
         pool_dtype = None if self.lsa_config.pool_dtype is None else self.lsa_config.torch_pool_dtype(model.dtype)
         self.compress_rate = model_config.compress_rates[CSA_LAYER_TYPE]
@@ -168,7 +178,7 @@ class OffloadedLookaheadCache(DynamicCache):
         for index in self.csa_layers:
             self.layers[index] = LookaheadCSALayer(
                 model_config,
-                keep_index_keys_on_device=index in self.policy.target_layers,
+                keep_index_keys_on_device=index in self.policy.target_layers or index in self.refresh_layers,
                 pool_dtype=pool_dtype,
                 tail_reserve=-(-self.lsa_config.tau // self.compress_rate) + 1,  # chunks made between two recalls
                 copy_stream=copy_stream,
@@ -179,6 +189,8 @@ class OffloadedLookaheadCache(DynamicCache):
         self.triggering = False
         self.steps_since_trigger = 0
         self.trigger_count = 0
+        # (batch, chunks): the priorities behind the resident set, the last trigger's raised by refreshes since
+        self.resident_priorities: torch.Tensor | None = None
 
     def begin_csa_layer(self, layer_idx: int, seq_len: int) -> LookaheadCSALayer:
         """Called by each CSA layer before it runs: advances the schedule; says whether the layer prefills."""
@@ -208,12 +220,49 @@ class OffloadedLookaheadCache(DynamicCache):
                 trigger_index=self.trigger_count,
                 device=hidden_states.device,
             )
-            chunk_ids = resident_sets(self.policy.priorities(context), context, self.lsa_config)
+            self.resident_priorities = self.policy.priorities(context)
+            chunk_ids = resident_sets(self.resident_priorities, context, self.lsa_config)
             for csa_layer in self.lookahead_layers():
                 csa_layer.recall(chunk_ids, layer.num_chunks)
             self.trigger_count += 1
             self.steps_since_trigger = 0
             self.triggering = False
+
+    def refresh_on_miss(self, layer_idx: int, picks: torch.Tensor) -> None:
+        """Called in a decode step by a refresh layer with its native top-k over the whole history, chunk ids
+        (batch, k) in descending score order (-1 padded). Picks that the budget admits and that are not
+        resident become resident in every CSA layer now.
+
+        The picks rise above every priority so far (in their own order), so under a budget the chunks used
+        longest ago go first and the last trigger's unused choices before them, until the next trigger.
+        The horizon stays: the tail (chunks made since the last trigger) is a candidate set already, so only
+        the resident part below it changes, the same for every CSA layer whether or not it ran this step.
+        """
+        layer = self.layers[layer_idx]
+        horizon = layer.hot.tail_start
+        if self.resident_priorities is None or horizon == 0:
+            return
+        priorities = torch.full((picks.shape[0], horizon), NOT_WANTED, device=picks.device)
+        known = min(horizon, self.resident_priorities.shape[1])
+        priorities[:, :known] = self.resident_priorities[:, :known].to(picks.device)
+        finite = priorities[torch.isfinite(priorities)]
+        first = (float(finite.max()) if finite.numel() else 0.0) + 1.0
+        rank_priority = first + torch.arange(picks.shape[1], 0, -1, device=picks.device, dtype=torch.float32)
+        below = (picks >= 0) & (picks < horizon)  # picks in the tail are candidates already
+        with_spare = torch.cat([priorities, priorities.new_zeros(picks.shape[0], 1)], dim=1)  # column `horizon`: discard
+        with_spare.scatter_(1, torch.where(below, picks, horizon), rank_priority.expand_as(picks).contiguous())
+        self.resident_priorities = priorities = with_spare[:, :horizon]
+        context = SelectionContext(horizon, torch.full((picks.shape[0],), horizon), self.trigger_count, picks.device)
+        chunk_ids = resident_sets(priorities, context, self.lsa_config)
+        if all(torch.equal(new, old) for new, old in zip(chunk_ids, layer.hot.chunk_ids)):
+            return
+        for csa_layer in self.lookahead_layers():
+            csa_layer.recall(chunk_ids, horizon, refresh=True)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        if self.resident_priorities is not None:
+            self.resident_priorities = self.resident_priorities.index_select(0, beam_idx.to(self.resident_priorities.device))
 
     def reset(self) -> None:
         super().reset()

@@ -23,6 +23,11 @@ class LSAConfig:
         history (float in (0, 1]); the highest-scoring chunks are kept. None: no cap.
     pool_dtype: dtype of the CPU cold pool ("float32", "bfloat16", "float16"); None keeps the model's dtype,
         which makes the pool a byte-for-byte copy of what the stock cache holds.
+    refresh_layers: CSA layers that refresh the resident set on a miss (None: none). Their indexer keys stay on
+        the device in full; every decode step each of them runs the native indexer over the whole history, and
+        chunks of its top-k that are not resident are fetched at once, ahead of the other chunks under the
+        budget, before it reads its candidates. A lookahead made at one step cannot follow a chain of facts
+        it has not read yet; a refresh can. It costs those layers' full native scoring and a host sync per step.
     """
 
     tau: int = 64
@@ -32,6 +37,7 @@ class LSAConfig:
     sink_chunks: int = 4
     resident_budget: int | float | None = None
     pool_dtype: str | None = None
+    refresh_layers: tuple[int, ...] | None = None
 
     def __post_init__(self):
         if isinstance(self.tau, bool) or not isinstance(self.tau, int) or self.tau <= 0:
@@ -44,14 +50,20 @@ class LSAConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-        if self.indexer_layers is not None:
-            layers = tuple(self.indexer_layers)
-            if not layers or not all(isinstance(layer, int) and not isinstance(layer, bool) for layer in layers):
-                raise ValueError(f"indexer_layers must be a non-empty list of layer indices, got {self.indexer_layers!r}")
-            object.__setattr__(self, "indexer_layers", layers)
+        for name in ("indexer_layers", "refresh_layers"):
+            self._validate_layers(name)
         self._validate_budget()
         if self.pool_dtype is not None and self.pool_dtype not in _POOL_DTYPES:
             raise ValueError(f"pool_dtype must be one of {sorted(_POOL_DTYPES)} or None, got {self.pool_dtype!r}")
+
+    def _validate_layers(self, name: str):
+        value = getattr(self, name)
+        if value is None:
+            return
+        layers = tuple(value) if isinstance(value, (list, tuple)) else ()
+        if not layers or not all(isinstance(layer, int) and not isinstance(layer, bool) for layer in layers):
+            raise ValueError(f"{name} must be a non-empty list of layer indices, got {value!r}")
+        object.__setattr__(self, name, layers)
 
     def _validate_budget(self):
         budget = self.resident_budget

@@ -72,6 +72,7 @@ def memory_report(cache) -> dict:
         "resident_chunks": resident,
         "chunks_in_history": sum(layer.num_chunks * layer.pools["compressor"].batch_size for layer in lookahead if layer.hot is not None),
         "recalls": max((layer.recalls for layer in lookahead), default=0),
+        "refreshes": max((layer.refreshes for layer in lookahead), default=0),
         "chunks_fetched": sum(layer.chunks_fetched for layer in lookahead),
     }
 
@@ -86,5 +87,8 @@ def format_memory_report(report: dict) -> str:
     lines.append(f"  full-cache CSA bytes (stock)  {mib(report['full_csa_bytes'])}")
     lines.append(f"  CSA bytes on device / full     {report['csa_device_ratio']:.3f}")
     lines.append(f"  resident chunks (all CSA layers, all sequences): {report['resident_chunks']} of {report['chunks_in_history']}")
-    lines.append(f"  recalls per layer: {report['recalls']}, chunks fetched from the pool: {report['chunks_fetched']}")
+    lines.append(
+        f"  recalls per layer: {report['recalls']} (+{report['refreshes']} refreshes on a miss), "
+        f"chunks fetched from the pool: {report['chunks_fetched']}"
+    )
     return "\n".join(lines)

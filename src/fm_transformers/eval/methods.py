@@ -4,6 +4,10 @@ with its own cache and records the CSA bytes that cache held on the device.
 Full is the stock cache. LSA, recency-only and random share one LSAConfig, so they run under the same
 per-sequence resident budget and differ only in the policy that fills it: the memory indexer, the newest
 chunks, or chunks drawn at random. Bytes are read off the cache tensors after each generation.
+
+Two more rows when a refresh config is given (see LSAConfig.refresh_layers): "lsa+refresh", the memory
+indexer with refresh layers, and "refresh only", the same refresh with no level-1 prediction at all, which
+shows what the memory indexer adds to it (fewer chunks fetched inside the window, or accuracy).
 """
 
 from collections.abc import Callable
@@ -17,18 +21,25 @@ from ..report import stock_csa_bytes
 from .vocab import EOS, PAD
 
 METHODS = ("full", "lsa", "recency", "random")
+REFRESH_METHODS = ("lsa+refresh", "refresh only")
 
 
 @dataclass
 class Method:
-    """A named generate function and the CSA device bytes of each generation it ran."""
+    """A named generate function, the CSA device bytes of each generation it ran, and the chunks it fetched
+    from the pool per generated token and CSA layer."""
 
     name: str
     generate: Callable = None
     csa_device_bytes: list[int] = field(default_factory=list)
+    chunks_fetched: int = 0
+    tokens_generated: int = 0
 
     def mean_csa_bytes(self) -> float:
         return sum(self.csa_device_bytes) / max(len(self.csa_device_bytes), 1)
+
+    def fetched_per_token(self) -> float:
+        return self.chunks_fetched / max(self.tokens_generated, 1)
 
 
 def _generate(model, input_ids, max_new_tokens, cache=None):
@@ -59,18 +70,30 @@ def policy_method(name: str, make_policy: Callable[[torch.nn.Module], ResidentPo
         tokens, cache = _generate(model, input_ids, max_new_tokens, cache)
         report = cache.memory_report()
         method.csa_device_bytes.append(report["device"]["csa_kv"] + report["device"]["csa_index_keys"])
+        method.chunks_fetched += report["chunks_fetched"] / len(cache.csa_layers)
+        method.tokens_generated += tokens.numel()
         return tokens
 
     method.generate = generate
     return method
 
 
-def comparison_methods(indexer, lsa_config: dict, seed: int = 0) -> list[Method]:
-    """Full, LSA (the given memory indexer), recency-only and random, the last three under `lsa_config`'s budget."""
+def comparison_methods(indexer, lsa_config: dict, seed: int = 0, refresh_config: dict | None = None) -> list[Method]:
+    """Full, LSA (the given memory indexer), recency-only and random, the last three under `lsa_config`'s budget;
+    with `refresh_config` (options that override `lsa_config`, refresh_layers among them) also LSA with refresh
+    and refresh only."""
     threshold = lsa_config.get("threshold", 0.5)
-    return [
+    methods = [
         full_method(),
         policy_method("lsa", lambda model: MemoryIndexerPolicy(indexer, threshold), lsa_config),
+    ]
+    if refresh_config is not None:
+        refreshing = {**lsa_config, **refresh_config}
+        methods += [
+            policy_method("lsa+refresh", lambda model: MemoryIndexerPolicy(indexer, threshold), refreshing),
+            policy_method("refresh only", lambda model: RecencyPolicy(window=0), refreshing),
+        ]
+    return methods + [
         policy_method("recency", lambda model: RecencyPolicy(window=1 << 40), lsa_config),
         policy_method("random", lambda model: RandomPolicy(fraction=1.0, seed=seed), lsa_config),
     ]
