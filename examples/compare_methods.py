@@ -123,14 +123,19 @@ def plot(results, path):
     import matplotlib.pyplot as plt
 
     lengths = sorted(results)
-    figure, axis = plt.subplots(figsize=(6, 4))
-    for name in results[lengths[0]]:
-        axis.plot(lengths, [mean_accuracy(results[n][name]) for n in lengths], marker="o", label=name)
+    figure, axis = plt.subplots(figsize=(7.5, 4))
+    markers = "osD^vx"
+    for index, name in enumerate(results[lengths[0]]):
+        axis.plot(
+            lengths, [mean_accuracy(results[n][name]) for n in lengths], label=name, marker=markers[index % len(markers)],
+            linestyle="--" if name == "refresh only" else "-", fillstyle="none" if name == "refresh only" else "full",
+        )  # "refresh only" often lies on "lsa+refresh": dashed and hollow, it stays visible on top
     axis.set_xscale("log", base=2)
+    axis.set_xticks(lengths, [str(n) for n in lengths])
     axis.set_xlabel("context length (tokens)")
     axis.set_ylabel("mean exact match (%)")
     axis.set_title("Full / LSA / recency / random at the same GPU bytes")
-    axis.legend()
+    axis.legend(loc="center left", bbox_to_anchor=(1.0, 0.5))
     figure.tight_layout()
     figure.savefig(path, dpi=120)
 

@@ -21,19 +21,21 @@ def load_script():
 def test_quick_run_measures_stock_and_lsa_at_each_batch_size_and_kernels_against_floors(tmp_path):
     out = tmp_path / "decode.json"
     done = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--batch-sizes", "1,2", "--out", str(out)],
+        [sys.executable, str(SCRIPT), "--quick", "--refresh", "--batch-sizes", "1,2", "--out", str(out)],
         capture_output=True, text=True, timeout=600, check=True,
     )
     results = json.loads(out.read_text())
-    assert [(run["context"], run["batch"]) for run in results["runs"]] == [(2048, 1), (2048, 2)]
+    assert [(run["context"], run["batch"]) for run in results["runs"]] == [(4096, 1), (4096, 2)]
     for run in results["runs"]:
         assert run["stock"]["ms_per_token"] > 0 and run["lsa"]["ms_per_token"] > 0
         assert run["lsa"]["csa_kv_gpu_bytes"] < run["stock"]["csa_kv_gpu_bytes"]
+        assert run["lsa_refresh"]["ms_per_token"] > 0 and run["lsa_refresh"]["refreshes"] > 0
     assert [k["batch"] for k in results["kernels"]] == [1, 2, 4]  # batch 4 is always measured
     for kernel in results["kernels"]:
         assert 0 < kernel["level2_floor_ms"] and 0 < kernel["attention_floor_ms"] < kernel["stock_layer_step_floor_ms"]
     table = done.stdout[done.stdout.index("GPU:") :].splitlines()
-    assert len(table) <= 12 and table[3].startswith("2K | 1 |")
+    assert len(table) <= 16 and table[3].startswith("4K | 1 |")
+    assert "LSA with every CSA layer a refresh layer" in done.stdout
 
 
 def test_a_run_out_of_gpu_memory_is_reported_as_oom():

@@ -13,6 +13,9 @@ can make it negative, printed as <0), and the bytes recalled. A stock run
 that does not fit is reported as OOM and the LSA run is still measured. Then, per batch size, each kernel's
 time against its memory floor (bytes it must move over the HBM bandwidth measured in this run), and the
 gather bandwidth against the pinned host-to-device bandwidth measured in this run.
+With --refresh, a third run per context and batch: LSA with every CSA layer a refresh layer (refresh on a
+miss, LSAConfig.refresh_layers), its ms/token, refreshes and bytes fetched per step. With random weights
+the native top-k wanders from step to step, so this is the refresh's worst case.
 Prints a short table last; writes everything as JSON to --out. `--quick` runs tiny sizes (a CPU smoke run).
 """
 
@@ -103,14 +106,16 @@ def run_stock(model, tokens, batch, steps):
     }
 
 
-def run_lsa(model, tokens, batch, steps, tau):
+def run_lsa(model, tokens, batch, steps, tau, refresh_layers=None):
     config = {"tau": tau, "threshold": 0.5, "resident_budget": 0.1, "recency_chunks": 64, "sink_chunks": 4}
+    if refresh_layers:
+        config["refresh_layers"] = refresh_layers
     cache = fm.OffloadedLookaheadCache(model, config)
     fill_context(model, cache, tokens, batch, seed=tokens)
     trigger_after_prefill(model, cache, tokens, batch)
     decode(model, cache, tokens, batch, 1)  # the first step on the first resident set
     fetched_before = fetched_bytes(cache)
-    chunks_before = cache.memory_report()["chunks_fetched"]
+    before = cache.memory_report()
     reset_peak(model.device)
     times, triggers = decode(model, cache, tokens + 1, batch, steps)
     report = cache.memory_report()
@@ -126,8 +131,10 @@ def run_lsa(model, tokens, batch, steps, tau):
         "ms_per_token_median": steady,
         "trigger_ms": times[trigger] - steady if trigger is not None else None,
         "after_trigger_ms": times[trigger + 1] - steady if trigger is not None else None,
-        "recall_chunks": report["chunks_fetched"] - chunks_before,
+        "recall_chunks": report["chunks_fetched"] - before["chunks_fetched"],
         "recall_bytes": fetched_bytes(cache) - fetched_before,
+        "refreshes": report["refreshes"] - before["refreshes"],
+        "steps": steps,
         "report": report,
     }
 
@@ -268,10 +275,11 @@ def main():
     parser.add_argument("--stock-steps", type=int, default=12)
     parser.add_argument("--tau", type=int, default=64)
     parser.add_argument("--quick", action="store_true", help="tiny sizes and few steps: a CPU smoke run of this script")
+    parser.add_argument("--refresh", action="store_true", help="also LSA with every CSA layer a refresh layer")
     parser.add_argument("--out", default="decode_long_context.json")
     args = parser.parse_args()
     if args.quick:
-        args.contexts, args.steps, args.stock_steps, args.tau = "2048", 12, 4, 8
+        args.contexts, args.steps, args.stock_steps, args.tau = "4096", 12, 4, 8
     batch_sizes = [int(value) for value in args.batch_sizes.split(",")]
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -288,6 +296,9 @@ def main():
             free_memory(device)
             run["lsa"] = measure(run_lsa, model, tokens, batch, args.steps, args.tau)
             free_memory(device)
+            if args.refresh:
+                run["lsa_refresh"] = measure(run_lsa, model, tokens, batch, args.steps, args.tau, csa_layers)
+                free_memory(device)
             results["runs"].append(run)
             print(json.dumps(summary(run)), flush=True)
     results["bandwidth"] = bandwidths(device, args.quick)
@@ -331,6 +342,8 @@ def print_table(results):
             f"{lsa['recall_bytes'] / 2**20:.1f}" if lsa_fits else "-",
         ]
         print(" | ".join(cells))
+    if any("lsa_refresh" in run for run in results["runs"]):
+        print_refresh_table(results["runs"], ms)
     bw = results["bandwidth"]
     print(f"\nHBM copy {bw['hbm_gbps']:.0f} GB/s; pinned H2D {bw['pinned_h2d_gbps']:.1f} GB/s; gather mapped {bw['gather_mapped_gbps']:.1f} GB/s "
           f"({bw['gather_mapped_gbps'] / bw['pinned_h2d_gbps']:.0%} of H2D); gather via staging copy {bw['gather_copy_gbps']:.1f} GB/s")
@@ -339,6 +352,25 @@ def print_table(results):
     for k in results["kernels"]:
         us = lambda name: f"{k[name + '_ms'] * 1e3:.0f} ({k[name + '_floor_ms'] * 1e3:.1f})"  # noqa: E731
         print(f"{k['batch']} | {us('level2')} | {us('attention')} | {us('stock_layer_step')} | {k['stock_layer_step_ms'] / k['lsa_layer_step_ms']:.1f}x")
+
+
+def print_refresh_table(runs, ms):
+    """What refresh on a miss costs: with random weights the native top-k wanders, so this is a worst case."""
+    print("\nLSA with every CSA layer a refresh layer (LSAConfig.refresh_layers):")
+    print("context | batch | ms/tok stock | ms/tok LSA | ms/tok LSA+refresh | refresh/stock | refreshes/step | fetched MiB/step")
+    for run in runs:
+        stock, lsa, refresh = run["stock"], run["lsa"], run["lsa_refresh"]
+        steps = refresh["steps"] if isinstance(refresh, dict) else None
+        cells = [
+            f"{run['context'] // 1024}K", str(run["batch"]),
+            ms(stock["ms_per_token"]) if isinstance(stock, dict) else OOM,
+            ms(lsa["ms_per_token"]) if isinstance(lsa, dict) else OOM,
+            ms(refresh["ms_per_token"]) if steps else OOM,
+            f"{refresh['ms_per_token'] / stock['ms_per_token']:.2f}" if steps and isinstance(stock, dict) else "-",
+            f"{refresh['refreshes'] / steps:.2f}" if steps else "-",
+            f"{refresh['recall_bytes'] / steps / 2**20:.2f}" if steps else "-",
+        ]
+        print(" | ".join(cells))
 
 
 if __name__ == "__main__":
