@@ -45,7 +45,8 @@ def main():
     parser.add_argument("--threshold", type=float, default=0.1, help="LSA keeps chunks scoring at least this")
     parser.add_argument("--recency-chunks", type=int, default=2, help="newest chunks always resident (in the budget)")
     # Retrieval in the evaluation backbone runs through CSA layers 2 and 7 (see the README). Their indexer keys on
-    # the device cost 10% of the full CSA bytes here, so the refresh rows get a smaller budget for the same bytes.
+    # the device cost 10% of the full CSA bytes here, so the refresh rows get a smaller budget for the same bytes,
+    # and no recency tail or sink: a refresh fetches what the sliding window does not cover when it is used.
     parser.add_argument(
         "--refresh-layers", default="2,7", help="CSA layers of the lsa+refresh and refresh-only rows ('' leaves them out)"
     )
@@ -84,7 +85,7 @@ def run(args) -> dict:
     refresh_config = None
     if args.refresh_layers:
         layers = [int(value) for value in args.refresh_layers.split(",")]
-        refresh_config = {"refresh_layers": layers, "resident_budget": args.refresh_budget}
+        refresh_config = {"refresh_layers": layers, "resident_budget": args.refresh_budget, "recency_chunks": 0, "sink_chunks": 0}
     results = {}
     for length in [int(value) for value in args.lengths.split(",")]:
         examples = [ex for task in TASK_NAMES for ex in make_examples(task, length, args.examples, seed=length)]
