@@ -1,6 +1,6 @@
 """Full cache / LSA / recency-only / random at the same GPU budget on the synthetic tasks (REFERENCE.md section 4).
 
-    python examples/compare_methods.py --backbone DIR --indexer DIR --lengths 512,1024,2048 --out compare.json \
+    python examples/compare_methods.py --backbone DIR --indexer DIR --lengths 512,1024,2048,4096 --out compare.json \
         --plot compare.png
 
 Lengths run one after another; to spread them over GPUs or processes, run one length per command (its own
@@ -32,7 +32,7 @@ def main():
     parser.add_argument("--indexer", help="its memory indexer (a save_pretrained dir or Hub id)")
     parser.add_argument("--smoke", action="store_true", help="untrained smoke-size backbone and fresh indexer")
     parser.add_argument("--merge", nargs="+", metavar="JSON", help="join the results of earlier runs, run nothing")
-    parser.add_argument("--lengths", default="512,1024,2048", help="context lengths in tokens")
+    parser.add_argument("--lengths", default="512,1024,2048,4096", help="context lengths in tokens")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
         "--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="backbone dtype (auto: as saved)"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole evaluation, fixed seeds: train the evaluation backbone (one GPU, about 15 minutes on an H100), train
-# its memory indexer with the project's pipeline (about 3 minutes, CPU or GPU), then compare Full / LSA / recency /
-# random at 512, 1024 and 2048 tokens (20 examples per task and length).
+# its memory indexer with the project's pipeline (about 3 minutes, CPU or GPU), then compare Full / LSA /
+# LSA + refresh / refresh only / recency / random at 512 to 4096 tokens (20 examples per task and length).
 # Usage: bash examples/run_evaluation.sh [WORKDIR]   (default runs/evaluation)
 set -euo pipefail
 work=${1:-runs/evaluation}
