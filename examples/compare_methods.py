@@ -38,6 +38,7 @@ def main():
         "--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="backbone dtype (auto: as saved)"
     )
     parser.add_argument("--examples", type=int, default=20, help="examples per task and length")
+    parser.add_argument("--seed", type=int, default=0, help="examples of length N are drawn with seed N + 1000003 * SEED")
     parser.add_argument("--budget", type=float, default=0.1, help="resident budget, a fraction of the history")
     parser.add_argument("--tau", type=int, default=16)
     # Under a budget, a low threshold lets LSA fill the budget by score, as recency and random fill it; the
@@ -88,7 +89,8 @@ def run(args) -> dict:
         refresh_config = {"refresh_layers": layers, "resident_budget": args.refresh_budget, "recency_chunks": 0, "sink_chunks": 0}
     results = {}
     for length in [int(value) for value in args.lengths.split(",")]:
-        examples = [ex for task in TASK_NAMES for ex in make_examples(task, length, args.examples, seed=length)]
+        seed = length + 1_000_003 * args.seed
+        examples = [ex for task in TASK_NAMES for ex in make_examples(task, length, args.examples, seed=seed)]
         methods = comparison_methods(fm.attached_memory_indexer(model), lsa_config, refresh_config=refresh_config)
         results[length] = {}
         for method in methods:
