@@ -60,3 +60,17 @@ def test_beam_search_with_refresh_matches_stock(model):
     cache = fm.OffloadedLookaheadCache(model, config, fm.RecencyPolicy(0))
     lsa = model.generate(prompt, max_new_tokens=10, num_beams=3, do_sample=False, past_key_values=cache)
     assert torch.equal(lsa, stock)
+
+
+def test_generate_with_refresh_layers_in_cache_config_matches_stock(indexed_model):
+    """Without a budget a refresh only adds chunks, so whatever the memory indexer keeps, each layer sees its
+    whole native top-k."""
+    prompt = random_prompt(PROMPT_LENGTH, seed=5)
+    stock = greedy(indexed_model, prompt, max_new_tokens=NEW_TOKENS)
+    options = {"tau": 4, "threshold": 0.9, "recency_chunks": 0, "sink_chunks": 0, "refresh_layers": list(CSA_LAYERS)}
+    lsa = greedy(indexed_model, prompt, max_new_tokens=NEW_TOKENS, cache_implementation="lsa", cache_config=options)
+    assert torch.equal(lsa.sequences, stock.sequences)
+    assert max_logit_difference(lsa, stock) < 1e-5
+    options.pop("refresh_layers")
+    without = greedy(indexed_model, prompt, max_new_tokens=NEW_TOKENS, cache_implementation="lsa", cache_config=options)
+    assert max_logit_difference(without, stock) > 1e-3

@@ -242,9 +242,7 @@ class OffloadedLookaheadCache(DynamicCache):
         horizon = layer.hot.tail_start
         if self.resident_priorities is None or horizon == 0:
             return
-        priorities = torch.full((picks.shape[0], horizon), NOT_WANTED, device=picks.device)
-        known = min(horizon, self.resident_priorities.shape[1])
-        priorities[:, :known] = self.resident_priorities[:, :known].to(picks.device)
+        priorities = self.resident_priorities.to(picks.device)  # (batch, horizon): the trigger fixed both
         finite = priorities[torch.isfinite(priorities)]
         first = (float(finite.max()) if finite.numel() else 0.0) + 1.0
         rank_priority = first + torch.arange(picks.shape[1], 0, -1, device=picks.device, dtype=torch.float32)
@@ -252,6 +250,9 @@ class OffloadedLookaheadCache(DynamicCache):
         with_spare = torch.cat([priorities, priorities.new_zeros(picks.shape[0], 1)], dim=1)  # column `horizon`: discard
         with_spare.scatter_(1, torch.where(below, picks, horizon), rank_priority.expand_as(picks).contiguous())
         self.resident_priorities = priorities = with_spare[:, :horizon]
+        resident = layer.hot.chunk_ids
+        if all(torch.isin(picks[row][below[row]], resident[row]).all() for row in range(picks.shape[0])):
+            return  # raising resident chunks leaves the set as it is
         context = SelectionContext(horizon, torch.full((picks.shape[0],), horizon), self.trigger_count, picks.device)
         chunk_ids = resident_sets(priorities, context, self.lsa_config)
         if all(torch.equal(new, old) for new, old in zip(chunk_ids, layer.hot.chunk_ids)):
