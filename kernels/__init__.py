@@ -7,7 +7,16 @@ CPU) to check each kernel against its reference.
 """
 
 from ._backend import HAS_TRITON
-from .gather import gather_chunks, gather_chunks_copy, gather_chunks_reference, gather_chunks_triton
+from .gather import (
+    gather_chunks,
+    gather_chunks_copy,
+    gather_chunks_reference,
+    gather_chunks_triton,
+    gather_slab_chunks,
+    gather_slab_chunks_reference,
+    gather_slab_chunks_triton,
+    slab_addresses,
+)
 from .level1_scoring import level1_scores, level1_scores_reference, level1_scores_triton, select_over_threshold
 from .level2_topk import level2_topk, level2_topk_reference, level2_topk_triton
 from .sparse_decode_attention import (
@@ -22,6 +31,10 @@ __all__ = [
     "gather_chunks_copy",
     "gather_chunks_reference",
     "gather_chunks_triton",
+    "gather_slab_chunks",
+    "gather_slab_chunks_reference",
+    "gather_slab_chunks_triton",
+    "slab_addresses",
     "level1_scores",
     "level1_scores_reference",
     "level1_scores_triton",

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import torch
 
-from .kernels.gather import gather_chunks
+from .kernels.gather import gather_slab_chunks, slab_addresses
 
 
 class ColdPool:
@@ -25,6 +25,7 @@ class ColdPool:
         self.pin_memory, self.slab_chunks = pin_memory, slab_chunks
         self.slabs: list[torch.Tensor] = []  # each (batch, slab_chunks, dim)
         self.length = 0
+        self._addresses: torch.Tensor | None = None  # see _slab_addresses
 
     def append(self, entries: torch.Tensor) -> None:
         """entries: (batch, n, dim) on any device; copied to host, converted to the pool dtype."""
@@ -44,28 +45,26 @@ class ColdPool:
     def fetch_into(self, rows: torch.Tensor, chunk_ids: torch.Tensor, dst: torch.Tensor, dst_rows: torch.Tensor) -> list[torch.Tensor]:
         """dst[dst_rows[i]] = entry of sequence rows[i] at chunk_ids[i], for a device or host `dst` (M,) indices.
 
-        One gather per slab touched, issued on the current stream: on a GPU the kernel reads the pinned slab
+        One gather over all slabs, issued on the current stream: on a GPU the kernel reads the pinned slabs
         in place (no staging copy). Returns the slabs read, which must outlive the copies.
         """
         if chunk_ids.numel() and int(chunk_ids.max()) >= self.length:
             raise IndexError(f"chunk {int(chunk_ids.max())} requested, the pool holds {self.length}")
-        slab_of = chunk_ids // self.slab_chunks
-        order = slab_of.argsort()
-        slabs = slab_of[order].unique_consecutive(return_counts=True)
-        src_idx = (rows * self.slab_chunks + chunk_ids % self.slab_chunks)[order]  # rows of a (batch * slab_chunks, dim) slab
-        dst_rows = dst_rows[order]
         staging = dst if dst.dtype == self.dtype else torch.empty(dst_rows.numel(), self.dim, dtype=self.dtype, device=dst.device)
         staged_rows = dst_rows if staging is dst else torch.arange(dst_rows.numel(), device=dst.device)
-        read, start = [], 0
-        for slab, count in zip(*(values.tolist() for values in slabs)):
-            source = self.slabs[slab].view(-1, self.dim)
-            part = slice(start, start + count)
-            gather_chunks(source, src_idx[part], staging, staged_rows[part])
-            read.append(source)
-            start += count
+        slabs = [slab.view(-1, self.dim) for slab in self.slabs]  # row b * slab_chunks + offset: sequence b
+        src_rows = rows * self.slab_chunks + chunk_ids % self.slab_chunks
+        addresses = self._slab_addresses(slabs, dst.device) if dst.is_cuda else None
+        gather_slab_chunks(slabs, chunk_ids // self.slab_chunks, src_rows, staging, staged_rows, addresses)
         if staging is not dst:
             dst[dst_rows] = staging.to(dst.dtype)
-        return read
+        return slabs
+
+    def _slab_addresses(self, slabs: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+        """The kernel's table of slab addresses, rebuilt only when slabs were added or replaced."""
+        if self._addresses is None or self._addresses.numel() != len(slabs) or self._addresses.device != device:
+            self._addresses = slab_addresses(slabs, device)
+        return self._addresses
 
     def read(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """(batch, stop - start, dim): a contiguous copy of a range, for every sequence."""
@@ -85,6 +84,7 @@ class ColdPool:
         self.slabs = [slab.index_select(0, rows) for slab in self.slabs]
         if self.pin_memory:
             self.slabs = [slab.pin_memory() for slab in self.slabs]
+        self._addresses = None
         self.batch_size = rows.numel()
 
     def allocated_bytes(self) -> int:
