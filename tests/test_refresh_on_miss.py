@@ -74,3 +74,18 @@ def test_generate_with_refresh_layers_in_cache_config_matches_stock(indexed_mode
     options.pop("refresh_layers")
     without = greedy(indexed_model, prompt, max_new_tokens=NEW_TOKENS, cache_implementation="lsa", cache_config=options)
     assert max_logit_difference(without, stock) > 1e-3
+
+
+def test_left_padded_batch_with_refresh_matches_stock(indexed_model):
+    """Each sequence refreshes with its own top-k over its own visible chunks (padding included, as stock)."""
+    long_prompt, short_prompt = random_prompt(150, seed=1)[0], random_prompt(110, seed=2)[0]
+    input_ids = torch.zeros(2, 150, dtype=torch.long, device=long_prompt.device)
+    attention_mask = torch.zeros_like(input_ids)
+    input_ids[0], attention_mask[0] = long_prompt, 1
+    input_ids[1, 40:], attention_mask[1, 40:] = short_prompt, 1
+    stock = greedy(indexed_model, input_ids, attention_mask=attention_mask)
+    options = {"tau": 8, "threshold": 0.9, "recency_chunks": 0, "sink_chunks": 0, "refresh_layers": list(CSA_LAYERS)}
+    lsa = greedy(indexed_model, input_ids, attention_mask=attention_mask, cache_implementation="lsa", cache_config=options)
+    assert torch.equal(lsa.sequences, stock.sequences)
+    assert max_logit_difference(lsa, stock) < 1e-5
+    assert lsa.past_key_values.memory_report()["refreshes"] > 0
