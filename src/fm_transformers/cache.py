@@ -71,7 +71,7 @@ class LookaheadCSALayer(DeepseekV4CSACache):
     def _reset_storage(self):
         self.pools: dict[str, ColdPool] = {}
         self.hot: HotSet | None = None
-        self.index_keys: torch.Tensor | None = None  # (batch, chunks, index_head_dim), target layers only
+        self.index_keys: torch.Tensor | None = None  # (batch, chunks, index_head_dim), target and refresh layers only
         self.has_resident_set = False
         self.recalls = 0
         self.refreshes = 0
