@@ -145,16 +145,23 @@ def gather_chunks(src: torch.Tensor, src_idx: torch.Tensor, dst: torch.Tensor, d
     return gather_chunks_reference(src, src_idx, dst, dst_idx)
 
 
+def _check_uniform(slabs: list[torch.Tensor]) -> None:
+    layouts = {(slab.dtype, slab.shape[1:], slab.stride()) for slab in slabs}
+    if len(layouts) > 1:
+        raise ValueError("every slab must have the same dtype, row size and strides (one layout is passed to the kernel)")
+
+
 def _check_slabs(slabs: list[torch.Tensor], dst: torch.Tensor) -> None:
-    for slab in slabs:
-        _check(slab, dst)
-        if slab.stride() != slabs[0].stride():
-            raise ValueError("every slab must have the same strides (one stride pair is passed to the kernel)")
+    _check_uniform(slabs)
+    if slabs:
+        _check(slabs[0], dst)
 
 
 def slab_addresses(slabs: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     """(S,) int64 on `device`: each slab's data address, the table `gather_slab_chunks_triton` reads.
-    Build it once per set of slabs: creating it copies to the device and waits for that copy."""
+    Build it once per set of slabs (it checks that they share one layout; creating it copies to the device
+    and waits for that copy), and pass it to every gather from those slabs."""
+    _check_uniform(slabs)
     return torch.tensor([slab.data_ptr() for slab in slabs], dtype=torch.int64, device=device)
 
 
@@ -169,8 +176,10 @@ def gather_slab_chunks_triton(
     """Triton launcher of `gather_slab_chunks`: one launch whatever the number of slabs (each read in place
     through its mapped address, as in `gather_chunks_triton`). Returns dst."""
     require_triton("gather_slab_chunks")
-    _check_slabs(slabs, dst)
-    addresses = slab_addresses(slabs, dst.device) if addresses is None else addresses
+    if addresses is None:
+        addresses = slab_addresses(slabs, dst.device)
+    if slabs:
+        _check(slabs[0], dst)  # the table checked that the others match it
     n_rows, dim = row_idx.shape[0], dst.shape[1]
     if n_rows == 0:
         return dst

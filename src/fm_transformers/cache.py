@@ -15,7 +15,7 @@ from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4CSACa
 
 from .config import LSAConfig
 from .indexer import CSA_LAYER_TYPE, attached_memory_indexer
-from .policies import NOT_WANTED, MemoryIndexerPolicy, ResidentPolicy, SelectionContext, resident_sets
+from .policies import MemoryIndexerPolicy, ResidentPolicy, SelectionContext, resident_sets
 from .pool import ColdPool, HotSet
 from .report import memory_report
 
@@ -243,9 +243,8 @@ class OffloadedLookaheadCache(DynamicCache):
         if self.resident_priorities is None or horizon == 0:
             return
         priorities = self.resident_priorities.to(picks.device)  # (batch, horizon): the trigger fixed both
-        finite = priorities[torch.isfinite(priorities)]
-        first = (float(finite.max()) if finite.numel() else 0.0) + 1.0
-        rank_priority = first + torch.arange(picks.shape[1], 0, -1, device=picks.device, dtype=torch.float32)
+        highest = priorities.masked_fill(~torch.isfinite(priorities), 0.0).max().clamp(min=0.0)  # no host sync
+        rank_priority = highest + 1.0 + torch.arange(picks.shape[1], 0, -1, device=picks.device, dtype=torch.float32)
         below = (picks >= 0) & (picks < horizon)  # picks in the tail are candidates already
         with_spare = torch.cat([priorities, priorities.new_zeros(picks.shape[0], 1)], dim=1)  # column `horizon`: discard
         with_spare.scatter_(1, torch.where(below, picks, horizon), rank_priority.expand_as(picks).contiguous())

@@ -129,7 +129,7 @@ def test_gather_slab_chunks_dispatch_matches_reference(gen, device):
 def test_gather_slab_chunks_rejects_slabs_of_different_strides(gen, device):
     slabs, slab_idx, row_idx, dst, dst_idx = make_slab_inputs(gen, device, 2, 16, 40, 8, 32, torch.float32)
     slabs[1] = slabs[1].t().contiguous().t()
-    with pytest.raises(ValueError, match="same strides"):
+    with pytest.raises(ValueError, match="same dtype, row size and strides"):
         gather_slab_chunks_reference(slabs, slab_idx, row_idx, dst, dst_idx)
 
 
