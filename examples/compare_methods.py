@@ -86,7 +86,9 @@ def run(args) -> dict:
     refresh_config = None
     if args.refresh_layers:
         layers = [int(value) for value in args.refresh_layers.split(",")]
-        refresh_config = {"refresh_layers": layers, "resident_budget": args.refresh_budget, "recency_chunks": 0, "sink_chunks": 0}
+        refresh_config = {
+            "refresh_layers": layers, "resident_budget": args.refresh_budget, "recency_chunks": 0, "sink_chunks": 0
+        }
     results = {}
     for length in [int(value) for value in args.lengths.split(",")]:
         seed = length + 1_000_003 * args.seed

@@ -148,7 +148,9 @@ def gather_chunks(src: torch.Tensor, src_idx: torch.Tensor, dst: torch.Tensor, d
 def _check_uniform(slabs: list[torch.Tensor]) -> None:
     layouts = {(slab.dtype, slab.shape[1:], slab.stride()) for slab in slabs}
     if len(layouts) > 1:
-        raise ValueError("every slab must have the same dtype, row size and strides (one layout is passed to the kernel)")
+        raise ValueError(
+            "every slab must have the same dtype, row size and strides (one layout is passed to the kernel)"
+        )
 
 
 def _check_slabs(slabs: list[torch.Tensor], dst: torch.Tensor) -> None:

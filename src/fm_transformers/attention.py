@@ -105,7 +105,8 @@ def whole_history_topk(layer: LookaheadCSALayer, q, weights, visible_chunks, ind
     chunk_ids = torch.arange(chunks, device=q.device).expand(batch, -1)
     slots = torch.arange(batch, device=q.device).unsqueeze(1) * chunks + chunk_ids
     keys = layer.index_keys.reshape(batch * chunks, dim)
-    top, _ = level2_topk(q, weights, keys, slots, chunk_ids < visible_chunks, indexer.index_topk, indexer.scorer.softmax_scale)
+    visible = chunk_ids < visible_chunks
+    top, _ = level2_topk(q, weights, keys, slots, visible, indexer.index_topk, indexer.scorer.softmax_scale)
     return top
 
 

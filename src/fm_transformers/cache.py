@@ -262,7 +262,8 @@ class OffloadedLookaheadCache(DynamicCache):
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
         if self.resident_priorities is not None:
-            self.resident_priorities = self.resident_priorities.index_select(0, beam_idx.to(self.resident_priorities.device))
+            rows = beam_idx.to(self.resident_priorities.device)
+            self.resident_priorities = self.resident_priorities.index_select(0, rows)
 
     def reset(self) -> None:
         super().reset()
