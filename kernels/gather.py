@@ -90,18 +90,25 @@ def gather_chunks_triton(
     """Triton launcher of `gather_chunks`: the GPU reads the pinned pool in place. Returns dst."""
     require_triton("gather_chunks")
     _check(src, dst)
-    n_rows, dim = src_idx.shape[0], src.shape[1]
+    return _launch(_gather_kernel, (src, src_idx), src.stride(), dst, dst_idx)
+
+
+def _launch(kernel, sources: tuple, src_stride: tuple[int, int], dst: torch.Tensor, dst_idx: torch.Tensor):
+    """Launch a gather kernel whose arguments are `sources`, then dst, dst_idx, sizes and strides: one
+    program per 16 rows and up to 512 columns. Returns dst."""
+    n_rows, dim = dst_idx.shape[0], dst.shape[1]
+    if n_rows == 0:
+        return dst
     block_m = 16
     block_d = min(block_size(dim), 512)
     grid = (triton.cdiv(n_rows, block_m), triton.cdiv(dim, block_d))
-    _gather_kernel[grid](
-        src,
-        src_idx,
+    kernel[grid](
+        *sources,
         dst,
         dst_idx,
         n_rows,
         dim,
-        *src.stride(),
+        *src_stride,
         *dst.stride(),
         BLOCK_M=block_m,
         BLOCK_D=block_d,
@@ -180,29 +187,10 @@ def gather_slab_chunks_triton(
     require_triton("gather_slab_chunks")
     if addresses is None:
         addresses = slab_addresses(slabs, dst.device)
-    if slabs:
-        _check(slabs[0], dst)  # the table checked that the others match it
-    n_rows, dim = row_idx.shape[0], dst.shape[1]
-    if n_rows == 0:
+    if dst_idx.numel() == 0:
         return dst
-    block_m = 16
-    block_d = min(block_size(dim), 512)
-    grid = (triton.cdiv(n_rows, block_m), triton.cdiv(dim, block_d))
-    _gather_slabs_kernel[grid](
-        addresses,
-        slab_idx,
-        row_idx,
-        dst,
-        dst_idx,
-        n_rows,
-        dim,
-        *slabs[0].stride(),
-        *dst.stride(),
-        BLOCK_M=block_m,
-        BLOCK_D=block_d,
-        num_warps=4,
-    )
-    return dst
+    _check(slabs[0], dst)  # the table checked that the others match it
+    return _launch(_gather_slabs_kernel, (addresses, slab_idx, row_idx), slabs[0].stride(), dst, dst_idx)
 
 
 def gather_slab_chunks_reference(

@@ -254,7 +254,7 @@ class OffloadedLookaheadCache(DynamicCache):
             return  # raising resident chunks leaves the set as it is
         context = SelectionContext(horizon, torch.full((picks.shape[0],), horizon), self.trigger_count, picks.device)
         chunk_ids = resident_sets(priorities, context, self.lsa_config)
-        if all(torch.equal(new, old) for new, old in zip(chunk_ids, layer.hot.chunk_ids)):
+        if all(torch.equal(new, old) for new, old in zip(chunk_ids, resident)):
             return
         for csa_layer in self.lookahead_layers():
             csa_layer.recall(chunk_ids, horizon, refresh=True)

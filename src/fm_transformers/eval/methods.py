@@ -21,7 +21,6 @@ from ..report import stock_csa_bytes
 from .vocab import EOS, PAD
 
 METHODS = ("full", "lsa", "recency", "random")
-REFRESH_METHODS = ("lsa+refresh", "refresh only")
 
 
 @dataclass
