@@ -48,6 +48,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
     parser.add_argument("--kl-weight", type=float, default=defaults.kl_weight)
     parser.add_argument("--grad-clip", type=float, default=defaults.grad_clip)
+    parser.add_argument("--init-from", default=None, help="start from this saved backbone (a second training stage)")
+    parser.add_argument(
+        "--extra-tasks", default="", help="comma-separated evaluation tasks drawn once more per turn of the mix"
+    )
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto", help="auto: bf16 on CUDA")
     parser.add_argument("--checkpoint-every", type=int, default=200)
     parser.add_argument("--max-minutes", type=float, default=None, help="stop training (with a checkpoint) after this")
@@ -78,6 +82,8 @@ def main() -> None:
         kl_weight=args.kl_weight,
         grad_clip=args.grad_clip,
         precision=precision,
+        init_from=args.init_from,
+        extra_tasks=tuple(task for task in args.extra_tasks.split(",") if task),
     )
     run = train_backbone(config, args.output_dir, args.device, args.resume, args.checkpoint_every, args.max_minutes)
     if args.eval_lengths is None:

@@ -5,10 +5,21 @@ import pytest
 import torch
 from transformers import DeepseekV4ForCausalLM
 
-from fm_transformers.eval import evaluate_backbone, train_backbone
-from fm_transformers.eval.backbone_training import CHECKPOINT_NAME, MODEL_DIR_NAME
+from fm_transformers.eval import (
+    build_eval_backbone,
+    eval_backbone_config,
+    evaluate_backbone,
+    train_backbone,
+)
+from fm_transformers.eval.backbone_training import (
+    CHECKPOINT_NAME,
+    MODEL_DIR_NAME,
+    initial_model,
+)
+from fm_transformers.eval.batches import TRAINING_MIX
 from fm_transformers.eval.distillation import csa_layer_indices
 from fm_transformers.eval.tasks import TASK_NAMES
+from fm_transformers.eval.vocab import TASK_TOKENS
 
 
 def test_three_training_steps_have_finite_losses_and_go_from_dense_to_sparse(smoke_config, tmp_path):
@@ -68,3 +79,48 @@ def test_dense_evaluation_shows_every_entry_to_csa_and_restores_the_served_top_k
     top_k = smoke_model.config.index_topk
     assert max(widths) >= 128 // 4 > top_k  # queries chose among all (32+) entries, not the top 4
     assert all(indexer.index_topk == top_k for indexer in indexers)
+
+
+def test_a_second_stage_starts_from_the_saved_weights_in_fp32(smoke_config, tmp_path):
+    first = train_backbone(smoke_config, tmp_path / "first", progress=False)
+    first.model.to(torch.bfloat16).save_pretrained(tmp_path / "first-bf16")
+    second = dataclasses.replace(smoke_config, init_from=str(tmp_path / "first-bf16"), steps=1, dense_steps=0)
+    start = initial_model(second)
+    saved = first.model.state_dict()
+    assert all(t.dtype == torch.float32 for t in start.state_dict().values() if t.is_floating_point())
+    assert all(torch.equal(saved[name].float(), tensor.float()) for name, tensor in start.state_dict().items())
+    fresh = initial_model(smoke_config).state_dict()
+    assert not torch.equal(fresh["model.embed_tokens.weight"], start.state_dict()["model.embed_tokens.weight"])
+    run = train_backbone(second, tmp_path / "second", progress=False)
+    assert run.finished and math.isfinite(run.history[0]["loss"])
+
+
+def test_init_from_another_size_or_a_missing_model_is_a_clear_error(smoke_config, tmp_path):
+    build_eval_backbone(eval_backbone_config("small"), seed=0).save_pretrained(tmp_path / "small")
+    with pytest.raises(ValueError, match="not a 'smoke' evaluation backbone"):
+        initial_model(dataclasses.replace(smoke_config, init_from=str(tmp_path / "small")))
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        initial_model(dataclasses.replace(smoke_config, init_from=str(tmp_path / "missing")))
+
+
+def test_extra_tasks_are_drawn_more_often_and_must_be_evaluation_tasks(smoke_config):
+    weighted = dataclasses.replace(
+        smoke_config, tokens_per_step=smoke_config.max_length * 110, extra_tasks=("common_words",)
+    )
+
+    def count(config):
+        batch = config.batch_for(0)
+        return int((batch.input_ids[:, 1] == TASK_TOKENS["common_words"]).sum()), batch.input_ids.shape[0]
+
+    plain_count, rows = count(dataclasses.replace(weighted, extra_tasks=()))
+    weighted_count, _ = count(weighted)
+    # 110 rows: the plain mix (10 entries) draws common words 11 times, the weighted one (11 entries) 2 * 10
+    assert rows == 110 and len(TRAINING_MIX) == 10 and (plain_count, weighted_count) == (11, 20)
+    with pytest.raises(ValueError, match="extra_tasks must be evaluation tasks"):
+        dataclasses.replace(smoke_config, extra_tasks=("associative_recall",))
+
+
+def test_a_checkpoint_of_a_run_with_extra_tasks_resumes(smoke_config, tmp_path):
+    config = dataclasses.replace(smoke_config, extra_tasks=("variable_tracking",))
+    train_backbone(config, tmp_path, max_minutes=0, progress=False)
+    assert train_backbone(config, tmp_path, resume=True, progress=False).finished

@@ -7,7 +7,8 @@ distributions); afterwards the indexers' top-k is in force, as when the model is
 
 A run is a function of its TrainingConfig: the batch of step s depends only on (seed, step) and the learning
 rate only on the step, so resuming from a checkpoint (model and optimizer state) continues the run as if it
-had never stopped.
+had never stopped. A run may start from the weights of an earlier one (`init_from`): a second stage at the
+training length, at a lower learning rate and with the hardest tasks drawn more often (`extra_tasks`).
 """
 
 import logging
@@ -21,9 +22,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+from transformers import DeepseekV4ForCausalLM
 
 from .backbone import BACKBONE_SIZES, build_eval_backbone, eval_backbone_config
-from .batches import IGNORE, Batch, curriculum_length, make_batch
+from .batches import IGNORE, TRAINING_MIX, Batch, curriculum_length, make_batch
 from .compare import evaluate_accuracy
 from .distillation import IndexerDistillation, indexer_parameter_names, set_dense_csa
 from .tasks import TASK_NAMES, make_examples
@@ -54,8 +56,14 @@ class TrainingConfig:
     kl_weight: float = 1.0
     grad_clip: float = 1.0
     precision: str = "bf16"
+    init_from: str | None = None  # a saved backbone (save_pretrained directory) to start from; None: fresh weights
+    extra_tasks: tuple[str, ...] = ()  # evaluation tasks drawn once more per turn of the training mix
 
     def __post_init__(self):
+        object.__setattr__(self, "extra_tasks", tuple(self.extra_tasks))  # a list when read back from a checkpoint
+        unknown = [task for task in self.extra_tasks if task not in TASK_NAMES]
+        if unknown:
+            raise ValueError(f"extra_tasks must be evaluation tasks ({', '.join(TASK_NAMES)}), got {unknown}")
         if self.size not in BACKBONE_SIZES:
             raise ValueError(f"size must be one of {sorted(BACKBONE_SIZES)}, got {self.size!r}")
         if self.precision not in PRECISIONS:
@@ -76,7 +84,26 @@ class TrainingConfig:
 
     def batch_for(self, step: int) -> Batch:
         length = curriculum_length(self.seed, step, self.min_length, self.max_length, self.ramp_steps)
-        return make_batch(self.seed, step, length, max(1, self.tokens_per_step // length))
+        mix = TRAINING_MIX + tuple((task, {}) for task in self.extra_tasks)
+        return make_batch(self.seed, step, length, max(1, self.tokens_per_step // length), mix)
+
+
+def initial_model(config: TrainingConfig) -> torch.nn.Module:
+    """The model step 0 starts from: fresh weights of `config.size` (seeded), or those saved in `init_from`,
+    loaded into that architecture in fp32 (so a bf16 export can start a run)."""
+    model = build_eval_backbone(eval_backbone_config(config.size), seed=config.seed)
+    if config.init_from is None:
+        return model
+    if not (Path(config.init_from) / "config.json").is_file():
+        raise FileNotFoundError(f"init_from {config.init_from!r} is not a saved backbone (no config.json in it)")
+    saved = DeepseekV4ForCausalLM.from_pretrained(config.init_from, dtype=torch.float32)
+    try:
+        model.load_state_dict(saved.state_dict(), strict=True)
+    except RuntimeError as error:
+        raise ValueError(
+            f"init_from {config.init_from!r} is not a {config.size!r} evaluation backbone: {error}"
+        ) from None
+    return model
 
 
 def autocast(device: torch.device, precision: str):
@@ -181,7 +208,7 @@ def train_backbone(
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = output_dir / CHECKPOINT_NAME
-    model = build_eval_backbone(eval_backbone_config(config.size), seed=config.seed).to(device)
+    model = initial_model(config).to(device)
     optimizer = make_optimizer(model, config)
     step = _start_step(checkpoint, resume, config, model, optimizer)
     deadline = None if max_minutes is None else time.monotonic() + 60 * max_minutes
