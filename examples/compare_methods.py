@@ -5,6 +5,8 @@
 
 Lengths run one after another; to spread them over GPUs or processes, run one length per command (its own
 --out) and join the results: `python examples/compare_methods.py --merge a.json b.json --out all.json --plot all.png`.
+Runs of the same lengths on other example draws (--seed) pool into one table of their mean: `--pool s0.json
+s1.json s2.json` (each draw has as many examples, so the mean accuracy is the accuracy over all of them).
 
 --backbone: the evaluation backbone trained by examples/train_eval_backbone.py; --indexer: its memory indexer
 trained with `fm-indexer`. Without them (--smoke) it runs on an untrained smoke-size backbone and a fresh indexer:
@@ -32,6 +34,7 @@ def main():
     parser.add_argument("--indexer", help="its memory indexer (a save_pretrained dir or Hub id)")
     parser.add_argument("--smoke", action="store_true", help="untrained smoke-size backbone and fresh indexer")
     parser.add_argument("--merge", nargs="+", metavar="JSON", help="join the results of earlier runs, run nothing")
+    parser.add_argument("--pool", nargs="+", metavar="JSON", help="average runs of other draws (--seed), run nothing")
     parser.add_argument("--lengths", default="512,1024,2048,4096", help="context lengths in tokens")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
@@ -55,8 +58,12 @@ def main():
     parser.add_argument("--out", default="compare.json")
     parser.add_argument("--plot", default="compare.png")
     args = parser.parse_args()
+    if args.merge and args.pool:
+        parser.error("pass --merge or --pool, not both")
     if args.merge:
         results = merge(args.merge)
+    elif args.pool:
+        results = pool(args.pool)
     elif args.smoke or (args.backbone and args.indexer):
         results = run(args)
     else:
@@ -115,6 +122,39 @@ def merge(paths: list[str]) -> dict:
                     raise SystemExit(f"context length {length} appears in more than one of {paths}")
                 results[int(length)] = methods
     return dict(sorted(results.items()))
+
+
+def pool(paths: list[str]) -> dict:
+    """The mean of runs over other example draws: every run must hold the same lengths, methods and tasks (a
+    missing one would bias the mean); accuracy, CSA bytes and fetches are averaged entry by entry."""
+    runs = []
+    for path in paths:
+        with open(path) as handle:
+            runs.append({int(length): methods for length, methods in json.load(handle).items()})
+
+    def shape(run):
+        return {n: {m: sorted(e["accuracy"]) for m, e in methods.items()} for n, methods in run.items()}
+
+    for path, run in zip(paths[1:], runs[1:]):
+        if shape(run) != shape(runs[0]):
+            raise SystemExit(f"{path} has other lengths, methods or tasks than {paths[0]}: cannot pool them")
+
+    def mean(values):
+        return sum(values) / len(values)
+
+    pooled = {}
+    for length in sorted(runs[0]):
+        pooled[length] = {}
+        for name, first in runs[0][length].items():
+            entries = [run[length][name] for run in runs]
+            entry = {
+                "accuracy": {task: mean([e["accuracy"][task] for e in entries]) for task in first["accuracy"]},
+                "csa_device_bytes": mean([e["csa_device_bytes"] for e in entries]),
+            }
+            if "fetched_per_token" in first:
+                entry["fetched_per_token"] = mean([e["fetched_per_token"] for e in entries])
+            pooled[length][name] = entry
+    return pooled
 
 
 def mean_accuracy(entry) -> float:

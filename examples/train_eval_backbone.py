@@ -1,8 +1,12 @@
 """Train the evaluation backbone (a small DeepSeek-V4) on the synthetic tasks, then print its per-task accuracy
 with the stock full cache.
 
-GPU run (3400 steps, about 15 minutes on one H100, bf16; --max-minutes and --resume split it into parts):
-    python examples/train_eval_backbone.py --device cuda --output-dir runs/eval-backbone
+GPU run, stage 1 (3400 steps, about 15 minutes on one H100, bf16; --max-minutes and --resume split it into parts):
+    python examples/train_eval_backbone.py --device cuda --output-dir runs/eval-backbone --export-bf16 runs/eval-bf16
+Stage 2 (from stage 1's weights, every context at the training length, the weakest tasks twice as often):
+    python examples/train_eval_backbone.py --device cuda --init-from runs/eval-bf16 --steps 1500 --dense-steps 0 \
+        --ramp-steps 0 --min-length 512 --lr 3e-4 --extra-tasks variable_tracking,common_words \
+        --output-dir runs/eval-backbone2 --export-bf16 runs/eval2-bf16
 CPU smoke run (seconds):
     OMP_NUM_THREADS=1 python examples/train_eval_backbone.py --device cpu --size smoke --steps 3 --dense-steps 2 \
         --min-length 128 --max-length 128 --tokens-per-step 256 --eval-lengths 128 --eval-examples 2 \

@@ -85,3 +85,30 @@ def test_the_script_refuses_to_join_two_runs_of_the_same_length(tmp_path):
     )
     assert done.returncode != 0 and "appears in more than one" in done.stderr
     assert not (tmp_path / "o.json").exists()
+
+
+def test_the_script_pools_draws_of_the_same_lengths_into_their_mean(tmp_path):
+    draws = []
+    for seed, (accuracy, kib) in enumerate(((1.0, 2), (0.5, 4))):
+        draw = {"512": {"full": _entry(1.0, 8), "lsa": {**_entry(accuracy, kib), "fetched_per_token": 2.0 * seed}}}
+        draws.append(tmp_path / f"s{seed}.json")
+        draws[-1].write_text(json.dumps(draw))
+    out = tmp_path / "pooled.json"
+    subprocess.run(
+        [sys.executable, str(SCRIPT), "--pool", *map(str, draws), "--out", str(out), "--plot", str(tmp_path / "p.png")],
+        capture_output=True, text=True, timeout=120, check=True,
+    )
+    lsa = json.loads(out.read_text())["512"]["lsa"]
+    assert lsa == {"accuracy": {"single_needle": 0.75}, "csa_device_bytes": 3 * 1024, "fetched_per_token": 1.0}
+
+
+def test_the_script_refuses_to_pool_draws_of_other_methods(tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps({"512": {"full": _entry(1.0, 8), "lsa": _entry(0.5, 1)}}))
+    (tmp_path / "b.json").write_text(json.dumps({"512": {"full": _entry(1.0, 8)}}))
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--pool", str(tmp_path / "a.json"), str(tmp_path / "b.json"),
+         "--out", str(tmp_path / "o.json")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode != 0 and "cannot pool them" in done.stderr
+    assert not (tmp_path / "o.json").exists()
