@@ -52,6 +52,42 @@ def test_second_recall_fetches_only_the_chunks_that_changed():
     assert_candidates_hold_their_chunks(hot, entries)
 
 
+def test_random_recalls_and_appends_keep_every_candidate_equal_to_its_pool_entry():
+    """Uneven sets per sequence (some empty), horizons that move or stay (a refresh), chunks appended between:
+    after each recall every candidate reads its own entry and only chunks that were on no row are fetched."""
+    generator = torch.Generator().manual_seed(0)
+    batch = 3
+    pool = ColdPool(batch, DIM, torch.float32, pin_memory=False, slab_chunks=4)
+    hot = HotSet({"kv": DIM}, batch, torch.device("cpu"), torch.float32, tail_reserve=2)
+    fetch = lambda kind, *where: pool.fetch_into(*where)  # noqa: E731
+    entries = torch.empty(batch, 0, DIM)
+    horizon = 0
+    for _ in range(30):
+        new = torch.randn(batch, int(torch.randint(0, 4, (), generator=generator)), DIM, generator=generator)
+        pool.append(new)
+        hot.append_tail("kv", new)
+        entries = torch.cat([entries, new], dim=1)
+        if torch.rand((), generator=generator) < 0.6:
+            horizon = entries.shape[1]  # a trigger; otherwise a refresh under the same horizon
+        on_device = [
+            set(ids.tolist()) | set(range(hot.tail_start, hot.tail_start + hot.tail_length)) for ids in hot.chunk_ids
+        ]
+        new_ids = [
+            torch.randperm(horizon, generator=generator)[: int(torch.randint(0, horizon + 1, (), generator=generator))]
+            .sort()
+            .values
+            for _ in range(batch)
+        ]
+        expected = sum(len(set(ids.tolist()) - on_device[row]) for row, ids in enumerate(new_ids))
+        assert hot.recall(new_ids, horizon, fetch) == expected
+        assert [ids.tolist() for ids in hot.chunk_ids] == [ids.tolist() for ids in new_ids]
+        got, chunk_ids = candidate_entries(hot)
+        for row in range(batch):
+            valid = chunk_ids[row] >= 0
+            assert torch.equal(got[row, valid], entries[row, chunk_ids[row, valid]])
+            assert chunk_ids[row, valid].tolist() == new_ids[row].tolist() + list(range(horizon, entries.shape[1]))
+
+
 def test_tail_grows_in_place_within_its_reserve():
     hot, pool, entries, fetch = hot_set_with_pool(6, reserve=3)
     hot.recall([torch.tensor([1]), torch.tensor([4, 5])], horizon=6, fetch=fetch)
@@ -77,7 +113,9 @@ def test_recall_converts_chunks_from_a_pool_kept_in_another_dtype():
     pool.append(entries)
     hot.append_tail("kv", entries)
     hot.recall([torch.tensor([1]), torch.tensor([2])], horizon=8, fetch=lambda kind, *where: pool.fetch_into(*where))
-    hot.recall([torch.tensor([1, 5]), torch.tensor([0, 7])], horizon=8, fetch=lambda kind, *where: pool.fetch_into(*where))
+    hot.recall(
+        [torch.tensor([1, 5]), torch.tensor([0, 7])], horizon=8, fetch=lambda kind, *where: pool.fetch_into(*where)
+    )
     got, chunk_ids = candidate_entries(hot)
     assert got.dtype == torch.float32
     assert torch.equal(got[0, 0], entries[0, 1])  # stayed on the device since it was made
@@ -112,7 +150,9 @@ def test_reorder_keeps_each_sequence_with_its_chunks():
 def test_recall_starts_at_the_trigger_so_copies_can_overlap_what_follows(model):
     """The resident set is fetched when level 1 decides it, at the end of the trigger forward: the next
     forward only waits for copies that were queued while the rest of the trigger forward ran."""
-    cache = fm.OffloadedLookaheadCache(model, {"tau": 4, "resident_budget": 5, "recency_chunks": 1, "sink_chunks": 1}, fm.RecencyPolicy(2))
+    cache = fm.OffloadedLookaheadCache(
+        model, {"tau": 4, "resident_budget": 5, "recency_chunks": 1, "sink_chunks": 1}, fm.RecencyPolicy(2)
+    )
     with torch.no_grad():
         model(random_prompt(41), past_key_values=cache)
     for layer in cache.lookahead_layers():

@@ -193,28 +193,37 @@ class HotSet:
         return plan["missing_ids"].numel()
 
     def _plan(self, new_ids: list[torch.Tensor], horizon: int) -> dict[str, torch.Tensor]:
-        """Where each new resident row comes from: table rows on the device (src -> dst) or the pool (missing)."""
-        old_offsets, batch = self._offsets(), self.batch_size
-        src, dst, missing_rows, missing_ids, missing_dst = [], [], [], [], []
-        base = 0
-        for row, ids in enumerate(new_ids):
-            ids = ids.to(self.device)
-            old_ids = self.chunk_ids[row]
-            old_pos = torch.searchsorted(old_ids, ids).clamp(max=max(old_ids.numel() - 1, 0))
-            in_old = old_ids[old_pos] == ids if old_ids.numel() else torch.zeros_like(ids, dtype=torch.bool)
-            in_tail = ~in_old & (ids >= self.tail_start) & (ids < self.tail_start + self.tail_length)
-            missing = ~in_old & ~in_tail
-            tail_rows = self.resident_rows + (ids - self.tail_start) * batch + row
-            slots = base + torch.arange(ids.numel(), device=self.device)
-            src.append(torch.where(in_old, int(old_offsets[row]) + old_pos, tail_rows)[~missing])
-            dst.append(slots[~missing])
-            missing_rows.append(torch.full_like(ids[missing], row))
-            missing_ids.append(ids[missing])
-            missing_dst.append(slots[missing])
-            base += ids.numel()
-        empty = torch.empty(0, dtype=torch.long, device=self.device)
-        lists = dict(src=src, dst=dst, missing_rows=missing_rows, missing_ids=missing_ids, missing_dst=missing_dst)
-        return {name: torch.cat(parts) if parts else empty for name, parts in lists.items()}
+        """Where each new resident row comes from: table rows on the device (src -> dst) or the pool (missing).
+
+        All sequences at once: (sequence, chunk id) pairs become one sorted key per row, old resident rows are
+        found by one searchsorted, and only the two final selections wait for the device (a loop over sequences
+        waited several times per sequence, for every CSA layer at every refresh).
+        """
+        device, batch = self.device, self.batch_size
+        counts = [ids.numel() for ids in new_ids]
+        ids = torch.cat([ids.to(device) for ids in new_ids]) if new_ids else torch.empty(0, dtype=torch.long, device=device)
+        rows = torch.repeat_interleave(torch.arange(batch, device=device), torch.tensor(counts, device=device))
+        old_ids = torch.cat(self.chunk_ids)
+        old_rows = torch.repeat_interleave(
+            torch.arange(batch, device=device), torch.tensor([i.numel() for i in self.chunk_ids], device=device)
+        )
+        stride = max(horizon, self.tail_start + self.tail_length, 1)  # above every chunk id: keys sort by (row, id)
+        old_keys, keys = old_rows * stride + old_ids, rows * stride + ids
+        old_pos = torch.searchsorted(old_keys, keys).clamp(max=max(old_keys.numel() - 1, 0))  # = its table row
+        in_old = old_keys[old_pos] == keys if old_keys.numel() else torch.zeros_like(ids, dtype=torch.bool)
+        in_tail = ~in_old & (ids >= self.tail_start) & (ids < self.tail_start + self.tail_length)
+        tail_rows = self.resident_rows + (ids - self.tail_start) * batch + rows
+        slots = torch.arange(ids.numel(), device=device)
+        missing = ~in_old & ~in_tail
+        kept = (~missing).nonzero().squeeze(1)
+        fetched = missing.nonzero().squeeze(1)
+        return {
+            "src": torch.where(in_old, old_pos, tail_rows)[kept],
+            "dst": slots[kept],
+            "missing_rows": rows[fetched],
+            "missing_ids": ids[fetched],
+            "missing_dst": slots[fetched],
+        }
 
     def candidates(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Level-2 candidates per sequence: resident chunks then the tail.
