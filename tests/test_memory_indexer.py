@@ -1,5 +1,6 @@
 """The memory indexer's scores follow REFERENCE.md section 2; selection is threshold + union + tail + sink."""
 
+import pytest
 import torch
 
 import fm_transformers as fm
@@ -76,3 +77,31 @@ def test_fractional_budget_scales_with_history():
     priorities = torch.zeros(1, 40)
     (ids,) = resident_sets(priorities, context_for(40), LSAConfig(recency_chunks=0, sink_chunks=0, resident_budget=0.25))
     assert ids.numel() == 10
+
+
+def _resident_sets_one_sequence_at_a_time(priorities, num_chunks, config):
+    """The selection written plainly, sequence by sequence: the reference of the batched one."""
+    ids = torch.arange(num_chunks)
+    forced = (ids >= num_chunks - config.recency_chunks) | (ids < config.sink_chunks)
+    budget = config.budget_chunks(num_chunks)
+    sets = []
+    for row in priorities:
+        chosen = [int(i) for i in ids[torch.isfinite(row) & ~forced]]
+        if budget is not None:
+            room = max(0, budget - int(forced.sum()))
+            chosen = sorted(chosen, key=lambda i: (-float(row[i]), i))[:room]
+        sets.append(sorted(chosen + [int(i) for i in ids[forced]]))
+    return sets
+
+
+@pytest.mark.parametrize("budget", [None, 1, 5, 12, 0.3, 1.0])
+@pytest.mark.parametrize("recency,sink", [(0, 0), (3, 2), (30, 30)])
+def test_batched_selection_equals_the_selection_of_each_sequence(budget, recency, sink):
+    generator = torch.Generator().manual_seed(0)
+    num_chunks, batch = 40, 4
+    priorities = torch.randint(0, 6, (batch, num_chunks), generator=generator).float()  # many ties
+    priorities[torch.rand(batch, num_chunks, generator=generator) < 0.4] = float("-inf")
+    priorities[2] = float("-inf")  # a sequence that wants nothing
+    config = LSAConfig(recency_chunks=recency, sink_chunks=sink, resident_budget=budget)
+    got = resident_sets(priorities, context_for(num_chunks, batch), config)
+    assert [ids.tolist() for ids in got] == _resident_sets_one_sequence_at_a_time(priorities, num_chunks, config)

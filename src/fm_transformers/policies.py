@@ -141,20 +141,20 @@ class MemoryIndexerPolicy(ResidentPolicy):
 def resident_sets(priorities: torch.Tensor, context: SelectionContext, config: LSAConfig) -> list[torch.Tensor]:
     """Per sequence, the sorted chunk ids to keep resident: wanted chunks, plus recency tail and sink, capped.
 
-    The tail and the sink are always kept; the budget, if any, then admits wanted chunks by priority.
+    The tail and the sink are always kept; the budget, if any, then admits wanted chunks by priority (equal
+    priorities: lower chunk id first). All sequences at once, with two host syncs in all: this runs at every
+    trigger and, with refresh layers, at every refresh.
     """
     num_chunks = context.num_chunks
     ids = context.chunk_ids()
     forced = (ids >= num_chunks - config.recency_chunks) | (ids < config.sink_chunks)  # (chunks,)
+    wanted = torch.isfinite(priorities) & ~forced  # (batch, chunks)
     budget = config.budget_chunks(num_chunks)
-    sets = []
-    for row in range(context.batch_size):
-        wanted = torch.isfinite(priorities[row]) & ~forced
-        chosen = ids[wanted]
-        if budget is not None:
-            room = max(0, budget - int(forced.sum()))
-            if chosen.numel() > room:
-                order = priorities[row][chosen].argsort(descending=True, stable=True)
-                chosen = chosen[order[:room]]
-        sets.append(torch.cat([ids[forced], chosen]).sort().values)
-    return sets
+    if budget is not None:
+        room = max(0, budget - min(num_chunks, config.recency_chunks + config.sink_chunks))  # minus the forced
+        order = priorities.masked_fill(~wanted, NOT_WANTED).argsort(dim=1, descending=True, stable=True)
+        admitted = torch.zeros_like(wanted).scatter_(1, order[:, :room], True)
+        wanted &= admitted
+    keep = wanted | forced
+    counts = keep.sum(dim=1).tolist()
+    return list(keep.nonzero()[:, 1].split(counts))
