@@ -71,25 +71,28 @@ def main() -> None:
     precision = args.precision
     if precision == "auto":
         precision = "bf16" if torch.device(args.device).type == "cuda" else "fp32"
-    config = TrainingConfig(
-        size=args.size,
-        seed=args.seed,
-        steps=args.steps,
-        dense_steps=args.dense_steps,
-        min_length=args.min_length,
-        max_length=args.max_length,
-        ramp_steps=args.ramp_steps,
-        tokens_per_step=args.tokens_per_step,
-        lr=args.lr,
-        warmup_steps=args.warmup_steps,
-        weight_decay=args.weight_decay,
-        kl_weight=args.kl_weight,
-        grad_clip=args.grad_clip,
-        precision=precision,
-        init_from=args.init_from,
-        extra_tasks=tuple(task for task in args.extra_tasks.split(",") if task),
-    )
-    run = train_backbone(config, args.output_dir, args.device, args.resume, args.checkpoint_every, args.max_minutes)
+    try:
+        config = TrainingConfig(
+            size=args.size,
+            seed=args.seed,
+            steps=args.steps,
+            dense_steps=args.dense_steps,
+            min_length=args.min_length,
+            max_length=args.max_length,
+            ramp_steps=args.ramp_steps,
+            tokens_per_step=args.tokens_per_step,
+            lr=args.lr,
+            warmup_steps=args.warmup_steps,
+            weight_decay=args.weight_decay,
+            kl_weight=args.kl_weight,
+            grad_clip=args.grad_clip,
+            precision=precision,
+            init_from=args.init_from,
+            extra_tasks=tuple(task for task in args.extra_tasks.split(",") if task),
+        )
+        run = train_backbone(config, args.output_dir, args.device, args.resume, args.checkpoint_every, args.max_minutes)
+    except (ValueError, FileNotFoundError, FileExistsError) as error:  # bad flags or paths: say so, no traceback
+        raise SystemExit(f"error: {error}") from None
     if args.eval_lengths is None:
         lengths = [config.max_length, 2 * config.max_length]
     else:

@@ -201,7 +201,7 @@ class HotSet:
         """
         device, batch = self.device, self.batch_size
         counts = [ids.numel() for ids in new_ids]
-        ids = torch.cat([ids.to(device) for ids in new_ids]) if new_ids else torch.empty(0, dtype=torch.long, device=device)
+        ids = torch.cat([ids.to(device) for ids in new_ids])  # one list per sequence: never empty
         rows = torch.repeat_interleave(torch.arange(batch, device=device), torch.tensor(counts, device=device))
         old_ids = torch.cat(self.chunk_ids)
         old_rows = torch.repeat_interleave(
