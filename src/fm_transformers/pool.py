@@ -195,9 +195,9 @@ class HotSet:
     def _plan(self, new_ids: list[torch.Tensor], horizon: int) -> dict[str, torch.Tensor]:
         """Where each new resident row comes from: table rows on the device (src -> dst) or the pool (missing).
 
-        All sequences at once: (sequence, chunk id) pairs become one sorted key per row, old resident rows are
-        found by one searchsorted, and only the two final selections wait for the device (a loop over sequences
-        waited several times per sequence, for every CSA layer at every refresh).
+        All sequences at once: (sequence, chunk id) pairs become one sorted key per row and old resident rows are
+        found by one searchsorted; the two repeat_interleaves and the two final selections wait for the device
+        (a loop over sequences waited several times per sequence, for every CSA layer at every refresh).
         """
         device, batch = self.device, self.batch_size
         counts = [ids.numel() for ids in new_ids]
