@@ -67,7 +67,7 @@ def main():
     elif args.smoke or (args.backbone and args.indexer):
         results = run(args)
     else:
-        parser.error("pass --backbone and --indexer, --smoke, or --merge")
+        parser.error("pass --backbone and --indexer, --smoke, --merge or --pool")
     with open(args.out, "w") as handle:
         json.dump(results, handle, indent=1)
     plot(results, args.plot)
@@ -116,28 +116,30 @@ def merge(paths: list[str]) -> dict:
     """Results of several runs by context length (JSON keys are strings); a length found twice is an error."""
     results = {}
     for path in paths:
-        with open(path) as handle:
-            for length, methods in json.load(handle).items():
-                if int(length) in results:
-                    raise SystemExit(f"context length {length} appears in more than one of {paths}")
-                results[int(length)] = methods
+        for length, methods in load_results(path).items():
+            if length in results:
+                raise SystemExit(f"context length {length} appears in more than one of {paths}")
+            results[length] = methods
     return dict(sorted(results.items()))
 
 
+def load_results(path: str) -> dict:
+    """A results JSON by context length (its keys are strings there)."""
+    with open(path) as handle:
+        return {int(length): methods for length, methods in json.load(handle).items()}
+
+
 def pool(paths: list[str]) -> dict:
-    """The mean of runs over other example draws: every run must hold the same lengths, methods and tasks (a
-    missing one would bias the mean); accuracy, CSA bytes and fetches are averaged entry by entry."""
-    runs = []
-    for path in paths:
-        with open(path) as handle:
-            runs.append({int(length): methods for length, methods in json.load(handle).items()})
+    """The mean of runs over other example draws: every run must hold the same lengths, methods, tasks and
+    measures (a missing one would bias the mean); accuracy, CSA bytes and fetches are averaged entry by entry."""
+    runs = [load_results(path) for path in paths]
 
     def shape(run):
-        return {n: {m: sorted(e["accuracy"]) for m, e in methods.items()} for n, methods in run.items()}
+        return {n: {m: (sorted(e), sorted(e["accuracy"])) for m, e in methods.items()} for n, methods in run.items()}
 
     for path, run in zip(paths[1:], runs[1:]):
         if shape(run) != shape(runs[0]):
-            raise SystemExit(f"{path} has other lengths, methods or tasks than {paths[0]}: cannot pool them")
+            raise SystemExit(f"{path} has other lengths, methods, tasks or measures than {paths[0]}: cannot pool them")
 
     def mean(values):
         return sum(values) / len(values)

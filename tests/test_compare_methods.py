@@ -112,3 +112,14 @@ def test_the_script_refuses_to_pool_draws_of_other_methods(tmp_path):
     )
     assert done.returncode != 0 and "cannot pool them" in done.stderr
     assert not (tmp_path / "o.json").exists()
+
+
+def test_the_script_refuses_to_pool_a_draw_without_a_measure_the_others_have(tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps({"512": {"full": {**_entry(1.0, 8), "fetched_per_token": 0.0}}}))
+    (tmp_path / "b.json").write_text(json.dumps({"512": {"full": _entry(1.0, 8)}}))
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--pool", str(tmp_path / "a.json"), str(tmp_path / "b.json"),
+         "--out", str(tmp_path / "o.json")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode != 0 and "cannot pool them" in done.stderr and "Traceback" not in done.stderr
