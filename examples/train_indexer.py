@@ -12,7 +12,9 @@ The same steps with the command line (a real backbone only changes --model and t
 
 The documents are synthetic "needles in filler" (fm_transformers.training.synthetic): what the tiny random
 backbone's native indexer picks depends on their content, so there is something real to learn. The script
-prints the held-out metrics next to a recency selector that keeps exactly as many (newest) chunks.
+prints the held-out metrics next to a recency selector that keeps exactly as many (newest) chunks, then loads
+the saved indexer onto the backbone with AutoLSAModelForCausalLM, generates with cache_implementation="lsa" from
+a held-out document and prints the cache's memory report.
 """
 
 import argparse
@@ -20,8 +22,9 @@ import logging
 import shutil
 from pathlib import Path
 
-from fm_transformers import attach_memory_indexer
-from fm_transformers.indexer import MemoryIndexerModel
+import torch
+
+import fm_transformers
 from fm_transformers.tiny import tiny_deepseek_v4
 from fm_transformers.training import DumpConfig, LabelConfig, LabelShards, TrainConfig, dump_labels, evaluate, train
 from fm_transformers.training.evaluate import format_metrics
@@ -38,6 +41,7 @@ def main() -> None:
     parser.add_argument("--heldout-docs", type=int, default=12)
     parser.add_argument("--tokens", type=int, default=512, help="tokens per document")
     parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--new-tokens", type=int, default=16, help="tokens to generate with the trained indexer")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -62,10 +66,18 @@ def main() -> None:
     )
     train(config)
 
-    reloaded = MemoryIndexerModel.from_pretrained(workdir / "indexer")
-    attach_memory_indexer(backbone, reloaded)
-    metrics = evaluate(reloaded, LabelShards(workdir / "labels" / "heldout"))
+    model = fm_transformers.AutoLSAModelForCausalLM.from_pretrained(workdir / "indexer", base_model=backbone)
+    metrics = evaluate(fm_transformers.attached_memory_indexer(model), LabelShards(workdir / "labels" / "heldout"))
     print("\n" + format_metrics(metrics))
+
+    prompt = torch.tensor([read_jsonl(workdir / "heldout.jsonl")[0].input_ids])  # (1, tokens)
+    out = model.generate(
+        prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+        do_sample=False, return_dict_in_generate=True, cache_implementation="lsa",
+        cache_config={"tau": 16, "threshold": 0.5, "recency_chunks": 8, "sink_chunks": 2},
+    )
+    print(f"\ngenerated {out.sequences.shape[1] - prompt.shape[1]} tokens after a {prompt.shape[1]}-token held-out document")
+    print(fm_transformers.format_memory_report(out.past_key_values.memory_report()))
 
 
 if __name__ == "__main__":
