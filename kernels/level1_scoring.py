@@ -15,6 +15,7 @@ final `running_max >= threshold` is one torch op with no host sync (the decode s
 import torch
 
 from ._backend import block_size, require_triton, runs_triton, tl, triton
+from ._scoring import relu_weighted_dots
 
 
 @triton.jit
@@ -38,22 +39,23 @@ def _level1_kernel(
     t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     h = tl.arange(0, BLOCK_H)
     in_t = t < T
-    acc = tl.zeros((BLOCK_T, BLOCK_H), dtype=tl.float32)  # q . k per (chunk, head)
-    for d0 in range(0, DK, BLOCK_D):
-        d = d0 + tl.arange(0, BLOCK_D)
-        keys = tl.load(
-            keys_ptr + b * stride_kb + t[:, None] * stride_kt + d[None, :] * stride_kd,
-            mask=in_t[:, None] & (d[None, :] < DK),
-            other=0.0,
-        ).to(tl.float32)  # (BLOCK_T, BLOCK_D)
-        q = tl.load(
-            q_ptr + b * H * DK + h[None, :] * DK + d[:, None],
-            mask=(h[None, :] < H) & (d[:, None] < DK),
-            other=0.0,
-        ).to(tl.float32)  # (BLOCK_D, BLOCK_H)
-        acc += tl.dot(keys, q, input_precision="tf32x3")
     w = tl.load(w_ptr + b * H + h, mask=h < H, other=0.0).to(tl.float32)
-    score = tl.sigmoid(tl.sum(tl.maximum(acc, 0.0) * w[None, :], axis=1))  # (BLOCK_T,)
+    terms = relu_weighted_dots(
+        q_ptr + b * H * DK + h * DK,
+        h < H,
+        w,
+        keys_ptr + b * stride_kb + t * stride_kt,
+        in_t,
+        stride_kd,
+        DK,
+        1.0,
+        BLOCK_H,
+        BLOCK_T,
+        BLOCK_D,
+        True,
+        "tf32x3",
+    )  # (BLOCK_H, BLOCK_T)
+    score = tl.sigmoid(tl.sum(terms, axis=0))  # (BLOCK_T,)
     score = tl.where(t < tl.load(len_ptr + b), score, float("-inf"))
     out = out_ptr + b * T + t
     tl.store(out, tl.maximum(tl.load(out, mask=in_t), score), mask=in_t)

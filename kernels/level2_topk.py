@@ -22,6 +22,7 @@ except between near-ties.
 import torch
 
 from ._backend import block_size, require_triton, runs_triton, tl, triton
+from ._scoring import relu_weighted_dots
 
 
 @triton.jit
@@ -46,22 +47,23 @@ def _level2_scores_kernel(
     h = tl.arange(0, BLOCK_H)
     slot = tl.load(cand_ptr + b * C + c, mask=c < C, other=-1).to(tl.int64)
     valid = slot >= 0
-    acc = tl.zeros((BLOCK_C, BLOCK_H), dtype=tl.float32)  # q . k per (candidate, head)
-    for d0 in range(0, DK, BLOCK_D):
-        d = d0 + tl.arange(0, BLOCK_D)
-        keys = tl.load(
-            slots_ptr + slot[:, None] * stride_sn + d[None, :] * stride_sd,
-            mask=valid[:, None] & (d[None, :] < DK),
-            other=0.0,
-        ).to(tl.float32)  # (BLOCK_C, BLOCK_D)
-        q = tl.load(
-            q_ptr + b * H * DK + h[None, :] * DK + d[:, None],
-            mask=(h[None, :] < H) & (d[:, None] < DK),
-            other=0.0,
-        ).to(tl.float32)  # (BLOCK_D, BLOCK_H)
-        acc += tl.dot(keys, q, input_precision="tf32x3")
     w = tl.load(w_ptr + b * H + h, mask=h < H, other=0.0).to(tl.float32)
-    score = tl.sum(tl.maximum(acc, 0.0) * softmax_scale * w[None, :], axis=1)  # (BLOCK_C,)
+    terms = relu_weighted_dots(
+        q_ptr + b * H * DK + h * DK,
+        h < H,
+        w,
+        slots_ptr + slot * stride_sn,
+        valid,
+        stride_sd,
+        DK,
+        softmax_scale,
+        BLOCK_H,
+        BLOCK_C,
+        BLOCK_D,
+        True,
+        "tf32x3",
+    )  # (BLOCK_H, BLOCK_C)
+    score = tl.sum(terms, axis=0)  # (BLOCK_C,)
     tl.store(out_ptr + b * C + c, tl.where(valid, score, float("-inf")), mask=c < C)
 
 

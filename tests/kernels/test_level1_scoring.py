@@ -8,7 +8,6 @@ from fm_transformers.kernels.level1_scoring import (
     level1_scores,
     level1_scores_reference,
     level1_scores_triton,
-    select_over_threshold,
 )
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
@@ -50,7 +49,7 @@ def test_level1_selection_keeps_a_chunk_that_clears_the_threshold_in_any_layer(g
     for layer in layers:
         running = level1_scores_triton(*layer, running_max=running)
     per_layer = torch.stack([level1_scores_reference(*layer) >= 0.5 for layer in layers])  # (3, B, T)
-    assert torch.equal(select_over_threshold(running, 0.5), per_layer.any(dim=0))
+    assert torch.equal(running >= 0.5, per_layer.any(dim=0))
 
 
 def test_level1_scores_reject_a_running_max_of_the_wrong_shape(gen, device):
