@@ -139,11 +139,3 @@ def level1_scores(
     if runs_triton(keys):
         return level1_scores_triton(q, weights, keys, valid_len, running_max)
     return level1_scores_reference(q, weights, keys, valid_len, running_max)
-
-
-def select_over_threshold(running_max: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Chunks kept by level 1: those whose best score over the target layers reaches the threshold.
-
-    (B, T) bool; -inf (invalid) chunks never pass. A plain torch op, so no host sync.
-    """
-    return running_max >= threshold
