@@ -15,6 +15,18 @@ DEVICE = torch.device(os.environ.get("FM_TEST_DEVICE", "cpu"))
 
 @pytest.fixture(scope="session")
 def model():
+    """The tiny model; its stock-cache runs prefill through the same bounded prefill as LSA
+    (`enable_bounded_prefill`), so a stock run and an LSA run compute the prompt bit for bit alike and the
+    tests below isolate what LSA changes in decode. tests/test_prefill.py compares that prefill with the
+    stock eager one (`eager_model`)."""
+    tiny = tiny_deepseek_v4(seed=0).to(DEVICE)
+    fm.enable_bounded_prefill(tiny)
+    return tiny
+
+
+@pytest.fixture(scope="session")
+def eager_model():
+    """The same tiny model with transformers' own eager prefill for stock-cache runs."""
     return tiny_deepseek_v4(seed=0).to(DEVICE)
 
 

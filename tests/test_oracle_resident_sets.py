@@ -3,6 +3,7 @@
 import torch
 
 import fm_transformers as fm
+from fm_transformers.layout import csa_layers
 from tests.conftest import greedy, max_logit_difference, random_prompt
 
 TAU = 4
@@ -11,20 +12,21 @@ NEW_TOKENS = 24
 
 
 def native_picks_per_forward(model, prompt):
-    """Stock greedy run; per forward call, the union over CSA layers of the native top-k chunk ids (per sequence)."""
+    """Stock greedy run; per forward call, the union over CSA layers of the native top-k chunk ids (per sequence).
+    The bounded prefill does not call the stock indexer module, so the prefill forward records no picks (no
+    oracle set reads them: set i serves the forwards after trigger i)."""
     picks: list[list[set]] = []
-    calls = {"count": 0}
-    csa_layers = [i for i, kind in enumerate(model.config.layer_types) if kind == "compressed_sparse_attention"]
+
+    def next_forward(module, args, kwargs):
+        batch = (kwargs.get("input_ids") if kwargs.get("input_ids") is not None else args[0]).shape[0]
+        picks.append([set() for _ in range(batch)])
 
     def record(module, args, output):
-        forward = calls["count"] // len(csa_layers)
-        calls["count"] += 1
-        while len(picks) <= forward:
-            picks.append([set() for _ in range(output.shape[0])])
         for row in range(output.shape[0]):
-            picks[forward][row] |= set(output[row, -1][output[row, -1] >= 0].tolist())
+            picks[-1][row] |= set(output[row, -1][output[row, -1] >= 0].tolist())
 
-    hooks = [model.model.layers[i].self_attn.compressor.indexer.register_forward_hook(record) for i in csa_layers]
+    hooks = [model.model.layers[i].self_attn.compressor.indexer.register_forward_hook(record) for i in csa_layers(model.config)]
+    hooks.append(model.model.register_forward_pre_hook(next_forward, with_kwargs=True))
     try:
         stock = greedy(model, prompt, max_new_tokens=NEW_TOKENS)
     finally:

@@ -148,17 +148,20 @@ def test_reorder_keeps_each_sequence_with_its_chunks():
 
 
 def test_recall_starts_at_the_trigger_so_copies_can_overlap_what_follows(model):
-    """The resident set is fetched when level 1 decides it, at the end of the trigger forward: the next
-    forward only waits for copies that were queued while the rest of the trigger forward ran."""
+    """The resident set is fetched when level 1 decides it: after a prefill as soon as it is over (generate
+    calls finish_prefill, a decode step does too), so the whole history leaves the device; the next forward
+    only waits for copies queued meanwhile."""
     cache = fm.OffloadedLookaheadCache(
         model, {"tau": 4, "resident_budget": 5, "recency_chunks": 1, "sink_chunks": 1}, fm.RecencyPolicy(2)
     )
     with torch.no_grad():
         model(random_prompt(41), past_key_values=cache)
+    assert all(layer.recalls == 0 for layer in cache.lookahead_layers())  # a prefill may go on: nothing recalled yet
+    cache.finish_prefill()
     for layer in cache.lookahead_layers():
         assert layer.recalls == 1 and layer.has_resident_set
-        assert layer.hot.chunk_ids[0].tolist() == [0, 8, 9]  # sink, recency window of 2
-        assert layer.hot.tail_length == 0  # the prefill's device copy is already gone
+        assert layer.resident_ids()[0].tolist() == [0, 8, 9]  # sink, recency window of 2
+        assert layer.memory()["tail_kv"] == 0  # the prefill's device copy is already gone
 
 
 @pytest.mark.gpu

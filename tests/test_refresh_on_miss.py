@@ -39,7 +39,7 @@ def test_refresh_keeps_the_resident_set_within_the_budget(model):
 
     def record(layer_idx, picks):
         original(layer_idx, picks)
-        resident_sizes.append(max(ids.numel() for ids in cache.layers[layer_idx].hot.chunk_ids))
+        resident_sizes.append(max(ids.numel() for ids in cache.layers[layer_idx].resident_ids()))
 
     cache.refresh_on_miss = record
     greedy(model, prompt, max_new_tokens=NEW_TOKENS, past_key_values=cache)

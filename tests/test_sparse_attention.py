@@ -71,7 +71,7 @@ def test_sparse_decode_attention_matches_stock_eager_with_padding_inside_the_win
 def test_ignoring_the_window_mask_changes_the_padded_sequence(model, monkeypatch):
     """The check above can fail: attending the pad slots gives another output for the padded sequence only."""
     input_ids, attention_mask = left_padded_batch([23, 14], width=23)
-    cache_config = {"tau": 2, "threshold": 0.0}
+    cache_config = {"tau": 2}
     runs = {}
     for name in ("masked", "unmasked"):
         if name == "unmasked":

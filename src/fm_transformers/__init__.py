@@ -8,7 +8,7 @@ from .cache import OffloadedLookaheadCache
 from .config import LSAConfig
 from .hub import AutoLSAModelForCausalLM, attach_memory_indexer, detach_memory_indexer
 from .indexer import MemoryIndexerConfig, MemoryIndexerModel, attached_memory_indexer
-from .patch import apply_lsa_patch, remove_lsa_patch
+from .patch import apply_lsa_patch, enable_bounded_prefill, remove_lsa_patch
 from .policies import (
     KeepAllPolicy,
     MemoryIndexerPolicy,
@@ -41,6 +41,7 @@ __all__ = [
     "attach_memory_indexer",
     "attached_memory_indexer",
     "detach_memory_indexer",
+    "enable_bounded_prefill",
     "format_memory_report",
     "remove_lsa_patch",
 ]

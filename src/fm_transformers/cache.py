@@ -2,52 +2,48 @@
 
 Sliding-window and HCA layers keep the stock cache layers. Each CSA layer becomes a `LookaheadCSALayer`:
 every compressed entry goes to its cold pool as it is made (so the pool always equals the stock cache),
-and the device holds only the resident chunks plus the tail made since the last recall. The cache also
-runs the level-1 schedule: a recall triggers after each prefill forward and every `tau` decode steps, at
-the last CSA layer; every CSA layer then starts fetching the policy's resident set (on its own CUDA
-stream, overlapping the rest of the forward) and uses it from the next forward on. Refresh layers, if
-configured, may add the chunks their native top-k wants in between (`refresh_on_miss`).
+and the device holds only the resident chunks plus the tail made since the last recall; during a prefill
+it holds the layer's whole history, which the prefill attention reads in place.
+
+The cache owns the level-1 schedule (`Level1Schedule`): the policy looks at the last token of every prefill
+forward, its resident set is recalled once the prefill is over, then again every `tau` decode steps; every
+CSA layer then fetches the policy's resident set (on its own CUDA stream, overlapping the rest of the
+forward) and uses it from the next forward on. Refresh layers, if configured, may add the chunks their
+native top-k wants in between (`refresh_on_miss`). The policy itself is built at the edge
+(`policies.policy_from_config`); the cache never knows which one it has.
 """
 
 import torch
+from tqdm.auto import tqdm
 from transformers.cache_utils import DynamicCache
 from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4CSACache
 
 from .config import LSAConfig
-from .indexer import CSA_LAYER_TYPE, attached_memory_indexer
-from .policies import MemoryIndexerPolicy, ResidentPolicy, SelectionContext, resident_sets
-from .pool import ColdPool, HotSet
+from .layout import csa_compress_rate, csa_layers, require_deepseek_v4
+from .policies import (
+    ResidentPolicy,
+    SelectionContext,
+    all_resident,
+    policy_from_config,
+    raise_picked_priorities,
+    resident_sets,
+    same_sets,
+)
+from .pool import ColdPool, DeviceHistory, HotSet
 from .report import memory_report
 
 KV, INDEX_KEYS = "compressor", "indexer"
-
-
-def require_deepseek_v4(model) -> None:
-    """Raise a clear error unless `model` is a transformers DeepSeek-V4 model."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type != "deepseek_v4":
-        raise ValueError(
-            f"Lookahead Sparse Attention works with DeepSeek-V4 models only; got {type(model).__name__} "
-            f"(model_type={model_type!r})"
-        )
-
-
-def _memory_indexer_policy(model, config: LSAConfig) -> MemoryIndexerPolicy:
-    indexer = attached_memory_indexer(model)
-    if indexer is None:
-        raise ValueError(
-            "no memory indexer is attached to this model: call fm_transformers.attach_memory_indexer(model, "
-            "'<indexer repo or dir>') first, or pass a policy to OffloadedLookaheadCache"
-        )
-    return MemoryIndexerPolicy(indexer, threshold=config.threshold, layers=config.indexer_layers)
+# A prefill of at least this many chunks shows a progress bar unless LSAConfig.prefill_progress says otherwise.
+PROGRESS_MIN_CHUNKS = 8
 
 
 class LookaheadCSALayer(DeepseekV4CSACache):
     """The CSA cache layer of LSA. Compression state (buffers, overlap) stays as in the stock layer;
     compressed entries go to the cold pool and the hot set instead of one growing device tensor.
 
-    While `prefilling`, `update_compressor_states` returns the full history on the device, so the stock
-    prefill math runs unchanged; in decode the patched attention reads candidates from the hot set.
+    Its narrow API is all the attention reads: `store_entries` while compressing, `history` during a
+    prefill, `level2_candidates` / `candidate_index_keys` / `kv_table` in decode, `all_index_keys` for
+    level 1 and the refresh. Nothing outside this layer touches its `HotSet`.
     """
 
     _layer_type = None  # keep transformers' layer registry pointing at the stock CSA layer
@@ -65,13 +61,12 @@ class LookaheadCSALayer(DeepseekV4CSACache):
         self.keep_index_keys_on_device = keep_index_keys_on_device
         self.pool_dtype, self.pin_memory = pool_dtype, copy_stream is not None  # pinned slabs when on a GPU
         self.tail_reserve, self.copy_stream = tail_reserve, copy_stream
-        self.prefilling = True
         self._reset_storage()
 
     def _reset_storage(self):
         self.pools: dict[str, ColdPool] = {}
-        self.hot: HotSet | None = None
-        self.index_keys: torch.Tensor | None = None  # (batch, chunks, index_head_dim), target and refresh layers only
+        self._hot: HotSet | None = None
+        self._index_keys: DeviceHistory | None = None  # target and refresh layers: every indexer key on the device
         self.has_resident_set = False
         self.recalls = 0
         self.refreshes = 0
@@ -82,98 +77,193 @@ class LookaheadCSALayer(DeepseekV4CSACache):
         pool_dtype = self.pool_dtype or dtype
         self.pools = {kind: ColdPool(batch, dim, pool_dtype, self.pin_memory) for kind, dim in self.dims.items()}
         hot_kinds = {KV: self.dims[KV]} if self.keep_index_keys_on_device else dict(self.dims)
-        self.hot = HotSet(hot_kinds, batch, device, dtype, self.tail_reserve, self.copy_stream)
+        self._hot = HotSet(hot_kinds, batch, device, dtype, self.tail_reserve, self.copy_stream)
         if self.keep_index_keys_on_device:
-            self.index_keys = entries.new_zeros(batch, 0, self.dims[INDEX_KEYS])
+            self._index_keys = DeviceHistory(batch, self.dims[INDEX_KEYS], device, dtype)
 
     @property
     def num_chunks(self) -> int:
         return self.entry_count[KV]
 
-    def update_compressor_states(self, name: str, compressed: torch.Tensor) -> torch.Tensor:
-        """Store freshly made entries (batch, n, dim): to the pool always, to the device tail or index keys.
-        Returns the full history on the device while prefilling (what the stock compressor expects)."""
-        if self.hot is None:
-            self._lazy_init_storage(compressed)
-        self.pools[name].append(compressed)
-        self.entry_count[name] += compressed.shape[1]
-        if name in self.hot.kinds:
-            self.hot.append_tail(name, compressed)
-        if name == INDEX_KEYS and self.keep_index_keys_on_device:
-            self.index_keys = torch.cat([self.index_keys, compressed], dim=1)
-        return self._full_history(name) if self.prefilling else compressed
+    @property
+    def is_empty(self) -> bool:
+        return self._hot is None
 
-    def _full_history(self, name: str) -> torch.Tensor:
-        if name == INDEX_KEYS and self.keep_index_keys_on_device:
-            return self.index_keys
-        tail = self.hot.tail(name)
-        if self.hot.tail_start == 0:
-            return tail
-        older = self.pools[name].read(0, self.hot.tail_start).to(tail.device, tail.dtype)
-        return torch.cat([older, tail], dim=1)
+    def store_entries(self, kind: str, compressed: torch.Tensor) -> None:
+        """Store freshly made entries (batch, n, dim) of `kind`: to the pool always, and to the device."""
+        if self._hot is None:
+            self._lazy_init_storage(compressed)
+        self.pools[kind].append(compressed)
+        self.entry_count[kind] += compressed.shape[1]
+        if kind in self._hot.kinds:
+            self._hot.append_tail(kind, compressed)
+        if kind == INDEX_KEYS and self._index_keys is not None:
+            self._index_keys.append(compressed)
+
+    def update_compressor_states(self, name: str, compressed: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError(
+            "an LSA CSA layer is run by fm_transformers' patched attention, not by the stock compressor: "
+            "call fm_transformers.apply_lsa_patch() (importing fm_transformers does)"
+        )
+
+    # Prefill: the whole history on the device, read in place.
+
+    def begin_prefill(self) -> None:
+        """Before a multi-token forward: if a recall left only a resident subset on the device (a prefill that
+        continues a sequence after decode), bring the whole history back once, not per chunk."""
+        if self._hot is not None and self.has_resident_set:
+            self._hot.load_history(self.num_chunks, self._fetch)
+            self.has_resident_set = False
+
+    def history(self, kind: str) -> torch.Tensor:
+        """(chunks, batch, dim) view of every entry of `kind` on the device, valid during a prefill."""
+        if kind == INDEX_KEYS and self._index_keys is not None:
+            return self._index_keys.entries.transpose(0, 1)
+        return self._hot.history(kind)
+
+    # Decode: level 2 over the resident chunks and the tail.
+
+    def level2_candidates(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(slot_index, chunk_ids), both (batch, candidates), -1 padded: resident chunks then the tail."""
+        return self._hot.candidates()
+
+    def kv_table(self) -> torch.Tensor:
+        """(rows, head_dim): the compressed KV slots that `level2_candidates` slot indices address."""
+        return self._hot.table(KV)
+
+    def candidate_index_keys(self, slot_index: torch.Tensor, chunk_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(key table (rows, index_head_dim), slots (batch, n)) addressing the candidates' native indexer keys;
+        -1 where the candidate slot is padding."""
+        if self._index_keys is None:
+            return self._hot.table(INDEX_KEYS), slot_index
+        keys = self._index_keys.entries
+        batch, chunks, dim = keys.shape
+        rows = torch.arange(batch, device=chunk_ids.device).unsqueeze(1) * chunks
+        return keys.reshape(batch * chunks, dim), torch.where(chunk_ids >= 0, rows + chunk_ids, -1)
+
+    def all_index_keys(self) -> torch.Tensor:
+        """(batch, chunks, index_head_dim): every native indexer key; target and refresh layers only."""
+        if self._index_keys is None:
+            raise RuntimeError("only target and refresh layers keep every indexer key on the device")
+        return self._index_keys.entries
+
+    # Level 1: recalls.
+
+    @property
+    def recall_horizon(self) -> int:
+        """Chunks below it were judged by the last recall; chunks from it on are in the tail."""
+        return self._hot.tail_start
+
+    def resident_ids(self) -> list[torch.Tensor]:
+        return self._hot.resident_ids()
 
     def recall(self, chunk_ids: list[torch.Tensor], num_chunks: int, refresh: bool = False) -> None:
         """Make `chunk_ids[b]` (sorted, < num_chunks) the resident set of sequence b: keep what is on the
         device, fetch the rest from the pool (asynchronously on a GPU, see HotSet). A `refresh` (mid-window,
         see OffloadedLookaheadCache.refresh_on_miss) is counted apart from the level-1 recalls."""
-        fetch = lambda kind, *where: self.pools[kind].fetch_into(*where)  # noqa: E731
-        self.chunks_fetched += self.hot.recall(chunk_ids, num_chunks, fetch)
+        self.chunks_fetched += self._hot.recall(chunk_ids, num_chunks, self._fetch)
         self.has_resident_set = True
         if refresh:
             self.refreshes += 1
         else:
             self.recalls += 1
 
-    def candidate_index_key_slots(self, slot_index: torch.Tensor, chunk_ids: torch.Tensor):
-        """(key table (rows, index_head_dim), slots (batch, n)) addressing the candidates' native indexer keys;
-        -1 where the candidate slot is padding."""
-        if not self.keep_index_keys_on_device:
-            return self.hot.table(INDEX_KEYS), slot_index
-        batch, chunks, dim = self.index_keys.shape
-        rows = torch.arange(batch, device=chunk_ids.device).unsqueeze(1) * chunks
-        return self.index_keys.reshape(batch * chunks, dim), torch.where(chunk_ids >= 0, rows + chunk_ids, -1)
+    def _fetch(self, kind, *where):
+        return self.pools[kind].fetch_into(*where)
+
+    def memory(self) -> dict:
+        """This layer's bytes by place and kind, read off its tensors (see report.py)."""
+        if self._hot is None:
+            return {}
+        resident_kv, tail_kv = self._hot.device_bytes(KV)
+        if self._index_keys is not None:
+            index_keys, room = self._index_keys.nbytes(), self._index_keys.spare_bytes()
+        else:
+            index_keys, room = sum(self._hot.device_bytes(INDEX_KEYS)), 0
+        state = [*self.buffer_kv.values(), *self.buffer_gate.values(), *self.overlap_kv.values(), *self.overlap_gate.values()]
+        state += [self.keys] if isinstance(self.keys, torch.Tensor) else []
+        pool_itemsize, model_itemsize = self.pools[KV].dtype.itemsize, self._hot.dtype.itemsize
+        stored = sum(pool.stored_bytes() for pool in self.pools.values())
+        return {
+            "resident_kv": resident_kv,
+            "tail_kv": tail_kv,
+            "index_keys": index_keys,
+            "index_keys_in_full": self._index_keys is not None,
+            "tail_room": self._hot.spare_bytes() + room,
+            "window_and_state": sum(t.nbytes for t in state if isinstance(t, torch.Tensor)),
+            "host_kv_stored": self.pools[KV].stored_bytes(),
+            "host_index_keys_stored": self.pools[INDEX_KEYS].stored_bytes(),
+            "host_allocated": sum(pool.allocated_bytes() for pool in self.pools.values()),
+            "full_bytes": stored * model_itemsize // pool_itemsize,  # the pool equals the stock cache
+            "resident_chunks": self._hot.resident_count(),
+            "chunks": self.num_chunks * self._hot.batch_size,
+        }
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
         for pool in self.pools.values():
             pool.reorder(beam_idx)
-        if self.hot is not None:
-            self.hot.reorder(beam_idx)
-        if self.index_keys is not None:
-            self.index_keys = self.index_keys.index_select(0, beam_idx.to(self.index_keys.device))
+        if self._hot is not None:
+            self._hot.reorder(beam_idx)
+        if self._index_keys is not None:
+            self._index_keys.reorder(beam_idx)
 
     def reset(self) -> None:
         super().reset()
-        if self.hot is not None:
-            self.hot.finish()
-        self.prefilling = True
+        if self._hot is not None:
+            self._hot.finish()
         self._reset_storage()
+
+
+class Level1Schedule:
+    """When level 1 runs: at the end of every prefill forward the policy looks at the last token, and the
+    last look is recalled when the prefill is over (`pending`); then every `tau` decode steps."""
+
+    def __init__(self, tau: int):
+        self.tau = tau
+        self.reset()
+
+    def reset(self) -> None:
+        self.triggering = False
+        self.steps_since_trigger = 0
+        self.trigger_count = 0
+        self.pending: tuple[torch.Tensor, SelectionContext] | None = None  # (priorities, context) of a prefill
+
+    def start_forward(self, seq_len: int) -> None:
+        if seq_len > 1 or self.trigger_count == 0:
+            self.triggering = True
+        else:
+            self.steps_since_trigger += 1
+            self.triggering = self.steps_since_trigger >= self.tau
+
+    def fired(self) -> None:
+        self.trigger_count += 1
+        self.steps_since_trigger = 0
+        self.triggering = False
+        self.pending = None
 
 
 class OffloadedLookaheadCache(DynamicCache):
     """The LSA cache for a DeepSeek-V4 model: `past_key_values=OffloadedLookaheadCache(model)` or
     `generate(..., cache_implementation="lsa")`.
 
-    `policy` decides the resident sets (default: the attached memory indexer with `config.threshold`).
+    `policy` decides the resident sets (default: the attached memory indexer, see `policy_from_config`).
     """
 
     def __init__(self, model, config: LSAConfig | dict | None = None, policy: ResidentPolicy | None = None):
         require_deepseek_v4(model)
         self.lsa_config = config if isinstance(config, LSAConfig) else LSAConfig.from_dict(config)
-        self.policy = policy if policy is not None else _memory_indexer_policy(model, self.lsa_config)
+        self.policy = policy_from_config(model, self.lsa_config, policy)
         model_config = model.config.get_text_config(decoder=True)
         super().__init__(config=model_config)
-        self.csa_layers = [i for i, kind in enumerate(model_config.layer_types) if kind == CSA_LAYER_TYPE]
-        unknown = [layer for layer in self.policy.target_layers if layer not in self.csa_layers]
-        if unknown:
-            raise ValueError(f"policy target layers {unknown} are not CSA layers (CSA layers: {self.csa_layers})")
+        self.layer_types = tuple(model_config.layer_types)
+        self.csa_layers = csa_layers(model_config)
+        self._check_layers("policy target layers", self.policy.target_layers)
         self.refresh_layers = self.lsa_config.refresh_layers or ()
-        unknown = [layer for layer in self.refresh_layers if layer not in self.csa_layers]
-        if unknown:
-            raise ValueError(f"refresh_layers {unknown} are not CSA layers (CSA layers: {self.csa_layers})")
+        self._check_layers("refresh_layers", self.refresh_layers)
         device = next(model.parameters()).device
         pool_dtype = None if self.lsa_config.pool_dtype is None else self.lsa_config.torch_pool_dtype(model.dtype)
-        self.compress_rate = model_config.compress_rates[CSA_LAYER_TYPE]
+        self.compress_rate = csa_compress_rate(model_config)
         copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None  # recalls of every CSA layer
         for index in self.csa_layers:
             self.layers[index] = LookaheadCSALayer(
@@ -183,91 +273,136 @@ class OffloadedLookaheadCache(DynamicCache):
                 tail_reserve=-(-self.lsa_config.tau // self.compress_rate) + 1,  # chunks made between two recalls
                 copy_stream=copy_stream,
             )
-        self._reset_schedule()
-
-    def _reset_schedule(self):
-        self.triggering = False
-        self.steps_since_trigger = 0
-        self.trigger_count = 0
+        self.schedule = Level1Schedule(self.lsa_config.tau)
         # (batch, chunks): the priorities behind the resident set, the last trigger's raised by refreshes since
         self.resident_priorities: torch.Tensor | None = None
+        self._forward_len = 0
+        self._progress: tqdm | None = None
+
+    def _check_layers(self, name: str, layers) -> None:
+        unknown = [layer for layer in layers if layer not in self.csa_layers]
+        if unknown:
+            raise ValueError(f"{name} {unknown} are not CSA layers (CSA layers: {self.csa_layers})")
 
     def begin_csa_layer(self, layer_idx: int, seq_len: int) -> LookaheadCSALayer:
-        """Called by each CSA layer before it runs: advances the schedule; says whether the layer prefills."""
-        if layer_idx == self.csa_layers[0]:
-            if seq_len > 1 or self.trigger_count == 0:
-                self.triggering = True
-            else:
-                self.steps_since_trigger += 1
-                self.triggering = self.steps_since_trigger >= self.lsa_config.tau
+        """Called by each CSA layer before it runs. At the first one: a decode step first recalls what a
+        finished prefill left pending, then the schedule advances."""
         layer = self.layers[layer_idx]
-        layer.prefilling = seq_len > 1 or not layer.has_resident_set
+        if layer_idx == self.csa_layers[0]:
+            self._forward_len = seq_len
+            if seq_len == 1:
+                self.finish_prefill()
+            self.schedule.start_forward(seq_len)
+        if seq_len > 1:
+            layer.begin_prefill()
         return layer
 
     def end_csa_layer(self, layer_idx: int, hidden_states: torch.Tensor, position_ids: torch.Tensor) -> None:
         """Called by each CSA layer after it ran, with the last token's hidden state (batch, hidden) and
-        position (batch,): feeds the policy at a trigger; at the last CSA layer, starts the recall of every
-        CSA layer (nothing reads their hot sets again in this forward)."""
-        if not self.triggering:
+        position (batch,): feeds the policy at a trigger; at the last CSA layer, a decode trigger starts the
+        recall of every CSA layer (nothing reads their hot sets again in this forward), a prefill forward
+        leaves its priorities pending."""
+        if layer_idx == self.csa_layers[-1] and self._progress is not None:
+            self._progress.update(self._forward_len)
+        if not self.schedule.triggering:
             return
         layer = self.layers[layer_idx]
         if layer_idx in self.policy.target_layers:
-            self.policy.observe(layer_idx, hidden_states, position_ids, layer.index_keys)
-        if layer_idx == self.csa_layers[-1]:
-            context = SelectionContext(
-                num_chunks=layer.num_chunks,
-                visible=(position_ids + 1) // self.compress_rate,
-                trigger_index=self.trigger_count,
-                device=hidden_states.device,
-            )
-            self.resident_priorities = self.policy.priorities(context)
-            chunk_ids = resident_sets(self.resident_priorities, context, self.lsa_config)
-            for csa_layer in self.lookahead_layers():
-                csa_layer.recall(chunk_ids, layer.num_chunks)
-            self.trigger_count += 1
-            self.steps_since_trigger = 0
-            self.triggering = False
+            self.policy.observe(layer_idx, hidden_states, position_ids, layer.all_index_keys())
+        if layer_idx != self.csa_layers[-1]:
+            return
+        context = SelectionContext(
+            num_chunks=layer.num_chunks,
+            visible=(position_ids + 1) // self.compress_rate,
+            trigger_index=self.schedule.trigger_count,
+            device=hidden_states.device,
+        )
+        priorities = self.policy.priorities(context)
+        if self._forward_len > 1:
+            self.schedule.pending = (priorities, context)
+            self.schedule.triggering = False
+        else:
+            self._recall(priorities, context)
+
+    def _recall(self, priorities: torch.Tensor, context: SelectionContext) -> None:
+        chunk_ids = resident_sets(priorities, context, self.lsa_config)
+        for csa_layer in self.lookahead_layers():
+            csa_layer.recall(chunk_ids, context.num_chunks)
+        self.resident_priorities = priorities
+        self.schedule.fired()
+
+    def begin_prefill(self, prompt_tokens: int, chunk_size: int | None) -> None:
+        """Called before a prefill of `prompt_tokens` in chunks of `chunk_size` (None: one forward): opens
+        the progress bar when the prefill is long (see LSAConfig.prefill_progress)."""
+        chunks = 1 if not chunk_size else -(-prompt_tokens // chunk_size)
+        show = self.lsa_config.prefill_progress
+        if show is None:
+            show = chunks >= PROGRESS_MIN_CHUNKS
+        if show:
+            self._progress = tqdm(total=prompt_tokens, desc="LSA prefill", unit="tok", unit_scale=True)
+
+    def finish_prefill(self) -> None:
+        """Recall the resident set that the last prefill forward chose, so that from now on the device holds
+        only it; close the progress bar. `generate` calls it after its prefill; a decode step calls it too."""
+        if self._progress is not None:
+            self._progress.close()
+            self._progress = None
+        if self.schedule.pending is not None:
+            self._recall(*self.schedule.pending)
 
     def refresh_on_miss(self, layer_idx: int, picks: torch.Tensor) -> None:
         """Called in a decode step by a refresh layer with its native top-k over the whole history, chunk ids
         (batch, k) in descending score order (-1 padded). Picks that the budget admits and that are not
-        resident become resident in every CSA layer now.
+        resident become resident in every CSA layer now (ranking: `policies.raise_picked_priorities`).
 
-        The picks rise above every priority so far (in their own order), so under a budget the chunks used
-        longest ago go first and the last trigger's unused choices before them, until the next trigger.
         The horizon stays: the tail (chunks made since the last trigger) is a candidate set already, so only
         the resident part below it changes, the same for every CSA layer whether or not it ran this step.
         """
         layer = self.layers[layer_idx]
-        horizon = layer.hot.tail_start
+        horizon = layer.recall_horizon
         if self.resident_priorities is None or horizon == 0:
             return
-        priorities = self.resident_priorities.to(picks.device)  # (batch, horizon): the trigger fixed both
-        highest = priorities.masked_fill(~torch.isfinite(priorities), 0.0).max().clamp(min=0.0)  # no host sync
-        rank_priority = highest + 1.0 + torch.arange(picks.shape[1], 0, -1, device=picks.device, dtype=torch.float32)
-        below = (picks >= 0) & (picks < horizon)  # picks in the tail are candidates already
-        with_spare = torch.cat([priorities, priorities.new_zeros(picks.shape[0], 1)], dim=1)  # column `horizon`: discard
-        with_spare.scatter_(1, torch.where(below, picks, horizon), rank_priority.expand_as(picks).contiguous())
-        self.resident_priorities = priorities = with_spare[:, :horizon]
-        resident = layer.hot.chunk_ids
-        if all(torch.isin(picks[row][below[row]], resident[row]).all() for row in range(picks.shape[0])):
+        priorities, below = raise_picked_priorities(self.resident_priorities.to(picks.device), picks, horizon)
+        self.resident_priorities = priorities
+        resident = layer.resident_ids()
+        if all_resident(picks, below, resident, horizon):
             return  # raising resident chunks leaves the set as it is
-        context = SelectionContext(horizon, torch.full((picks.shape[0],), horizon), self.trigger_count, picks.device)
+        context = SelectionContext(horizon, torch.full((picks.shape[0],), horizon), self.schedule.trigger_count, picks.device)
         chunk_ids = resident_sets(priorities, context, self.lsa_config)
-        if all(torch.equal(new, old) for new, old in zip(chunk_ids, resident)):
+        if same_sets(chunk_ids, resident):
             return
         for csa_layer in self.lookahead_layers():
             csa_layer.recall(chunk_ids, horizon, refresh=True)
+
+    def check_fits(self, model) -> None:
+        """Raise a clear error if this cache was built for a model with other layers than `model`."""
+        layer_types = tuple(model.config.get_text_config(decoder=True).layer_types)
+        if layer_types != self.layer_types:
+            raise ValueError(
+                f"this OffloadedLookaheadCache was built for a model with {len(self.layer_types)} layers "
+                f"({self.layer_types.count('compressed_sparse_attention')} CSA), the model has {len(layer_types)} "
+                f"({layer_types.count('compressed_sparse_attention')} CSA): build the cache with this model"
+            )
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
         if self.resident_priorities is not None:
             rows = beam_idx.to(self.resident_priorities.device)
             self.resident_priorities = self.resident_priorities.index_select(0, rows)
+        if self.schedule.pending is not None:
+            priorities, context = self.schedule.pending
+            rows = beam_idx.to(priorities.device)
+            context.visible = context.visible.index_select(0, beam_idx.to(context.visible.device))
+            self.schedule.pending = (priorities.index_select(0, rows), context)
 
     def reset(self) -> None:
         super().reset()
-        self._reset_schedule()
+        self.schedule.reset()
+        self.resident_priorities = None
+
+    @property
+    def trigger_count(self) -> int:
+        return self.schedule.trigger_count
 
     def lookahead_layers(self) -> list[LookaheadCSALayer]:
         return [self.layers[index] for index in self.csa_layers]

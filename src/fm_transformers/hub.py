@@ -3,7 +3,7 @@
 import torch
 from transformers import AutoModelForCausalLM
 
-from .cache import require_deepseek_v4
+from .layout import require_deepseek_v4
 from .indexer import ATTACHED_INDEXER_ATTRIBUTE, MemoryIndexerConfig, MemoryIndexerModel, attached_memory_indexer
 
 

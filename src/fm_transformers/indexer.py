@@ -21,7 +21,8 @@ from transformers.models.deepseek_v4.modeling_deepseek_v4 import (
     apply_rotary_pos_emb,
 )
 
-CSA_LAYER_TYPE = "compressed_sparse_attention"
+from .layout import csa_layers
+
 PAPER_TARGET_LAYERS = (10, 12, 20)
 
 # The backbone fields the indexer depends on: sizes of what it reads, and the rotary it must reproduce.
@@ -87,19 +88,15 @@ class MemoryIndexerConfig(PreTrainedConfig):
                     f"indexer was made for {field}={_short(mine)} ({self.base_model_name_or_path or 'unnamed backbone'}), "
                     f"model has {field}={_short(theirs)}: load the indexer made for this backbone"
                 )
-        csa_layers = _csa_layers(backbone_config)
-        wrong = [layer for layer in self.layers if layer not in csa_layers]
+        backbone_csa = csa_layers(backbone_config)
+        wrong = [layer for layer in self.layers if layer not in backbone_csa]
         if wrong:
-            raise ValueError(f"indexer layers {wrong} are not CSA layers of this backbone (CSA layers: {csa_layers})")
+            raise ValueError(f"indexer layers {wrong} are not CSA layers of this backbone (CSA layers: {backbone_csa})")
 
 
 def _short(value) -> str:
     text = repr(value)
     return text if len(text) < 80 else text[:77] + "..."
-
-
-def _csa_layers(backbone_config) -> list[int]:
-    return [i for i, kind in enumerate(backbone_config.layer_types) if kind == CSA_LAYER_TYPE]
 
 
 class MemoryIndexer(nn.Module):
@@ -171,12 +168,12 @@ class MemoryIndexerModel(PreTrainedModel):
                 f"from_backbone needs a DeepSeek-V4 model or config; got "
                 f"{type(model_or_config).__name__} with model_type={getattr(backbone_config, 'model_type', None)!r}"
             )
-        csa_layers = _csa_layers(backbone_config)
+        backbone_csa = csa_layers(backbone_config)
         if layers is None:
-            if not set(PAPER_TARGET_LAYERS) <= set(csa_layers):
+            if not set(PAPER_TARGET_LAYERS) <= set(backbone_csa):
                 raise ValueError(
                     f"the default target layers {PAPER_TARGET_LAYERS} are not all CSA layers of this backbone: "
-                    f"pass layers= chosen among its CSA layers {csa_layers}"
+                    f"pass layers= chosen among its CSA layers {backbone_csa}"
                 )
             layers = PAPER_TARGET_LAYERS
         layers = sorted(set(int(layer) for layer in layers))

@@ -5,31 +5,35 @@ The patch is idempotent and removable. Before patching it checks that the classe
 was written for (transformers 5.23), so an upgrade that changes them fails loudly instead of silently.
 """
 
+import copy
 import inspect
 
 from transformers import GenerationMixin
 from transformers.generation import configuration_utils as generation_config_module
 from transformers.models.deepseek_v4 import modeling_deepseek_v4 as v4
 
-from .attention import lookahead_attention_forward
-from .cache import OffloadedLookaheadCache, require_deepseek_v4
+from .attention import lsa_attention_forward
+from .cache import OffloadedLookaheadCache
 from .config import LSAConfig
-from .indexer import CSA_LAYER_TYPE
+from .layout import require_deepseek_v4
+from .prefill import prefill_attention_forward
 
 CACHE_IMPLEMENTATION = "lsa"
 _ORIGINAL = "_fm_lsa_original"
+_BOUNDED_PREFILL = "_fm_bounded_prefill"
 
 _EXPECTED_METHODS = {
     v4.DeepseekV4Attention: ("forward",),
     v4.DeepseekV4CSACompressor: ("forward",),
     v4.DeepseekV4Indexer: ("forward",),
     v4.DeepseekV4CSACache: ("store_compression_weights", "update_overlap_state", "update_compressor_states", "reorder_cache"),
-    GenerationMixin: ("_prepare_cache_for_generation",),
+    GenerationMixin: ("_prepare_cache_for_generation", "_prefill"),
 }
 # The stock attention forward is called with these arguments, and calls the compressor with these.
 _EXPECTED_FORWARD_PARAMETERS = {
     v4.DeepseekV4Attention: ["self", "hidden_states", "position_embeddings", "position_ids", "attention_mask", "past_key_values", "kwargs"],
     v4.DeepseekV4CSACompressor: ["self", "hidden_states", "q_residual", "position_ids", "past_key_values", "layer_idx"],
+    GenerationMixin: ["self", "input_ids", "generation_config", "model_kwargs", "is_first_iteration"],
 }
 
 
@@ -43,10 +47,11 @@ def check_transformers_compatibility() -> None:
                     "Install a transformers version fm_transformers supports."
                 )
     for cls, expected in _EXPECTED_FORWARD_PARAMETERS.items():
-        parameters = list(inspect.signature(_original(cls, "forward")).parameters)
+        method = "_prefill" if cls is GenerationMixin else "forward"
+        parameters = list(inspect.signature(_original(cls, method)).parameters)
         if parameters != expected:
             raise RuntimeError(
-                f"{cls.__name__}.forward takes {parameters}, fm_transformers was written for {expected}: "
+                f"{cls.__name__}.{method} takes {parameters}, fm_transformers was written for {expected}: "
                 "install a transformers version fm_transformers supports"
             )
     if not isinstance(getattr(generation_config_module, "ALL_CACHE_IMPLEMENTATIONS", None), tuple):
@@ -60,10 +65,12 @@ def _original(cls, name):
 
 def _patched_attention_forward(self, hidden_states, position_embeddings, position_ids, attention_mask, past_key_values=None, **kwargs):
     stock_forward = _original(v4.DeepseekV4Attention, "forward")
-    if isinstance(past_key_values, OffloadedLookaheadCache) and self.layer_type == CSA_LAYER_TYPE:
-        return lookahead_attention_forward(
+    if isinstance(past_key_values, OffloadedLookaheadCache):
+        return lsa_attention_forward(
             self, stock_forward, hidden_states, position_embeddings, position_ids, attention_mask, past_key_values, **kwargs
         )
+    if past_key_values is not None and hidden_states.shape[1] > 1 and getattr(self, _BOUNDED_PREFILL, False):
+        return prefill_attention_forward(self, hidden_states, position_embeddings, position_ids, attention_mask, past_key_values)
     return stock_forward(self, hidden_states, position_embeddings, position_ids, attention_mask, past_key_values, **kwargs)
 
 
@@ -76,7 +83,38 @@ def _patched_prepare_cache(self, generation_config, model_kwargs, *args, **kwarg
         raise ValueError("pass either cache_implementation='lsa' or past_key_values, not both")
     if generation_config.use_cache is False:
         raise ValueError("cache_implementation='lsa' needs use_cache=True")
-    model_kwargs["past_key_values"] = OffloadedLookaheadCache(self, LSAConfig.from_dict(generation_config.cache_config))
+    options = dict(generation_config.cache_config or {})
+    policy = options.pop("policy", None)
+    model_kwargs["past_key_values"] = OffloadedLookaheadCache(self, LSAConfig.from_dict(options), policy=policy)
+
+
+def _patched_prefill(self, input_ids, generation_config, model_kwargs, is_first_iteration=True):
+    """Under an LSA cache: the prompt in chunks of LSAConfig.prefill_chunk_size unless generate's own
+    `prefill_chunk_size` is set, a progress bar over a long prefill, and the level-1 recall once it is over."""
+    stock_prefill = _original(GenerationMixin, "_prefill")
+    cache = model_kwargs.get("past_key_values")
+    if not isinstance(cache, OffloadedLookaheadCache):
+        return stock_prefill(self, input_ids, generation_config, model_kwargs, is_first_iteration)
+    cache.check_fits(self)
+    chunk_size = generation_config.prefill_chunk_size or cache.lsa_config.prefill_chunk_size
+    if chunk_size is not None and generation_config.prefill_chunk_size is None:
+        generation_config = copy.copy(generation_config)
+        generation_config.prefill_chunk_size = chunk_size
+    cache.begin_prefill(max(input_ids.shape[1] - cache.get_seq_length(), 0), chunk_size)
+    try:
+        return stock_prefill(self, input_ids, generation_config, model_kwargs, is_first_iteration)
+    finally:
+        cache.finish_prefill()
+
+
+def enable_bounded_prefill(model, enabled: bool = True) -> None:
+    """Run this DeepSeek-V4 model's multi-token forwards with a stock cache (DynamicCache) through the bounded
+    prefill of prefill.py too, so a long prompt fits without LSA: no (chunk x history) tensor, the same
+    results up to float rounding (the attention sums in another order). An LSA cache always uses it."""
+    require_deepseek_v4(model)
+    for module in model.modules():
+        if isinstance(module, v4.DeepseekV4Attention):
+            setattr(module, _BOUNDED_PREFILL, enabled)
 
 
 def apply_lsa_patch() -> None:
@@ -110,4 +148,5 @@ def is_patched() -> bool:
 _PATCHES = (
     (v4.DeepseekV4Attention, "forward", _patched_attention_forward),
     (GenerationMixin, "_prepare_cache_for_generation", _patched_prepare_cache),
+    (GenerationMixin, "_prefill", _patched_prefill),
 )

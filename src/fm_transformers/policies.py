@@ -11,8 +11,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import LSAConfig
+from .config import DEFAULT_THRESHOLD, LSAConfig
+from .indexer import attached_memory_indexer
 from .kernels.level1_scoring import level1_scores
+from .layout import csa_compress_rate
 
 NOT_WANTED = float("-inf")
 
@@ -32,9 +34,6 @@ class SelectionContext:
 
     def chunk_ids(self) -> torch.Tensor:
         return torch.arange(self.num_chunks, device=self.device)
-
-    def visible_mask(self) -> torch.Tensor:
-        return self.chunk_ids().unsqueeze(0) < self.visible.to(self.device).unsqueeze(1)  # (batch, chunks)
 
 
 class ResidentPolicy(ABC):
@@ -111,14 +110,14 @@ class OraclePolicy(ResidentPolicy):
 class MemoryIndexerPolicy(ResidentPolicy):
     """The LSA policy: chunks whose memory-indexer score reaches `threshold` in any target layer (max ensemble)."""
 
-    def __init__(self, indexer, threshold: float, layers: tuple[int, ...] | None = None):
+    def __init__(self, indexer, threshold: float | None = None, layers: tuple[int, ...] | None = None):
         available = tuple(indexer.config.layers)
         layers = available if layers is None else tuple(layers)
         missing = [layer for layer in layers if layer not in available]
         if missing:
             raise ValueError(f"indexer_layers {missing} have no memory indexer; the attached one covers {list(available)}")
         self.indexer = indexer
-        self.threshold = threshold
+        self.threshold = DEFAULT_THRESHOLD if threshold is None else threshold
         self.target_layers = layers
         self._running_max: torch.Tensor | None = None  # (batch, chunks): max score over the layers seen so far
 
@@ -126,7 +125,7 @@ class MemoryIndexerPolicy(ResidentPolicy):
     def observe(self, layer_idx, hidden_states, position_ids, index_keys):
         device = next(self.indexer.indexers[str(layer_idx)].parameters()).device
         q, weights = self.indexer.query(layer_idx, hidden_states[:, None].to(device), position_ids[:, None].to(device))
-        rate = self.indexer.config.backbone["compress_rates"]["compressed_sparse_attention"]
+        rate = csa_compress_rate(self.indexer.config.backbone)
         visible = (position_ids.to(device) + 1) // rate  # chunks each sequence may see
         running_max = None if self._running_max is None else self._running_max.to(device)
         self._running_max = level1_scores(q[:, 0], weights[:, 0], index_keys.to(device), visible, running_max)
@@ -158,3 +157,63 @@ def resident_sets(priorities: torch.Tensor, context: SelectionContext, config: L
     keep = wanted | forced
     counts = keep.sum(dim=1).tolist()
     return list(keep.nonzero()[:, 1].split(counts))
+
+
+def policy_from_config(model, config: LSAConfig, policy: ResidentPolicy | None = None) -> ResidentPolicy:
+    """The policy an LSA cache runs: `policy` when given, else the attached memory indexer configured by
+    `config.threshold` / `config.indexer_layers`. Those two configure the default policy only, so giving them
+    beside a policy is an error rather than silently ignored."""
+    if policy is not None:
+        given = config.policy_options_set()
+        if given:
+            raise ValueError(
+                f"cache option(s) {given} configure the default memory-indexer policy, but a policy was passed "
+                f"({type(policy).__name__}): set them on the policy instead, e.g. MemoryIndexerPolicy(indexer, threshold=...)"
+            )
+        return policy
+    indexer = attached_memory_indexer(model)
+    if indexer is None:
+        raise ValueError(
+            "no memory indexer is attached to this model: call fm_transformers.attach_memory_indexer(model, "
+            "'<indexer repo or dir>') first, or pass a policy (cache_config={'policy': ...} or "
+            "OffloadedLookaheadCache(model, policy=...))"
+        )
+    return MemoryIndexerPolicy(indexer, threshold=config.threshold, layers=config.indexer_layers)
+
+
+def raise_picked_priorities(priorities: torch.Tensor, picks: torch.Tensor, horizon: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Refresh on a miss: lift a refresh layer's native picks above every priority so far, in their own order.
+
+    priorities (batch, horizon) fp32, the last trigger's (raised by earlier refreshes); picks (batch, k) chunk
+    ids in descending native score, -1 padded. Picks at or past `horizon` are in the tail, candidates already,
+    and are left out. Returns (new priorities (batch, horizon), below (batch, k): which picks count). So under a
+    budget the chunks used longest ago leave first, the last trigger's unused choices before them. No host sync.
+    """
+    highest = priorities.masked_fill(~torch.isfinite(priorities), 0.0).max().clamp(min=0.0)
+    rank_priority = highest + 1.0 + torch.arange(picks.shape[1], 0, -1, device=picks.device, dtype=torch.float32)
+    below = (picks >= 0) & (picks < horizon)
+    with_spare = torch.cat([priorities, priorities.new_zeros(picks.shape[0], 1)], dim=1)  # column `horizon`: discard
+    with_spare.scatter_(1, torch.where(below, picks, horizon), rank_priority.expand_as(picks).contiguous())
+    return with_spare[:, :horizon], below
+
+
+def all_resident(picks: torch.Tensor, below: torch.Tensor, resident: list[torch.Tensor], horizon: int) -> bool:
+    """Whether every counted pick (picks[b][below[b]]) is in resident[b], for all sequences in one host sync."""
+    rows = torch.arange(picks.shape[0], device=picks.device)
+    stride = max(horizon, 1)
+    resident_keys = torch.cat(
+        [ids.to(picks.device) + row * stride for row, ids in enumerate(resident)]
+    ) if resident else picks.new_empty(0)
+    pick_keys = (rows.unsqueeze(1) * stride + picks)[below]
+    return bool(torch.isin(pick_keys, resident_keys).all())
+
+
+def same_sets(first: list[torch.Tensor], second: list[torch.Tensor]) -> bool:
+    """Whether two resident sets (one sorted id tensor per sequence) are equal, in one host sync."""
+    if len(first) != len(second):
+        return False
+    sizes = torch.tensor([[a.numel(), b.numel()] for a, b in zip(first, second)])
+    if not torch.equal(sizes[:, 0], sizes[:, 1]):
+        return False
+    device = first[0].device if first else None
+    return torch.equal(torch.cat(first), torch.cat([ids.to(device) for ids in second]))

@@ -88,10 +88,14 @@ class ColdPool:
         self.batch_size = rows.numel()
 
     def allocated_bytes(self) -> int:
+        """Host bytes of the slabs, stored entries and room for more."""
         return sum(slab.untyped_storage().nbytes() for slab in self.slabs)
 
-    def used_bytes(self) -> int:
-        return self.batch_size * self.length * self.dim * self.dtype.itemsize
+    def stored_bytes(self) -> int:
+        """Host bytes of the stored entries, measured from the slab views that hold them."""
+        full, part = divmod(self.length, self.slab_chunks)
+        nbytes = sum(slab.nbytes for slab in self.slabs[:full])
+        return nbytes + (self.slabs[full][:, :part].nbytes if part else 0)
 
 
 class HotSet:
@@ -150,7 +154,9 @@ class HotSet:
         rows = entries.shape[1] * self.batch_size
         table, used = self.table(kind), self._used[kind]
         if used + rows > table.shape[0]:
-            grown = table.new_empty(used + rows + self.tail_reserve * self.batch_size, self.kinds[kind])
+            # Geometric growth: a long prefill appends chunk after chunk, so it copies the table O(log) times.
+            capacity = max(used + rows + self.tail_reserve * self.batch_size, table.shape[0] * 3 // 2)
+            grown = table.new_empty(capacity, self.kinds[kind])
             grown[:used] = table[:used]
             self._tables[kind] = table = grown
         table[used : used + rows] = entries.transpose(0, 1).reshape(rows, self.kinds[kind])
@@ -225,6 +231,34 @@ class HotSet:
             "missing_dst": slots[fetched],
         }
 
+    def load_history(self, horizon: int, fetch: Callable[..., list[torch.Tensor]]) -> None:
+        """Put every chunk below `horizon` back on the device, in the tail layout (tail_start 0), so a prefill
+        that continues a sequence after decode reads the whole history in place: one fetch of what is not on
+        the device, once per prefill, not per chunk."""
+        if self.tail_start == 0:
+            return
+        everything = [torch.arange(horizon, device=self.device) for _ in range(self.batch_size)]
+        self.recall(everything, horizon, fetch)
+        self.finish()
+        batch, resident = self.batch_size, self.resident_rows
+        order = torch.arange(resident, device=self.device).view(batch, -1).t().reshape(-1)  # sequence-major -> time-major
+        for kind in self.kinds:
+            self._tables[kind][:resident] = self.table(kind)[order]
+        self.chunk_ids = [ids[:0] for ids in self.chunk_ids]
+        self.resident_rows, self.tail_start = 0, 0
+        self._candidates = None
+
+    def history(self, kind: str) -> torch.Tensor:
+        """(chunks, batch, dim) view of every chunk of this kind; valid while the hot set holds the whole
+        history in the tail layout (from the first entry until the first recall, or after load_history)."""
+        if self.tail_start != 0 or self.resident_rows != 0:
+            raise RuntimeError("the hot set holds a resident subset, not the whole history: call load_history first")
+        return self.table(kind)[: self._used[kind]].view(-1, self.batch_size, self.kinds[kind])
+
+    def resident_ids(self) -> list[torch.Tensor]:
+        """Sorted chunk ids resident per sequence (the tail not included)."""
+        return list(self.chunk_ids)
+
     def candidates(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Level-2 candidates per sequence: resident chunks then the tail.
 
@@ -253,10 +287,10 @@ class HotSet:
         """Chunks on the device for all sequences, tail included."""
         return self.resident_rows + self.batch_size * self.tail_length
 
-    def device_bytes(self, kind: str) -> int:
-        """Bytes of the rows holding chunks of this kind, measured from the table."""
+    def device_bytes(self, kind: str) -> tuple[int, int]:
+        """(resident, tail) bytes of the rows holding chunks of this kind, measured from the table."""
         table = self._tables[kind]
-        return table[: self._used[kind]].nbytes
+        return table[: self.resident_rows].nbytes, table[self.resident_rows : self._used[kind]].nbytes
 
     def spare_bytes(self) -> int:
         """Bytes of table rows allocated as room for the tail but not holding a chunk yet."""
@@ -290,3 +324,40 @@ class HotSet:
     def _offsets(self) -> torch.Tensor:
         counts = torch.tensor([0] + [ids.numel() for ids in self.chunk_ids])
         return counts.cumsum(0)
+
+
+class DeviceHistory:
+    """Every entry of one kind on the device, (batch, length, dim), grown geometrically so that appending a
+    prefill chunk at a time copies the whole O(log) times, not once per chunk. Holds the native indexer keys
+    of target and refresh layers, which level 1 and the refresh score in full."""
+
+    def __init__(self, batch_size: int, dim: int, device: torch.device, dtype: torch.dtype):
+        self._buffer = torch.empty(batch_size, 0, dim, device=device, dtype=dtype)
+        self.length = 0
+
+    @property
+    def entries(self) -> torch.Tensor:
+        """(batch, length, dim) view of the stored entries."""
+        return self._buffer[:, : self.length]
+
+    def append(self, entries: torch.Tensor) -> None:
+        """entries: (batch, n, dim)."""
+        count = entries.shape[1]
+        if self.length + count > self._buffer.shape[1]:
+            capacity = max(self.length + count, self._buffer.shape[1] * 3 // 2)
+            grown = self._buffer.new_empty(self._buffer.shape[0], capacity, self._buffer.shape[2])
+            grown[:, : self.length] = self.entries
+            self._buffer = grown
+        self._buffer[:, self.length : self.length + count] = entries
+        self.length += count
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Keep sequence rows[i] as row i (beam search); the batch size may change."""
+        self._buffer = self.entries.index_select(0, rows.to(self._buffer.device))
+
+    def nbytes(self) -> int:
+        """Bytes of the stored entries (the buffer's spare room is counted by `spare_bytes`)."""
+        return self.entries.nbytes
+
+    def spare_bytes(self) -> int:
+        return self._buffer.nbytes - self.entries.nbytes

@@ -9,6 +9,8 @@ stored in the pool, at the model's dtype.
 
 import torch
 
+from .layout import CSA_LAYER_TYPE
+
 
 def _device_bytes(tensors) -> int:
     return sum(tensor.nbytes for tensor in tensors if isinstance(tensor, torch.Tensor))
@@ -28,49 +30,48 @@ def stock_csa_bytes(cache, layer_types, kinds=("compressor", "indexer")) -> int:
     return sum(
         layer.compressed_kv[kind].nbytes
         for layer, layer_type in zip(cache.layers, layer_types)
-        if layer_type == "compressed_sparse_attention"
+        if layer_type == CSA_LAYER_TYPE
         for kind in kinds
         if layer.compressed_kv[kind] is not None
     )
 
 
 def memory_report(cache) -> dict:
-    """Bytes by place and kind, the full-cache equivalent, the ratio, and recall counters."""
-    lookahead = cache.lookahead_layers()
-    csa_kv = csa_index = tail_room = host_kv = host_index = full = 0
-    resident = 0
-    for layer in lookahead:
-        if layer.hot is None:
-            continue
-        csa_kv += layer.hot.device_bytes("compressor")
-        csa_index += layer.hot.device_bytes("indexer") if "indexer" in layer.hot.kinds else layer.index_keys.nbytes
-        tail_room += layer.hot.spare_bytes()
-        host_kv += layer.pools["compressor"].allocated_bytes()
-        host_index += layer.pools["indexer"].allocated_bytes()
-        model_itemsize = layer.hot.dtype.itemsize
-        for pool in layer.pools.values():
-            full += pool.batch_size * pool.length * pool.dim * model_itemsize
-        resident += layer.hot.resident_count()
-    csa_state = sum(
-        _device_bytes([*layer.buffer_kv.values(), *layer.buffer_gate.values(), *layer.overlap_kv.values(), *layer.overlap_gate.values()])
-        + _device_bytes([layer.keys, layer.values if layer.values is not layer.keys else None])
-        for layer in lookahead
-    )
+    """Bytes by place and kind summed over the layers (each CSA layer reports its own, `layer.memory()`), the
+    full-cache equivalent (what the cold pools store: they equal the stock cache), the ratio, recall counters.
+
+    device: resident KV (chunks recalled), tail KV (made since the last recall, or the whole history during a
+    prefill), index keys (in full for target and refresh layers, else resident + tail), room kept free for the
+    tail, window and compression state, and the other layers' stock cache. host: bytes stored in the cold
+    pools and bytes the pool slabs have allocated (stored + room for the next entries).
+    """
+    parts = [layer.memory() for layer in cache.lookahead_layers()]
+    parts = [part for part in parts if part]
+    total = lambda key: sum(part[key] for part in parts)  # noqa: E731
     other = sum(_stock_layer_bytes(layer) for index, layer in enumerate(cache.layers) if index not in cache.csa_layers)
-    csa_device = csa_kv + csa_index
+    csa_device = total("resident_kv") + total("tail_kv") + total("index_keys")
+    full = total("full_bytes")
+    lookahead = cache.lookahead_layers()
     return {
         "device": {
-            "csa_kv": csa_kv,
-            "csa_index_keys": csa_index,
-            "csa_tail_room": tail_room,
-            "csa_window_and_state": csa_state,
+            "csa_resident_kv": total("resident_kv"),
+            "csa_tail_kv": total("tail_kv"),
+            "csa_index_keys": total("index_keys"),
+            "csa_tail_room": total("tail_room"),
+            "csa_window_and_state": total("window_and_state"),
             "other_layers": other,
         },
-        "host": {"csa_kv": host_kv, "csa_index_keys": host_index},
+        "host": {
+            "csa_kv_stored": total("host_kv_stored"),
+            "csa_index_keys_stored": total("host_index_keys_stored"),
+            "allocated": total("host_allocated"),
+        },
+        "csa_device_bytes": csa_device,
+        "index_keys_in_full_layers": sum(part["index_keys_in_full"] for part in parts),
         "full_csa_bytes": full,
         "csa_device_ratio": csa_device / full if full else 0.0,
-        "resident_chunks": resident,
-        "chunks_in_history": sum(layer.num_chunks * layer.pools["compressor"].batch_size for layer in lookahead if layer.hot is not None),
+        "resident_chunks": total("resident_chunks"),
+        "chunks_in_history": total("chunks"),
         "recalls": max((layer.recalls for layer in lookahead), default=0),
         "refreshes": max((layer.refreshes for layer in lookahead), default=0),
         "chunks_fetched": sum(layer.chunks_fetched for layer in lookahead),
@@ -78,14 +79,19 @@ def memory_report(cache) -> dict:
 
 
 def format_memory_report(report: dict) -> str:
-    """A short human-readable table of a memory report."""
-    mib = lambda value: f"{value / 2**20:9.3f} MiB"  # noqa: E731
+    """A short human-readable table of a memory report, columns aligned."""
+    mib = lambda value: f"{value / 2**20:10.3f} MiB"  # noqa: E731
     lines = ["LSA memory report"]
     for place in ("device", "host"):
         for kind, value in report[place].items():
-            lines.append(f"  {place:6s} {kind:22s} {mib(value)}")
-    lines.append(f"  full-cache CSA bytes (stock)  {mib(report['full_csa_bytes'])}")
-    lines.append(f"  CSA bytes on device / full     {report['csa_device_ratio']:.3f}")
+            lines.append(f"  {place:6s} {kind:24s} {mib(value)}")
+    lines.append(f"  {'stock cache, CSA entries':31s} {mib(report['full_csa_bytes'])}")
+    lines.append(f"  {'CSA on device / stock':31s} {report['csa_device_ratio']:10.3f}")
+    if report["index_keys_in_full_layers"]:
+        lines.append(
+            f"  (the native index keys of {report['index_keys_in_full_layers']} target/refresh layer(s) stay on the "
+            "device in full: level 1 scores them)"
+        )
     lines.append(f"  resident chunks (all CSA layers, all sequences): {report['resident_chunks']} of {report['chunks_in_history']}")
     lines.append(
         f"  recalls per layer: {report['recalls']} (+{report['refreshes']} refreshes on a miss), "

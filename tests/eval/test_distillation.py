@@ -4,11 +4,11 @@ import torch
 from fm_transformers.eval.backbone_training import answer_loss
 from fm_transformers.eval.distillation import (
     IndexerDistillation,
-    csa_layer_indices,
     indexer_kl,
     indexer_parameter_names,
     set_dense_csa,
 )
+from fm_transformers.layout import csa_layers
 
 
 def forward(model, distillation, batch, dense: bool):
@@ -48,7 +48,7 @@ def test_distillation_loss_trains_every_indexer_and_nothing_else(smoke_model, sm
     kl.backward()
     grads = gradients(smoke_model)
     assert all(grads[name] == 0.0 for name in grads if name not in indexer_names)
-    for layer in csa_layer_indices(smoke_model.config):
+    for layer in csa_layers(smoke_model.config):
         prefix = f"model.layers.{layer}.self_attn.compressor.indexer."
         assert grads[prefix + "q_b_proj.weight"] > 0 and grads[prefix + "kv_proj.weight"] > 0
         assert grads[prefix + "scorer.weights_proj.weight"] > 0
@@ -66,7 +66,7 @@ def test_answer_loss_sends_no_gradient_to_the_indexers(smoke_model, smoke_batch)
 
 def test_dense_csa_selects_every_causal_entry_and_sparse_csa_the_configured_top_k(smoke_model, smoke_batch):
     config = smoke_model.config
-    indexer = smoke_model.model.layers[csa_layer_indices(config)[0]].self_attn.compressor.indexer
+    indexer = smoke_model.model.layers[csa_layers(config)[0]].self_attn.compressor.indexer
     picks = []
     handle = indexer.register_forward_hook(lambda module, args, top_k: picks.append((top_k[0] >= 0).sum(-1)))
     ids = smoke_batch.input_ids[:1]
@@ -82,7 +82,7 @@ def test_dense_csa_selects_every_causal_entry_and_sparse_csa_the_configured_top_
 def test_hooks_are_removed_on_exit(smoke_model):
     with IndexerDistillation(smoke_model):
         pass
-    indexer = smoke_model.model.layers[csa_layer_indices(smoke_model.config)[0]].self_attn.compressor.indexer
+    indexer = smoke_model.model.layers[csa_layers(smoke_model.config)[0]].self_attn.compressor.indexer
     assert not indexer._forward_hooks and not indexer._forward_pre_hooks
 
 

@@ -17,7 +17,7 @@ from fm_transformers.eval.backbone_training import (
     initial_model,
 )
 from fm_transformers.eval.batches import TRAINING_MIX
-from fm_transformers.eval.distillation import csa_layer_indices
+from fm_transformers.layout import csa_layers
 from fm_transformers.eval.tasks import TASK_NAMES
 from fm_transformers.eval.vocab import TASK_TOKENS
 
@@ -27,7 +27,7 @@ def test_three_training_steps_have_finite_losses_and_go_from_dense_to_sparse(smo
     assert run.finished and [m["phase"] for m in run.history] == ["dense", "dense", "sparse"]
     assert all(math.isfinite(m["loss"]) and math.isfinite(m["kl"]) and m["kl"] > 0 for m in run.history)
     layers = run.model.model.layers
-    indexers = [layers[i].self_attn.compressor.indexer for i in csa_layer_indices(run.model.config)]
+    indexers = [layers[i].self_attn.compressor.indexer for i in csa_layers(run.model.config)]
     assert all(indexer.index_topk == run.model.config.index_topk for indexer in indexers)
 
 
@@ -69,7 +69,7 @@ def test_evaluate_backbone_reports_every_task_at_every_length(smoke_model):
 
 
 def test_dense_evaluation_shows_every_entry_to_csa_and_restores_the_served_top_k(smoke_model):
-    indexers = [smoke_model.model.layers[i].self_attn.compressor.indexer for i in csa_layer_indices(smoke_model.config)]
+    indexers = [smoke_model.model.layers[i].self_attn.compressor.indexer for i in csa_layers(smoke_model.config)]
     widths = []
     handle = indexers[0].register_forward_hook(lambda module, args, top_k: widths.append(top_k.shape[-1]))
     try:

@@ -21,15 +21,11 @@ from transformers.models.deepseek_v4.modeling_deepseek_v4 import (
     DeepseekV4IndexerScorer,
 )
 
-CSA_LAYER_TYPE = "compressed_sparse_attention"
-
-
-def csa_layer_indices(config) -> list[int]:
-    return [index for index, kind in enumerate(config.layer_types) if kind == CSA_LAYER_TYPE]
+from ..layout import csa_layers
 
 
 def _indexers(model) -> list[DeepseekV4Indexer]:
-    return [model.model.layers[i].self_attn.compressor.indexer for i in csa_layer_indices(model.config)]
+    return [model.model.layers[i].self_attn.compressor.indexer for i in csa_layers(model.config)]
 
 
 def indexer_parameter_names(model) -> set[str]:
@@ -79,7 +75,7 @@ class IndexerDistillation:
 
     def __init__(self, model):
         self.model = model
-        self.layers = csa_layer_indices(model.config)
+        self.layers = csa_layers(model.config)
         if not self.layers:
             raise ValueError("the model has no compressed_sparse_attention layer: there is no indexer to distill")
         self.rows: torch.Tensor | None = None

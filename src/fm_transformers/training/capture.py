@@ -15,14 +15,8 @@ from typing import Self
 import torch
 from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4Indexer, DeepseekV4IndexerScorer
 
+from ..layout import csa_compress_rate, csa_layers
 from .labels import nucleus_top_k
-
-CSA_LAYER_TYPE = "compressed_sparse_attention"
-
-
-def csa_layers(config) -> list[int]:
-    return [i for i, kind in enumerate(config.layer_types) if kind == CSA_LAYER_TYPE]
-
 
 @dataclass
 class ForwardCapture:
@@ -52,7 +46,7 @@ class IndexerCapture:
         self.csa_layers = csa_layers(config)
         self.target_layers = list(target_layers)
         self.top_k = config.index_topk
-        self.compress_rate = config.compress_rates[CSA_LAYER_TYPE]
+        self.compress_rate = csa_compress_rate(config)
         self.nucleus = nucleus
         self.triggers = torch.zeros(0, dtype=torch.long)
         self._handles = []

@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
+from ..layout import csa_compress_rate
 from .capture import IndexerCapture
 from .documents import Document
 from .labels import LabelConfig, LookaheadUnion, effective_vote, picked_pairs, trigger_positions, vote_golden
@@ -158,7 +159,7 @@ def _write_group(output_dir: Path, manifest: dict, index: int, group: list[Docum
 def label_document(model, capture: IndexerCapture, input_ids: list[int], settings: dict, chunk_size: int, progress):
     """The stored tensors of one document (names as in shards.py, without the document prefix)."""
     labels = settings["labels"]
-    compress_rate = model.config.compress_rates["compressed_sparse_attention"]
+    compress_rate = csa_compress_rate(model.config)
     triggers = trigger_positions(len(input_ids), labels["warmup"], labels["tau"])
     golden = LookaheadUnion(triggers, labels["tau"], compress_rate)
     used = LookaheadUnion(triggers, labels["tau"], compress_rate)

@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from transformers import DeepseekV4Config
 
 from ..indexer import BACKBONE_FIELDS
-from .capture import CSA_LAYER_TYPE, csa_layers
+from ..layout import csa_compress_rate, csa_layers
 
 FORMAT = "fm-indexer-labels"
 VERSION = 1
@@ -59,7 +59,7 @@ def backbone_identity(model, name_or_path: str) -> dict:
         "csa_layers": csa,
         "index_topk": config.index_topk,
         "sliding_window": config.sliding_window,
-        "compress_rate": config.compress_rates[CSA_LAYER_TYPE],
+        "compress_rate": csa_compress_rate(config),
     }
 
 
