@@ -27,7 +27,7 @@ KERNEL_HALF_DTYPES = [
     torch.float16,
     pytest.param(
         torch.bfloat16,
-        marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="the interpreter cannot compute in bf16"),
+        marks=pytest.mark.gpu,
     ),
 ]
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
@@ -44,7 +44,7 @@ def dense_oracle(q, window_kv, window_bias, comp, sinks, scale, comp_idx=None, c
         comp_bias = torch.where(comp_idx >= 0, 0.0, float("-inf"))
     else:
         keys = comp.expand(rows, *comp.shape)  # (N, M, D)
-        comp_bias = torch.where(torch.arange(comp.shape[0])[None, :] < comp_limit[:, None], 0.0, float("-inf"))
+        comp_bias = torch.where(torch.arange(comp.shape[0], device=comp.device)[None, :] < comp_limit[:, None], 0.0, float("-inf"))
     values = torch.cat([window_kv.float(), keys], dim=1)
     bias = torch.cat([window_bias, comp_bias.to(window_bias.device)], dim=1)
     logits = torch.einsum("nhd,nkd->nhk", q.float(), values) * scale + bias[:, None, :]
