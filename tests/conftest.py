@@ -13,6 +13,16 @@ INDEXER_LAYERS = (2, 4)
 DEVICE = torch.device(os.environ.get("FM_TEST_DEVICE", "cpu"))
 
 
+def pytest_collection_modifyitems(config, items):
+    """The one GPU switch of the suite: a test (or parameter) marked `gpu` is skipped when CUDA is missing."""
+    if torch.cuda.is_available():
+        return
+    needs_cuda = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(needs_cuda)
+
+
 @pytest.fixture(scope="session")
 def model():
     """The tiny model; its stock-cache runs prefill through the same bounded prefill as LSA

@@ -1,5 +1,6 @@
 """LSA through the transformers entry points users call: generate, pipeline, beam search, reuse, the patch."""
 
+import pytest
 import torch
 from transformers import pipeline
 
@@ -51,12 +52,8 @@ def test_patch_is_idempotent_and_removable(indexed_model):
         from fm_transformers.patch import is_patched
 
         assert not is_patched()
-        try:
+        with pytest.raises(ValueError, match="cache_implementation"):
             indexed_model.generate(random_prompt(20), max_new_tokens=2, cache_implementation="lsa")
-            raised = False
-        except ValueError as error:
-            raised = "cache_implementation" in str(error)
-        assert raised
     finally:
         fm.apply_lsa_patch()
     out = indexed_model.generate(random_prompt(20), max_new_tokens=2, cache_implementation="lsa")

@@ -24,17 +24,42 @@ TINY_LAYER_TYPES = (
 )
 
 
+def deepseek_v4_config(
+    layer_types=TINY_LAYER_TYPES,
+    main_rotary_factor: float | None = None,
+    compress_rotary_factor: float | None = None,
+    **settings,
+) -> DeepseekV4Config:
+    """A small DeepSeek-V4 config on the tiny layer schedule, the one builder of the tiny model and the evaluation
+    backbone: what they share (one KV head, 4 routed experts with 2 a token and 1 shared, 3 Sinkhorn steps, YaRN
+    on the compressed branch) is set here; `settings` give the sizes and override any of it. A rotary factor,
+    when given, is the fraction of head dims that branch's RoPE rotates (None: transformers' default)."""
+    layer_types = list(layer_types)
+    shared = dict(
+        num_hidden_layers=len(layer_types),
+        layer_types=layer_types,
+        num_key_value_heads=1,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        n_shared_experts=1,
+        hc_sinkhorn_iters=3,
+        max_position_embeddings=8192,
+        rope_parameters={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 2048},
+    )
+    config = DeepseekV4Config(**{**shared, **settings})
+    for branch, factor in (("main", main_rotary_factor), ("compress", compress_rotary_factor)):
+        if factor is not None:
+            config.rope_parameters[branch]["partial_rotary_factor"] = factor
+    return config
+
+
 def tiny_deepseek_v4_config(**overrides) -> DeepseekV4Config:
     """A DeepSeek-V4 config with four CSA layers (2, 4, 6, 7), two HCA layers and two sliding-only layers."""
-    layer_types = list(overrides.pop("layer_types", TINY_LAYER_TYPES))
     settings = dict(
         vocab_size=TINY_VOCAB_SIZE,
         hidden_size=64,
         moe_intermediate_size=32,
-        num_hidden_layers=len(layer_types),
-        layer_types=layer_types,
         num_attention_heads=4,
-        num_key_value_heads=1,
         head_dim=32,
         q_lora_rank=32,
         o_groups=2,
@@ -44,20 +69,13 @@ def tiny_deepseek_v4_config(**overrides) -> DeepseekV4Config:
         index_topk=6,
         sliding_window=16,
         compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 16},
-        n_routed_experts=4,
-        num_experts_per_tok=2,
-        n_shared_experts=1,
         hc_mult=2,
-        hc_sinkhorn_iters=3,
-        max_position_embeddings=8192,
-        rope_parameters={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 2048},
         initializer_range=0.2,
         pad_token_id=0,
         bos_token_id=1,
         eos_token_id=2,
     )
-    settings.update(overrides)
-    return DeepseekV4Config(**settings)
+    return deepseek_v4_config(**{**settings, **overrides})
 
 
 def tiny_deepseek_v4(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> DeepseekV4ForCausalLM:

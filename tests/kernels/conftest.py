@@ -49,12 +49,6 @@ if not torch.cuda.is_available():
         _let_the_interpreter_index_with_scalar_arguments()
 
 
-@pytest.fixture(autouse=True)
-def _skip_gpu_tests_without_cuda(request):
-    if "gpu" in request.keywords and not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
-
-
 @pytest.fixture
 def device() -> str:
     """Small tests run where the kernels run natively if possible, else on CPU under the interpreter."""

@@ -7,11 +7,12 @@ import pytest
 from training_helpers import as_documents, dump_config, small_train_config
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from fm_transformers.document import Document
 from fm_transformers.indexer import MemoryIndexerModel
 from fm_transformers.tiny import tiny_deepseek_v4_config
 from fm_transformers.training import shards as shards_module
 from fm_transformers.training.cli import load_backbone
-from fm_transformers.training.documents import Document, read_jsonl
+from fm_transformers.training.documents import read_jsonl
 from fm_transformers.training.dump import dump_labels
 from fm_transformers.training.labels import LabelConfig
 from fm_transformers.training.shards import LabelShards

@@ -1,6 +1,6 @@
 """Constants and builders shared by the training tests (fixtures live in conftest.py)."""
 
-from fm_transformers.training.documents import Document
+from fm_transformers.document import Document
 from fm_transformers.training.dump import DumpConfig
 from fm_transformers.training.labels import LabelConfig
 from fm_transformers.training.trainer import TrainConfig

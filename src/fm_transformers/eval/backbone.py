@@ -21,7 +21,7 @@ proportions stayed on the loss plateau for hundreds of steps after these learned
 import torch
 from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
 
-from ..tiny import TINY_LAYER_TYPES
+from ..tiny import deepseek_v4_config
 from .vocab import BOS, EOS, PAD, VOCAB_SIZE
 
 BACKBONE_SIZES: dict[str, dict] = {
@@ -65,28 +65,14 @@ def eval_backbone_config(size: str = "small", **overrides) -> DeepseekV4Config:
         raise ValueError(f"unknown backbone size {size!r}; known sizes: {', '.join(BACKBONE_SIZES)}")
     settings = dict(
         vocab_size=VOCAB_SIZE,
-        num_hidden_layers=len(TINY_LAYER_TYPES),
-        layer_types=list(TINY_LAYER_TYPES),
-        num_key_value_heads=1,
-        n_routed_experts=4,
-        num_experts_per_tok=2,
-        n_shared_experts=1,
         hc_mult=1,
-        hc_sinkhorn_iters=3,
-        max_position_embeddings=8192,
-        rope_parameters={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 2048},
+        main_rotary_factor=1.0,
         initializer_range=0.02,
         pad_token_id=PAD,
         bos_token_id=BOS,
         eos_token_id=EOS,
     )
-    settings.update(BACKBONE_SIZES[size])
-    settings.update(overrides)
-    compress_rotary_factor = settings.pop("compress_rotary_factor")
-    config = DeepseekV4Config(**settings)
-    config.rope_parameters["main"]["partial_rotary_factor"] = 1.0
-    config.rope_parameters["compress"]["partial_rotary_factor"] = compress_rotary_factor
-    return config
+    return deepseek_v4_config(**{**settings, **BACKBONE_SIZES[size], **overrides})
 
 
 def build_eval_backbone(config: DeepseekV4Config, seed: int = 0) -> DeepseekV4ForCausalLM:

@@ -8,7 +8,7 @@ after the answer gives the trigger its whole window. Earlier triggers (inside th
 as in any document.
 """
 
-from ..training.documents import Document
+from ..document import Document
 from .tasks import TASK_NAMES, example_rng, make_example
 from .vocab import FILLER
 

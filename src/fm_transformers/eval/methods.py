@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..cache import OffloadedLookaheadCache
+from ..config import POLICY_OPTIONS
 from ..policies import MemoryIndexerPolicy, RandomPolicy, RecencyPolicy, ResidentPolicy
 from ..report import stock_csa_bytes
 from .vocab import EOS, PAD
@@ -68,7 +69,7 @@ def policy_method(name: str, make_policy: Callable[[torch.nn.Module], ResidentPo
         cache = OffloadedLookaheadCache(model, lsa_config, policy=make_policy(model))
         tokens, cache = _generate(model, input_ids, max_new_tokens, cache)
         report = cache.memory_report()
-        method.csa_device_bytes.append(report["device"]["csa_kv"] + report["device"]["csa_index_keys"])
+        method.csa_device_bytes.append(report["csa_device_bytes"])
         method.chunks_fetched += report["chunks_fetched"] / len(cache.csa_layers)
         method.tokens_generated += tokens.numel()
         return tokens
@@ -80,19 +81,22 @@ def policy_method(name: str, make_policy: Callable[[torch.nn.Module], ResidentPo
 def comparison_methods(indexer, lsa_config: dict, seed: int = 0, refresh_config: dict | None = None) -> list[Method]:
     """Full, LSA (the given memory indexer), recency-only and random, the last three under `lsa_config`'s budget;
     with `refresh_config` (options that override `lsa_config`, refresh_layers among them) also LSA with refresh
-    and refresh only."""
-    threshold = lsa_config.get("threshold", 0.5)
-    methods = [
-        full_method(),
-        policy_method("lsa", lambda model: MemoryIndexerPolicy(indexer, threshold), lsa_config),
-    ]
+    and refresh only. `lsa_config`'s policy options (threshold, indexer_layers) configure the memory indexer's
+    policy; the other methods have no use for them."""
+    cache_config = {name: value for name, value in lsa_config.items() if name not in POLICY_OPTIONS}
+
+    def memory_indexer(model):
+        threshold, layers = lsa_config.get("threshold"), lsa_config.get("indexer_layers")
+        return MemoryIndexerPolicy(indexer, threshold=threshold, layers=layers)
+
+    methods = [full_method(), policy_method("lsa", memory_indexer, cache_config)]
     if refresh_config is not None:
-        refreshing = {**lsa_config, **refresh_config}
+        refreshing = {**cache_config, **refresh_config}
         methods += [
-            policy_method("lsa+refresh", lambda model: MemoryIndexerPolicy(indexer, threshold), refreshing),
+            policy_method("lsa+refresh", memory_indexer, refreshing),
             policy_method("refresh only", lambda model: RecencyPolicy(window=0), refreshing),
         ]
     return methods + [
-        policy_method("recency", lambda model: RecencyPolicy(window=1 << 40), lsa_config),
-        policy_method("random", lambda model: RandomPolicy(fraction=1.0, seed=seed), lsa_config),
+        policy_method("recency", lambda model: RecencyPolicy(window=1 << 40), cache_config),
+        policy_method("random", lambda model: RandomPolicy(fraction=1.0, seed=seed), cache_config),
     ]

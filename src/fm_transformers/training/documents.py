@@ -5,16 +5,9 @@ half a dataset behind.
 """
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
-
-@dataclass(frozen=True)
-class Document:
-    """One tokenized document; `doc_id` is its "id" field if it has one, else its line number."""
-
-    doc_id: str
-    input_ids: list[int]
+from ..document import Document
 
 
 def read_jsonl(path: str | Path, tokenizer=None, max_tokens: int | None = None) -> list[Document]:

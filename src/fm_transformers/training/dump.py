@@ -14,9 +14,9 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
+from ..document import Document
 from ..layout import csa_compress_rate
 from .capture import IndexerCapture
-from .documents import Document
 from .labels import LabelConfig, LookaheadUnion, effective_vote, picked_pairs, trigger_positions, vote_golden
 from .shards import FORMAT, MANIFEST, VERSION, atomic_write_json, backbone_identity, read_manifest, write_shard
 
