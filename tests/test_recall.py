@@ -166,8 +166,6 @@ def test_recall_starts_at_the_trigger_so_copies_can_overlap_what_follows(model):
 
 @pytest.mark.gpu
 def test_recall_copies_run_on_the_copy_stream_and_the_next_use_waits_for_them():
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
     stream = torch.cuda.Stream()
     pool = ColdPool(BATCH, 512, torch.bfloat16, pin_memory=True, slab_chunks=1024)
     hot = HotSet({"kv": 512}, BATCH, torch.device("cuda"), torch.bfloat16, tail_reserve=4, copy_stream=stream)

@@ -21,7 +21,7 @@ HALF_DTYPES = [
     torch.float16,
     pytest.param(
         torch.bfloat16,
-        marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="the interpreter cannot compute in bf16"),
+        marks=pytest.mark.gpu,
     ),
 ]
 
