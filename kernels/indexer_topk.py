@@ -24,6 +24,9 @@ from ._backend import block_size, require_triton, runs_triton, tl, triton
 from ._scoring import relu_weighted_dots
 
 DEFAULT_MAX_BUFFER_BYTES = 256 * 2**20
+# The torch reference multiplies every head at once, (query_block, H, key_block) fp32: a small tile keeps a CPU
+# prefill's temporaries the same size whatever the history (the GPU buffer is (query_block, key_block) only).
+REFERENCE_TILE_BYTES = 8 * 2**20
 _BLOCK_M = 64  # queries per Triton program
 _BLOCK_N = 64  # keys per Triton program
 
@@ -158,7 +161,7 @@ def indexer_topk_reference(
     limit: torch.Tensor,
     k: int,
     softmax_scale: float,
-    max_buffer_bytes: int = DEFAULT_MAX_BUFFER_BYTES,
+    max_buffer_bytes: int = REFERENCE_TILE_BYTES,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`indexer_topk` in plain torch, streamed the same way; what runs on CPU in production.
 
@@ -228,15 +231,17 @@ def indexer_topk(
     limit: torch.Tensor,
     k: int,
     softmax_scale: float,
-    max_buffer_bytes: int = DEFAULT_MAX_BUFFER_BYTES,
+    max_buffer_bytes: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k history entries per query by native indexer score: (indices (N, kk) int64, scores (N, kk) fp32).
 
     q: (N, H, D) float; weights: (N, H) fp32, already times the stock weights_scaling; keys: (T, D) like q,
     rows may be strided (stride(1) == 1); limit: (N,) int, query n sees keys [0, limit[n]). kk = min(k, T).
     Scores descend; slots past the visible keys hold -1 / -inf. The score buffer stays under
-    max_buffer_bytes (see `stream_blocks`). The Triton kernel runs on CUDA tensors, the reference otherwise.
+    max_buffer_bytes (see `stream_blocks`; None: DEFAULT_MAX_BUFFER_BYTES for the Triton kernel's
+    (queries, keys) buffer, REFERENCE_TILE_BYTES for the reference's (queries, heads, keys) tile). The Triton
+    kernel runs on CUDA tensors, the reference otherwise.
     """
     if runs_triton(keys):
-        return indexer_topk_triton(q, weights, keys, limit, k, softmax_scale, max_buffer_bytes)
-    return indexer_topk_reference(q, weights, keys, limit, k, softmax_scale, max_buffer_bytes)
+        return indexer_topk_triton(q, weights, keys, limit, k, softmax_scale, max_buffer_bytes or DEFAULT_MAX_BUFFER_BYTES)
+    return indexer_topk_reference(q, weights, keys, limit, k, softmax_scale, max_buffer_bytes or REFERENCE_TILE_BYTES)

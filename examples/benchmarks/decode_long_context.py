@@ -33,6 +33,7 @@ from transformers import DeepseekV4Config, DeepseekV4ForCausalLM, DynamicCache
 from transformers.models.deepseek_v4.modeling_deepseek_v4 import eager_attention_forward
 
 import fm_transformers as fm
+from fm_transformers.cache import LookaheadCSALayer
 from fm_transformers.report import stock_csa_bytes
 
 CSA, HCA, SLIDING = "compressed_sparse_attention", "heavily_compressed_attention", "sliding_attention"
@@ -68,8 +69,9 @@ def fill_context(model, cache, tokens: int, batch: int, seed: int):
         layer.cumulative_length = tokens
         kind = config.layer_types[index]
         if kind == CSA:
-            layer.update_compressor_states("compressor", randn(batch, tokens // 4, config.head_dim))
-            layer.update_compressor_states("indexer", randn(batch, tokens // 4, config.index_head_dim))
+            store = layer.store_entries if isinstance(layer, LookaheadCSALayer) else layer.update_compressor_states
+            store("compressor", randn(batch, tokens // 4, config.head_dim))
+            store("indexer", randn(batch, tokens // 4, config.index_head_dim))
         elif kind == HCA:
             layer.update_compressor_states("compressor", randn(batch, tokens // 128, config.head_dim))
 
@@ -115,7 +117,6 @@ def run_lsa(model, tokens, batch, steps, tau, refresh_layers=None):
     fill_context(model, cache, tokens, batch, seed=tokens)
     trigger_after_prefill(model, cache, tokens, batch)
     decode(model, cache, tokens, batch, 1)  # the first step on the first resident set
-    fetched_before = fetched_bytes(cache)
     before = cache.memory_report()
     reset_peak(model.device)
     times, triggers = decode(model, cache, tokens + 1, batch, steps)
@@ -124,8 +125,8 @@ def run_lsa(model, tokens, batch, steps, tau, refresh_layers=None):
     steady = statistics.median(times[2:])
     trigger = trigger_steps[0] if trigger_steps and trigger_steps[0] + 1 < steps else None
     return {
-        "csa_gpu_bytes": report["device"]["csa_kv"] + report["device"]["csa_index_keys"],
-        "csa_kv_gpu_bytes": report["device"]["csa_kv"],
+        "csa_gpu_bytes": report["csa_device_bytes"],
+        "csa_kv_gpu_bytes": report["device"]["csa_resident_kv"] + report["device"]["csa_tail_kv"],
         "csa_tail_room_bytes": report["device"]["csa_tail_room"],
         "peak_bytes": peak(model.device),
         "ms_per_token": statistics.mean(times[2:]),
@@ -133,18 +134,11 @@ def run_lsa(model, tokens, batch, steps, tau, refresh_layers=None):
         "trigger_ms": times[trigger] - steady if trigger is not None else None,
         "after_trigger_ms": times[trigger + 1] - steady if trigger is not None else None,
         "recall_chunks": report["chunks_fetched"] - before["chunks_fetched"],
-        "recall_bytes": fetched_bytes(cache) - fetched_before,
+        "recall_bytes": report["bytes_fetched"] - before["bytes_fetched"],
         "refreshes": report["refreshes"] - before["refreshes"],
         "steps": steps,
         "report": report,
     }
-
-
-def fetched_bytes(cache) -> int:
-    """Bytes recalled from the pools so far: chunks fetched times the bytes of the kinds each hot set holds."""
-    return sum(
-        layer.chunks_fetched * sum(layer.hot.kinds.values()) * layer.hot.dtype.itemsize for layer in cache.lookahead_layers()
-    )
 
 
 def trigger_after_prefill(model, cache, tokens, batch):
@@ -152,7 +146,7 @@ def trigger_after_prefill(model, cache, tokens, batch):
     generator = torch.Generator(device=model.device).manual_seed(7)
     hidden = torch.randn(batch, model.config.hidden_size, generator=generator, device=model.device, dtype=model.dtype)
     position = torch.full((batch,), tokens - 1, device=model.device)
-    cache.triggering = True
+    cache.schedule.triggering = True
     with torch.no_grad():
         for layer in cache.csa_layers:
             cache.end_csa_layer(layer, hidden, position)

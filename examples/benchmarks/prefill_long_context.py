@@ -132,6 +132,30 @@ def run_row(args) -> dict:
     return row
 
 
+def agreement(args) -> dict:
+    """bf16 on the GPU: the stock eager prefill and LSA keep-all (KeepAllPolicy: nothing dropped) on the same
+    prompt: cosine of the prompt's last-token logits and how many of the greedy tokens agree."""
+    import torch
+
+    import fm_transformers as fm
+
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
+    model = build_model(args.layout, args.quick, device)
+    ids = torch.randint(4, 1024, (1, args.context), generator=torch.Generator().manual_seed(1)).to(device)
+    kwargs = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0,
+                  prefill_chunk_size=args.chunk, return_dict_in_generate=True, output_logits=True)
+    with torch.no_grad():
+        stock = model.generate(ids, **kwargs)
+        cache = fm.OffloadedLookaheadCache(model, {"tau": 64, "prefill_progress": False}, policy=fm.KeepAllPolicy())
+        lsa = model.generate(ids, past_key_values=cache, **kwargs)
+    first = torch.nn.functional.cosine_similarity(stock.logits[0].float(), lsa.logits[0].float(), dim=-1).item()
+    new = ids.shape[1]
+    same = (stock.sequences[0, new:] == lsa.sequences[0, new:]).int()
+    leading = int(same.cumprod(0).sum())
+    return {"context": args.context, "last_token_logits_cosine": first, "greedy_tokens_equal": int(same.sum()),
+            "leading_tokens_equal": leading, "tokens": args.new_tokens}
+
+
 def run_in_subprocess(argv, timeout) -> dict:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     try:
@@ -205,6 +229,7 @@ def main():
     parser.add_argument("--out", default="prefill_long_context.json")
     parser.add_argument("--plot", default=None, help="PNG path for the plot (none by default)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes on the CPU (smoke run)")
+    parser.add_argument("--agreement", action="store_true", help="only compare stock and LSA keep-all (bf16) at --contexts[0]")
     parser.add_argument("--row", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--context", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
@@ -212,6 +237,10 @@ def main():
     args = parser.parse_args()
     if args.row:
         print("ROW " + json.dumps(run_row(args)), flush=True)
+        return
+    if args.agreement:
+        args.context = parse_context(args.contexts[0])
+        print(json.dumps(agreement(args)), flush=True)
         return
     rows, stock_oom = [], set()
     for batch in args.batches:

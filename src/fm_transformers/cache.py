@@ -71,6 +71,7 @@ class LookaheadCSALayer(DeepseekV4CSACache):
         self.recalls = 0
         self.refreshes = 0
         self.chunks_fetched = 0
+        self.bytes_fetched = 0
 
     def _lazy_init_storage(self, entries: torch.Tensor):
         batch, device, dtype = entries.shape[0], entries.device, entries.dtype
@@ -161,7 +162,9 @@ class LookaheadCSALayer(DeepseekV4CSACache):
         """Make `chunk_ids[b]` (sorted, < num_chunks) the resident set of sequence b: keep what is on the
         device, fetch the rest from the pool (asynchronously on a GPU, see HotSet). A `refresh` (mid-window,
         see OffloadedLookaheadCache.refresh_on_miss) is counted apart from the level-1 recalls."""
-        self.chunks_fetched += self._hot.recall(chunk_ids, num_chunks, self._fetch)
+        fetched = self._hot.recall(chunk_ids, num_chunks, self._fetch)
+        self.chunks_fetched += fetched
+        self.bytes_fetched += fetched * sum(self._hot.kinds.values()) * self._hot.dtype.itemsize
         self.has_resident_set = True
         if refresh:
             self.refreshes += 1

@@ -75,6 +75,7 @@ def memory_report(cache) -> dict:
         "recalls": max((layer.recalls for layer in lookahead), default=0),
         "refreshes": max((layer.refreshes for layer in lookahead), default=0),
         "chunks_fetched": sum(layer.chunks_fetched for layer in lookahead),
+        "bytes_fetched": sum(layer.bytes_fetched for layer in lookahead),
     }
 
 
