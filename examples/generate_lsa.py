@@ -3,6 +3,16 @@
 Runs on the CPU, offline, in seconds. It attaches a fresh (untrained) memory indexer, so with the default
 threshold LSA keeps an arbitrary subset and may diverge from stock; with threshold 0 it keeps everything
 and must match stock exactly. Both runs are printed, with the memory report.
+
+The first run after an install is slower, for reasons outside this project (it downloads nothing, compiles no
+Triton kernel on the CPU, uses no torch.compile). Measured on a 2-core CPU machine, warm run about 11 s (5-7 s of
+it importing torch and transformers' DeepSeek-V4, 3-4 s generating):
+- no bytecode cache: Python compiles the ~3,100 modules it imports (torch, sympy, scipy, transformers) on first
+  use, +16-22 s. `pip install` writes the cache at install time; `uv pip install` does not unless given
+  `--compile-bytecode` (or run `python -m compileall -q` over site-packages once).
+- cold disk cache: the run reads about 660 MiB of shared libraries and modules (libtorch_cpu, libtriton): +1 s
+  from that machine's disk; at the 5 MiB/s of a slow network disk it would be two minutes.
+On a machine shared with other jobs every figure grows with the load.
 """
 
 import argparse

@@ -1,11 +1,20 @@
-"""Wrong input fails early with a message that says what was wrong."""
+"""The catalogue of what a user can get wrong: each row feeds one bad input through the public API or the
+`fm-indexer` command and checks that it fails early with one line saying what was wrong and what to do."""
+
+import logging
+import os
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import fm_transformers as fm
+from fm_transformers import locate
 from fm_transformers.tiny import tiny_deepseek_v4
+from fm_transformers.training.cli import main
 from tests.conftest import random_prompt
 
 
@@ -70,3 +79,138 @@ def test_generate_without_attached_indexer_names_attach_memory_indexer(model):
 def test_indexer_layers_without_memory_indexer_are_refused(indexed_model):
     with pytest.raises(ValueError, match=r"indexer_layers \[6\] have no memory indexer"):
         indexed_model.generate(random_prompt(20), max_new_tokens=2, cache_implementation="lsa", cache_config={"indexer_layers": [6]})
+
+
+# --- where an indexer or a backbone is: a local directory or a Hub repo (fm_transformers.locate) ---
+
+
+@pytest.fixture
+def hub_never_asked(monkeypatch):
+    """Fails the test if anything asks the Hub."""
+
+    class NoHub:
+        def __init__(self, *args, **kwargs):
+            raise AssertionError("the Hub was asked")
+
+    monkeypatch.setattr(locate, "HfApi", NoHub)
+
+
+@pytest.fixture
+def hub_unreachable(monkeypatch):
+    """The Hub cannot be reached, as on a machine without a network."""
+
+    class DeadHub:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def model_info(self, *args, **kwargs):
+            raise ConnectionError("Name or service not known")
+
+    monkeypatch.setattr(locate, "HfApi", DeadHub)
+
+
+@pytest.fixture
+def missing_path(request, tmp_path, monkeypatch):
+    """A path that does not exist, spelled absolute, ./, ../ or ~/."""
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    return request.param.format(tmp=tmp_path)
+
+
+MISSING_PATHS = ["{tmp}/nope-indexer", "./nope-indexer", "../nope-indexer", "~/nope-indexer"]
+UNREACHABLE = "no local directory runs/indexr, and the Hub repo runs/indexr could not be reached"
+
+
+def error_lines(caplog) -> list[str]:
+    return [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
+
+
+@pytest.mark.parametrize("missing_path", MISSING_PATHS, indirect=True)
+def test_attach_of_a_missing_local_path_says_no_such_directory(model, missing_path, hub_never_asked):
+    with pytest.raises(FileNotFoundError, match=f"^no such directory: {re.escape(missing_path)}$"):
+        fm.attach_memory_indexer(model, missing_path)
+
+
+@pytest.mark.parametrize("missing_path", MISSING_PATHS, indirect=True)
+def test_auto_lsa_model_of_a_missing_local_path_says_no_such_directory(missing_path, hub_never_asked):
+    with pytest.raises(FileNotFoundError, match=f"^no such directory: {re.escape(missing_path)}$"):
+        fm.AutoLSAModelForCausalLM.from_pretrained(missing_path)
+
+
+def test_a_name_that_is_neither_a_directory_nor_a_repo_id_says_both(model, hub_never_asked):
+    with pytest.raises(FileNotFoundError, match=r"^no such directory: my indexer \(nor is it a Hub repo id"):
+        fm.attach_memory_indexer(model, "my indexer")
+
+
+def test_a_file_given_for_an_indexer_directory_is_refused(model, tmp_path, hub_never_asked):
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(NotADirectoryError, match="model.safetensors is a file, not a directory"):
+        fm.attach_memory_indexer(model, str(tmp_path / "model.safetensors"))
+
+
+def test_a_mistyped_repo_id_offline_names_both_possibilities_without_asking_the_hub(model, monkeypatch, tmp_path, hub_never_asked):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(locate, "is_offline_mode", lambda: True)
+    with pytest.raises(FileNotFoundError, match=f"^{UNREACHABLE}: offline"):
+        fm.attach_memory_indexer(model, "runs/indexr")
+
+
+def test_a_mistyped_repo_id_with_no_network_names_both_possibilities(model, monkeypatch, tmp_path, hub_unreachable):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=f"^{UNREACHABLE} \\(ConnectionError: Name or service not known\\)"):
+        fm.AutoLSAModelForCausalLM.from_pretrained("runs/indexr")
+
+
+def test_an_indexer_of_a_model_made_in_code_needs_base_model(model, tmp_path, hub_never_asked):
+    indexer = fm.MemoryIndexerModel.from_backbone(model, layers=[2], num_heads=4, rank=8, base_model_name_or_path="fm_transformers.tiny(seed=0)")
+    indexer.save_pretrained(tmp_path / "indexer")
+    with pytest.raises(FileNotFoundError, match=r"names its backbone 'fm_transformers.tiny\(seed=0\)', which cannot be loaded .*pass base_model="):
+        fm.AutoLSAModelForCausalLM.from_pretrained(str(tmp_path / "indexer"))
+
+
+@pytest.mark.parametrize("command", ["eval", "push"])
+def test_cli_with_a_missing_indexer_directory_says_no_such_directory(command, tmp_path, caplog, hub_never_asked):
+    missing = str(tmp_path / "nope-indexer")
+    options = ["--data", str(tmp_path / "labels")] if command == "eval" else ["--repo-id", "someone/x", "--local-dir", str(tmp_path / "repo")]
+    assert main([command, "--indexer", missing, *options]) == 2
+    assert error_lines(caplog) == [f"no such directory: {missing}"]
+
+
+def test_cli_with_a_mistyped_repo_id_offline_fails_at_once_without_a_traceback(tmp_path):
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    command = [sys.executable, "-m", "fm_transformers.training.cli", "eval", "--indexer", "runs/indexr", "--data", "labels"]
+    result = subprocess.run(command, cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and "Retrying" not in result.stderr
+    assert f"ERROR fm-indexer: {UNREACHABLE}: offline" in result.stderr
+
+
+# --- the fm-indexer command line ---
+
+
+def test_cli_mistyped_option_answers_with_usage_and_one_error_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "--indexer", "x", "--data", "y", "--treshold", "0.3"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == "fm-indexer eval: error: unrecognized arguments: --treshold 0.3"
+
+
+# --- publishing an indexer (fm-indexer push) ---
+
+
+def test_card_of_an_indexer_for_a_model_made_in_code_says_there_is_no_backbone_to_load(model, tmp_path):
+    indexer = fm.MemoryIndexerModel.from_backbone(model, layers=[2], num_heads=4, rank=8, base_model_name_or_path="fm_transformers.tiny(seed=0)")
+    indexer.save_pretrained(tmp_path / "indexer")
+    push = ["push", "--indexer", str(tmp_path / "indexer"), "--repo-id", "someone/fm-indexer-tiny"]
+    assert main([*push, "--local-dir", str(tmp_path / "repo")]) == 0
+    card = (tmp_path / "repo" / "README.md").read_text()
+    assert "There is no backbone to download" in card and "`fm_transformers.tiny(seed=0)`, which is not a Hub repo" in card
+    assert "from_pretrained(" not in card and "\nbase_model:" not in card
+
+
+def test_cli_push_with_a_missing_card_template_names_it(model, tmp_path, caplog):
+    fm.MemoryIndexerModel.from_backbone(model, layers=[2], num_heads=4, rank=8).save_pretrained(tmp_path / "indexer")
+    push = ["push", "--indexer", str(tmp_path / "indexer"), "--repo-id", "someone/x", "--local-dir", str(tmp_path / "repo")]
+    assert main([*push, "--card-template", str(tmp_path / "card.md")]) == 2
+    assert error_lines(caplog) == [f"card template {tmp_path / 'card.md'} not found: pass --card-template with an existing file"]

@@ -30,3 +30,12 @@ def test_auto_lsa_model_loads_backbone_named_in_indexer_config(model, tmp_path):
     prompt = torch.randint(4, 90, (1, 30))
     lsa = loaded.generate(prompt, max_new_tokens=5, do_sample=False, cache_implementation="lsa", cache_config={"threshold": 0.0})
     assert torch.equal(lsa, model.generate(prompt, max_new_tokens=5, do_sample=False))
+
+
+def test_attach_finds_a_home_relative_directory(model, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    fm.MemoryIndexerModel.from_backbone(model, layers=[2], num_heads=4, rank=8).save_pretrained(tmp_path / "indexer")
+    try:
+        assert fm.attach_memory_indexer(model, "~/indexer").config.layers == [2]
+    finally:
+        fm.detach_memory_indexer(model)

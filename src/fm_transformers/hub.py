@@ -5,6 +5,10 @@ from transformers import AutoModelForCausalLM
 
 from .layout import require_deepseek_v4
 from .indexer import ATTACHED_INDEXER_ATTRIBUTE, MemoryIndexerConfig, MemoryIndexerModel, attached_memory_indexer
+from .locate import locate_pretrained
+
+# The from_pretrained options that also say where to look for a name; the others only matter once it is found.
+_LOCATE_OPTIONS = ("token", "revision", "cache_dir", "local_files_only")
 
 
 def attach_memory_indexer(model, indexer_or_path, **from_pretrained_kwargs) -> MemoryIndexerModel:
@@ -18,7 +22,8 @@ def attach_memory_indexer(model, indexer_or_path, **from_pretrained_kwargs) -> M
     if isinstance(indexer_or_path, MemoryIndexerModel):
         indexer = indexer_or_path
     elif isinstance(indexer_or_path, (str, bytes)) or hasattr(indexer_or_path, "__fspath__"):
-        indexer = MemoryIndexerModel.from_pretrained(indexer_or_path, **from_pretrained_kwargs)
+        location = _locate(indexer_or_path, from_pretrained_kwargs)
+        indexer = MemoryIndexerModel.from_pretrained(location, **from_pretrained_kwargs)
     else:
         raise TypeError(
             f"attach_memory_indexer takes a MemoryIndexerModel, a Hub repo id or a local directory; "
@@ -55,17 +60,34 @@ class AutoLSAModelForCausalLM:
         dir; None loads the backbone named in the indexer config. model_kwargs go to the backbone's
         from_pretrained (dtype, device_map, ...)."""
         indexer_kwargs = dict(indexer_kwargs or {})
+        indexer_path = _locate(indexer_path, indexer_kwargs)
         config = MemoryIndexerConfig.from_pretrained(indexer_path, **indexer_kwargs)
         if base_model is None:
-            base_model = config.base_model_name_or_path
-            if not base_model:
-                raise ValueError(
-                    f"the indexer at {indexer_path!r} does not name its backbone (base_model_name_or_path): "
-                    "pass base_model="
-                )
-        if isinstance(base_model, torch.nn.Module):
+            backbone = _named_backbone(indexer_path, config.base_model_name_or_path, model_kwargs)
+            model = AutoModelForCausalLM.from_pretrained(backbone, **model_kwargs)
+        elif isinstance(base_model, torch.nn.Module):
             model = base_model
         else:
-            model = AutoModelForCausalLM.from_pretrained(base_model, **model_kwargs)
+            model = AutoModelForCausalLM.from_pretrained(_locate(base_model, model_kwargs), **model_kwargs)
         attach_memory_indexer(model, MemoryIndexerModel.from_pretrained(indexer_path, **indexer_kwargs))
         return model
+
+
+def _locate(name_or_path, from_pretrained_kwargs: dict) -> str:
+    options = {key: from_pretrained_kwargs[key] for key in _LOCATE_OPTIONS if key in from_pretrained_kwargs}
+    return locate_pretrained(name_or_path, **options)
+
+
+def _named_backbone(indexer_path: str, name: str | None, model_kwargs: dict) -> str:
+    """The backbone recorded in the indexer config, located; an indexer of a model made in code has none."""
+    if not name:
+        raise ValueError(
+            f"the indexer at {indexer_path} does not name its backbone (base_model_name_or_path): pass base_model="
+        )
+    try:
+        return _locate(name, model_kwargs)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(
+            f"the indexer at {indexer_path} names its backbone {name!r}, which cannot be loaded ({error}): "
+            "pass base_model= with the model or where it is"
+        ) from None

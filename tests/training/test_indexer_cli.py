@@ -1,13 +1,17 @@
 """`fm-indexer`: every subcommand documents itself, and the four run end to end on the tiny backbone offline."""
 
+import ast
 import json
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-from fm_transformers.indexer import MemoryIndexerModel
+from fm_transformers.indexer import PAPER_TARGET_LAYERS, MemoryIndexerModel
+from fm_transformers.training import cli
 from fm_transformers.training.cli import main
+from fm_transformers.training.push import default_template, render_card
 from fm_transformers.training.synthetic import needle_documents, write_jsonl
 
 
@@ -20,6 +24,39 @@ def test_every_subcommand_has_help(command, option, capsys):
         main([command, "--help"])
     assert exit_info.value.code == 0
     assert option in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "command, shown",
+    [
+        ("train", ["--num-heads NUM_HEADS indexer heads per target layer (default: 128)", "(default: 1)",
+                   "(default: 0.001)", "AdamW weight decay (default: 0.0)", "negative sampling (default: 0)"]),
+        ("eval", ["reaches this (default: 0.5)", "(default: cpu)"]),
+        ("dump-labels", ["in tokens (default: 64)", f"target CSA layers (default: {' '.join(map(str, PAPER_TARGET_LAYERS))})"]),
+    ],
+)
+def test_help_shows_every_default(command, shown, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for line in shown:
+        assert line in text
+
+
+def test_the_parser_needs_only_the_standard_library():
+    """So that --help and a mistyped option answer without importing torch or transformers."""
+    tree = ast.parse(Path(cli.__file__).read_text())
+    imported = {alias.name.split(".")[0] for node in tree.body if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in tree.body if isinstance(node, ast.ImportFrom) and node.level == 0}
+    assert imported <= sys.stdlib_module_names
+    assert not any(isinstance(node, ast.ImportFrom) and node.level > 0 for node in tree.body)
+
+
+def test_card_of_an_indexer_for_a_hub_backbone_loads_it_from_the_hub(backbone):
+    indexer = MemoryIndexerModel.from_backbone(backbone, layers=[4], num_heads=4, rank=8, base_model_name_or_path="org/backbone")
+    card = render_card(indexer, None, "someone/fm-indexer", default_template())
+    assert "\nbase_model: org/backbone\n" in card
+    assert 'model = AutoModelForCausalLM.from_pretrained("org/backbone", dtype="auto", device_map="auto")' in card
 
 
 def test_dump_train_eval_push_from_the_command_line(tmp_path, capsys):
@@ -45,7 +82,7 @@ def test_dump_train_eval_push_from_the_command_line(tmp_path, capsys):
     push = ["push", "--indexer", str(tmp_path / "indexer"), "--repo-id", "someone/fm-indexer-tiny"]
     assert main([*push, "--local-dir", str(repo)]) == 0
     card = (repo / "README.md").read_text()
-    assert "base_model: fm_transformers.tiny(seed=0)" in card
+    assert "`fm_transformers.tiny(seed=0)`, which is not a Hub repo" in card and "\nbase_model:" not in card
     assert "| used_recall |" in card and "| documents | 4 |" in card and "$" not in card
     assert MemoryIndexerModel.from_pretrained(repo).config.layers == [4, 6]
 

@@ -1,0 +1,44 @@
+"""A wheel built from this repository carries what the installed package reads at run time."""
+
+import importlib.util
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from fm_transformers.training.push import TEMPLATE_NAME, TEMPLATE_PACKAGE, default_template
+
+ROOT = Path(__file__).resolve().parents[1]
+# What pyproject.toml builds the wheel from; copied so that the build writes nothing into the checkout.
+SOURCES = ("pyproject.toml", "README.md", "src", "kernels", "model_cards")
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    missing = [name for name in ("pip", "setuptools") if importlib.util.find_spec(name) is None]
+    if missing:
+        pytest.skip(f"{' and '.join(missing)} not installed: no wheel can be built offline")
+    source, output = tmp_path_factory.mktemp("source"), tmp_path_factory.mktemp("wheel")
+    for name in SOURCES:
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(ROOT / name, source / name)
+    command = [sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "-w", str(output)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return next(output.glob("fm_transformers-*.whl"))
+
+
+def test_wheel_ships_the_model_card_template_that_push_reads(wheel):
+    member = "/".join([*TEMPLATE_PACKAGE.split("."), TEMPLATE_NAME])
+    with zipfile.ZipFile(wheel) as archive:
+        assert member in archive.namelist(), f"{member} is missing from {wheel.name}"
+        assert archive.read(member).decode() == (ROOT / "model_cards" / TEMPLATE_NAME).read_text()
+
+
+def test_the_template_push_reads_is_the_one_in_model_cards():
+    assert default_template() == (ROOT / "model_cards" / TEMPLATE_NAME).read_text()
