@@ -214,3 +214,35 @@ def test_cli_push_with_a_missing_card_template_names_it(model, tmp_path, caplog)
     push = ["push", "--indexer", str(tmp_path / "indexer"), "--repo-id", "someone/x", "--local-dir", str(tmp_path / "repo")]
     assert main([*push, "--card-template", str(tmp_path / "card.md")]) == 2
     assert error_lines(caplog) == [f"card template {tmp_path / 'card.md'} not found: pass --card-template with an existing file"]
+
+
+def test_a_cache_built_for_another_model_is_refused_before_any_layer_runs(model):
+    three_layers = tiny_deepseek_v4(seed=0, layer_types=["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"])
+    cache = fm.OffloadedLookaheadCache(three_layers, policy=fm.KeepAllPolicy())
+    with pytest.raises(ValueError, match=r"built for a model with 3 layers \(1 CSA\), the model has 8 \(4 CSA\)"):
+        model.generate(random_prompt(20), max_new_tokens=2, past_key_values=cache, pad_token_id=0)
+    with pytest.raises(ValueError, match="build the cache with this model"):
+        model(random_prompt(20), past_key_values=cache)
+
+
+def test_cache_config_without_cache_implementation_is_refused(model):
+    with pytest.raises(ValueError, match="does nothing without a cache implementation: add cache_implementation='lsa'"):
+        model.generate(random_prompt(20), max_new_tokens=2, cache_config={"tau": 4}, pad_token_id=0)
+
+
+def test_an_empty_prompt_is_refused_before_the_model_runs(model):
+    with pytest.raises(ValueError, match="the prompt is empty"):
+        model.generate(
+            random_prompt(20)[:, :0], max_new_tokens=2, pad_token_id=0, cache_implementation="lsa",
+            cache_config={"policy": fm.KeepAllPolicy()},
+        )
+
+
+def test_threshold_beside_an_explicit_policy_is_refused(model):
+    with pytest.raises(ValueError, match=r"cache option\(s\) \['threshold'\] configure the default memory-indexer policy"):
+        fm.OffloadedLookaheadCache(model, {"threshold": 0.3}, policy=fm.KeepAllPolicy())
+
+
+def test_prefill_chunk_size_must_be_a_positive_integer(model):
+    with pytest.raises(ValueError, match="prefill_chunk_size must be a positive integer"):
+        fm.OffloadedLookaheadCache(model, {"prefill_chunk_size": 0}, policy=fm.KeepAllPolicy())

@@ -152,8 +152,13 @@ def agreement(args) -> dict:
     new = ids.shape[1]
     same = (stock.sequences[0, new:] == lsa.sequences[0, new:]).int()
     leading = int(same.cumprod(0).sum())
+    margins = [float(step.float().topk(2, dim=-1).values[0].diff().abs()) for step in stock.logits]
     return {"context": args.context, "last_token_logits_cosine": first, "greedy_tokens_equal": int(same.sum()),
-            "leading_tokens_equal": leading, "tokens": args.new_tokens}
+            "leading_tokens_equal": leading, "tokens": args.new_tokens,
+            "stock_top2_margin_at_first_difference": margins[leading] if leading < len(margins) else None,
+            "largest_logit_difference_before_it": max(float((a.float() - b.float()).abs().max()) for a, b in
+                                                      zip(stock.logits[: leading + 1], lsa.logits[: leading + 1])),
+            "median_stock_top2_margin": sorted(margins)[len(margins) // 2]}
 
 
 def run_in_subprocess(argv, timeout) -> dict:

@@ -25,6 +25,8 @@ def lsa_attention_forward(attention, stock_forward, hidden_states, position_embe
     Returns (output (batch, seq, hidden), None) like the stock forward (no attention weights).
     """
     batch, seq_len, _ = hidden_states.shape
+    if attention.layer_idx == 0:
+        cache.check_fits(attention.config.layer_types)
     if attention.layer_type != CSA_LAYER_TYPE:
         if seq_len > 1:
             return prefill_attention_forward(attention, hidden_states, position_embeddings, position_ids, attention_mask, cache)

@@ -377,9 +377,10 @@ class OffloadedLookaheadCache(DynamicCache):
         for csa_layer in self.lookahead_layers():
             csa_layer.recall(chunk_ids, horizon, refresh=True)
 
-    def check_fits(self, model) -> None:
-        """Raise a clear error if this cache was built for a model with other layers than `model`."""
-        layer_types = tuple(model.config.get_text_config(decoder=True).layer_types)
+    def check_fits(self, layer_types) -> None:
+        """Raise a clear error if this cache was built for a model with other layers (`layer_types` of the
+        model it is used with)."""
+        layer_types = tuple(layer_types)
         if layer_types != self.layer_types:
             raise ValueError(
                 f"this OffloadedLookaheadCache was built for a model with {len(self.layer_types)} layers "

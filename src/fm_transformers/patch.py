@@ -77,6 +77,12 @@ def _patched_attention_forward(self, hidden_states, position_embeddings, positio
 def _patched_prepare_cache(self, generation_config, model_kwargs, *args, **kwargs):
     stock_prepare = _original(GenerationMixin, "_prepare_cache_for_generation")
     if generation_config.cache_implementation != CACHE_IMPLEMENTATION:
+        no_implementation = generation_config.cache_implementation is None and model_kwargs.get("past_key_values") is None
+        if generation_config.cache_config and no_implementation and self.config.model_type == "deepseek_v4":
+            raise ValueError(
+                f"cache_config={generation_config.cache_config!r} does nothing without a cache implementation: "
+                "add cache_implementation='lsa' to use Lookahead Sparse Attention"
+            )
         return stock_prepare(self, generation_config, model_kwargs, *args, **kwargs)
     require_deepseek_v4(self)
     if model_kwargs.get("past_key_values") is not None:
@@ -95,7 +101,9 @@ def _patched_prefill(self, input_ids, generation_config, model_kwargs, is_first_
     cache = model_kwargs.get("past_key_values")
     if not isinstance(cache, OffloadedLookaheadCache):
         return stock_prefill(self, input_ids, generation_config, model_kwargs, is_first_iteration)
-    cache.check_fits(self)
+    cache.check_fits(self.config.get_text_config(decoder=True).layer_types)
+    if input_ids.shape[1] == 0:
+        raise ValueError("the prompt is empty: give generate at least one token (e.g. the BOS token)")
     chunk_size = generation_config.prefill_chunk_size or cache.lsa_config.prefill_chunk_size
     if chunk_size is not None and generation_config.prefill_chunk_size is None:
         generation_config = copy.copy(generation_config)
