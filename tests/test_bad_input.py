@@ -246,3 +246,13 @@ def test_threshold_beside_an_explicit_policy_is_refused(model):
 def test_prefill_chunk_size_must_be_a_positive_integer(model):
     with pytest.raises(ValueError, match="prefill_chunk_size must be a positive integer"):
         fm.OffloadedLookaheadCache(model, {"prefill_chunk_size": 0}, policy=fm.KeepAllPolicy())
+
+
+def test_an_indexer_trained_for_another_tau_warns(indexed_model, caplog):
+    fm.attached_memory_indexer(indexed_model).config.tau = 16
+    try:
+        with caplog.at_level(logging.WARNING):
+            fm.OffloadedLookaheadCache(indexed_model, {"tau": 8})
+    finally:
+        fm.attached_memory_indexer(indexed_model).config.tau = None
+    assert "trained for tau=16, the cache runs tau=8" in caplog.text

@@ -51,6 +51,8 @@ class MemoryIndexerConfig(PreTrainedConfig):
     rank (`int`): low-rank query dimension (2048 in the release).
     base_model_name_or_path (`str`): the backbone this indexer was made for (Hub id or local path).
     backbone (`dict`): the backbone dimensions the indexer depends on (see `BACKBONE_FIELDS`).
+    tau (`int`): the lookahead its labels were made with (decode steps per window); None if unknown. An LSA cache
+        with another `tau` warns: the indexer predicts the chunks of its own window length.
     """
 
     model_type = "fm_memory_indexer"
@@ -60,6 +62,7 @@ class MemoryIndexerConfig(PreTrainedConfig):
     rank: int = 2048
     base_model_name_or_path: str | None = None
     backbone: dict | None = None
+    tau: int | None = None
     initializer_range: float = 0.02
 
     @property

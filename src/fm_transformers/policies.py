@@ -10,6 +10,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
+from transformers.utils import logging
 
 from .config import DEFAULT_THRESHOLD, LSAConfig
 from .indexer import attached_memory_indexer
@@ -17,6 +18,7 @@ from .kernels.level1_scoring import level1_scores
 from .layout import csa_compress_rate
 
 NOT_WANTED = float("-inf")
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -177,6 +179,12 @@ def policy_from_config(model, config: LSAConfig, policy: ResidentPolicy | None =
             "no memory indexer is attached to this model: call fm_transformers.attach_memory_indexer(model, "
             "'<indexer repo or dir>') first, or pass a policy (cache_config={'policy': ...} or "
             "OffloadedLookaheadCache(model, policy=...))"
+        )
+    trained_tau = getattr(indexer.config, "tau", None)
+    if trained_tau is not None and trained_tau != config.tau:
+        logger.warning(
+            "the memory indexer was trained for tau=%d, the cache runs tau=%d: it predicts the chunks of a %d-step "
+            "window, so set cache_config={'tau': %d} unless you mean it", trained_tau, config.tau, trained_tau, trained_tau
         )
     return MemoryIndexerPolicy(indexer, threshold=config.threshold, layers=config.indexer_layers)
 

@@ -166,6 +166,7 @@ def train(config: TrainConfig) -> dict:
 
 def _setup(accelerator: Accelerator, config: TrainConfig, shards: LabelShards) -> _Run:
     model = build_indexer(config, shards)
+    model.config.tau = shards.manifest["labels"].get("tau")  # checked against LSAConfig.tau when it is used
     layers = [int(layer) for layer in model.config.layers]
     if config.lora_r is not None:
         model = add_lora(model, config.lora_r, config.lora_alpha)
