@@ -46,6 +46,8 @@ def main():
     )
     prompt_length = inputs["input_ids"].shape[1]
     decode = lambda out: repr(tokenizer.decode(out.sequences[0, prompt_length:]))  # noqa: E731
+    print("a tiny DeepSeek-V4 with random weights and an untrained memory indexer: the tokens are noise; what counts")
+    print("is that LSA keeping every chunk equals stock, and what the budget leaves on the device (memory report)")
     print(f"prompt: {prompt_length} tokens, {args.new_tokens} new tokens, tau={args.tau}")
     print(f"stock cache             : {decode(stock)}")
     print(f"LSA, threshold 0        : {decode(keep_all)}")
