@@ -4,6 +4,7 @@ import torch
 from transformers import AutoModel
 
 import fm_transformers as fm
+from tests.conftest import DEVICE
 
 
 def test_save_load_attach_round_trip_gives_identical_scores(model, tmp_path):
@@ -11,7 +12,8 @@ def test_save_load_attach_round_trip_gives_identical_scores(model, tmp_path):
     indexer.save_pretrained(tmp_path)
     loaded = AutoModel.from_pretrained(tmp_path)
     assert isinstance(loaded, fm.MemoryIndexerModel) and loaded.config.layers == [4, 6]
-    hidden, positions, keys = torch.randn(2, 3, 64), torch.tensor([[30, 31, 32]] * 2), torch.randn(2, 8, 16)
+    hidden, positions, keys = (t.to(DEVICE) for t in (torch.randn(2, 3, 64), torch.tensor([[30, 31, 32]] * 2), torch.randn(2, 8, 16)))
+    indexer.to(DEVICE)  # attach places the loaded one on the model's device
     try:
         attached = fm.attach_memory_indexer(model, str(tmp_path))
         assert fm.attached_memory_indexer(model) is attached
