@@ -4,6 +4,7 @@ import os
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fm_transformers as fm
 from fm_transformers.tiny import TINY_VOCAB_SIZE, tiny_deepseek_v4
@@ -69,3 +70,18 @@ def greedy(model, input_ids, max_new_tokens=24, **kwargs):
 
 def max_logit_difference(first, second) -> float:
     return max((a - b).abs().max().item() for a, b in zip(first.logits, second.logits))
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the numel of the largest tensor any op creates while the mode is active."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(tensor, torch.Tensor):
+                self.largest = max(self.largest, tensor.numel())
+        return out

@@ -2,10 +2,9 @@
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import fm_transformers as fm
-from tests.conftest import DEVICE, greedy, random_prompt
+from tests.conftest import DEVICE, LargestTensor, greedy, random_prompt
 
 CHUNK_SIZES = [7, 23, 50]  # not multiples of the CSA rate (4) or of the window (16); the prompt is no multiple of them
 
@@ -76,21 +75,6 @@ def test_a_second_turn_prefill_after_decode_continues_the_stock_way(model):
     lsa_next = greedy(model, follow, max_new_tokens=1, past_key_values=cache)
     assert torch.equal(lsa_out.sequences, stock_out.sequences)
     torch.testing.assert_close(lsa_next.logits[0], stock_next.logits[0], rtol=0, atol=1e-4)
-
-
-class LargestTensor(TorchDispatchMode):
-    """Records the numel of the largest tensor any op creates."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for tensor in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(tensor, torch.Tensor):
-                self.largest = max(self.largest, tensor.numel())
-        return out
 
 
 def largest_prefill_tensor(model, length: int, chunk: int) -> int:

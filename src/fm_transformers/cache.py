@@ -30,7 +30,7 @@ from .policies import (
     same_sets,
 )
 from .pool import ColdPool, DeviceHistory, HotSet
-from .report import memory_report
+from .report import memory_report, stock_layer_bytes
 
 KV, INDEX_KEYS = "compressor", "indexer"
 # A prefill of at least this many chunks shows a progress bar unless LSAConfig.prefill_progress says otherwise.
@@ -183,8 +183,6 @@ class LookaheadCSALayer(DeepseekV4CSACache):
             index_keys, room = self._index_keys.nbytes(), self._index_keys.spare_bytes()
         else:
             index_keys, room = sum(self._hot.device_bytes(INDEX_KEYS)), 0
-        state = [*self.buffer_kv.values(), *self.buffer_gate.values(), *self.overlap_kv.values(), *self.overlap_gate.values()]
-        state += [self.keys] if isinstance(self.keys, torch.Tensor) else []
         pool_itemsize, model_itemsize = self.pools[KV].dtype.itemsize, self._hot.dtype.itemsize
         stored = sum(pool.stored_bytes() for pool in self.pools.values())
         return {
@@ -193,7 +191,7 @@ class LookaheadCSALayer(DeepseekV4CSACache):
             "index_keys": index_keys,
             "index_keys_in_full": self._index_keys is not None,
             "tail_room": self._hot.spare_bytes() + room,
-            "window_and_state": sum(t.nbytes for t in state if isinstance(t, torch.Tensor)),
+            "window_and_state": stock_layer_bytes(self),  # window, buffers, overlap (no compressed_kv here)
             "host_kv_stored": self.pools[KV].stored_bytes(),
             "host_index_keys_stored": self.pools[INDEX_KEYS].stored_bytes(),
             "host_allocated": sum(pool.allocated_bytes() for pool in self.pools.values()),

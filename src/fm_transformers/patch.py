@@ -101,7 +101,6 @@ def _patched_prefill(self, input_ids, generation_config, model_kwargs, is_first_
     cache = model_kwargs.get("past_key_values")
     if not isinstance(cache, OffloadedLookaheadCache):
         return stock_prefill(self, input_ids, generation_config, model_kwargs, is_first_iteration)
-    cache.check_fits(self.config.get_text_config(decoder=True).layer_types)
     if input_ids.shape[1] == 0:
         raise ValueError("the prompt is empty: give generate at least one token (e.g. the BOS token)")
     chunk_size = generation_config.prefill_chunk_size or cache.lsa_config.prefill_chunk_size

@@ -13,6 +13,12 @@ import torch
 from .kernels.gather import gather_slab_chunks, slab_addresses
 
 
+def grown_capacity(needed: int, current: int) -> int:
+    """Rows to allocate when a device buffer of `current` rows must hold `needed`: at least 1.5x, so a long
+    prefill appending chunk after chunk copies what is stored O(log) times, not once per chunk."""
+    return max(needed, current * 3 // 2)
+
+
 class ColdPool:
     """Host storage of one kind of entry for one layer and every sequence of a batch.
 
@@ -154,8 +160,7 @@ class HotSet:
         rows = entries.shape[1] * self.batch_size
         table, used = self.table(kind), self._used[kind]
         if used + rows > table.shape[0]:
-            # Geometric growth: a long prefill appends chunk after chunk, so it copies the table O(log) times.
-            capacity = max(used + rows + self.tail_reserve * self.batch_size, table.shape[0] * 3 // 2)
+            capacity = grown_capacity(used + rows + self.tail_reserve * self.batch_size, table.shape[0])
             grown = table.new_empty(capacity, self.kinds[kind])
             grown[:used] = table[:used]
             self._tables[kind] = table = grown
@@ -327,9 +332,8 @@ class HotSet:
 
 
 class DeviceHistory:
-    """Every entry of one kind on the device, (batch, length, dim), grown geometrically so that appending a
-    prefill chunk at a time copies the whole O(log) times, not once per chunk. Holds the native indexer keys
-    of target and refresh layers, which level 1 and the refresh score in full."""
+    """Every entry of one kind on the device, (batch, length, dim), grown by `grown_capacity`. Holds the native
+    indexer keys of target and refresh layers, which level 1 and the refresh score in full."""
 
     def __init__(self, batch_size: int, dim: int, device: torch.device, dtype: torch.dtype):
         self._buffer = torch.empty(batch_size, 0, dim, device=device, dtype=dtype)
@@ -344,7 +348,7 @@ class DeviceHistory:
         """entries: (batch, n, dim)."""
         count = entries.shape[1]
         if self.length + count > self._buffer.shape[1]:
-            capacity = max(self.length + count, self._buffer.shape[1] * 3 // 2)
+            capacity = grown_capacity(self.length + count, self._buffer.shape[1])
             grown = self._buffer.new_empty(self._buffer.shape[0], capacity, self._buffer.shape[2])
             grown[:, : self.length] = self.entries
             self._buffer = grown

@@ -34,12 +34,11 @@ def prefill_attention_forward(attention, hidden_states, position_embeddings, pos
     full = cache.update(kv, kv, attention.layer_idx)[0][:, 0]  # (B, prior window + S, D)
     positions = position_ids.expand(batch, -1)
     comp = _compressed_sources(attention, cache.layers[attention.layer_idx], hidden_states, q_residual, positions)
-    out = torch.empty(batch, seq_len, *q.shape[1:2], q.shape[-1], dtype=q.dtype, device=q.device)  # (B, S, H, D)
+    heads, head_dim = q.shape[1], q.shape[-1]
+    out = q.new_empty(batch, seq_len, heads, head_dim)
     for row in range(batch):
         band, bias = window_rows(full[row], _mask_rows(attention_mask, row), attention.sliding_window, seq_len)
-        table, picks, limit = comp(row) if comp is not None else (full.new_empty(0, full.shape[-1]), None, None)
-        if picks is None and limit is None:
-            limit = torch.zeros(seq_len, dtype=torch.long, device=q.device)
+        table, picks, limit = comp(row)
         out[row] = sparse_prefill_attention(
             q[row].transpose(0, 1), band, bias, table, attention.sinks, attention.scaling, comp_idx=picks, comp_limit=limit
         )
@@ -48,14 +47,16 @@ def prefill_attention_forward(attention, hidden_states, position_embeddings, pos
 
 def _compressed_sources(attention, layer, hidden_states, q_residual, positions):
     """Store this chunk's compressed entries and return `row -> (table (T, D), picks (S, k) or None,
-    limit (S,) or None)`: what each query of sequence `row` attends besides its band; None for sliding layers."""
+    limit (S,) or None)`: what each query of sequence `row` attends besides its band (sliding layers: an
+    empty prefix)."""
     if attention.layer_type == HCA_LAYER_TYPE:
         compressor = attention.compressor
         history = layer.update_compressor_states(KV, compress_new_entries(compressor, layer, hidden_states, KV, overlap=False))
         limit = ((positions + 1) // compressor.compress_rate).clamp(max=history.shape[1])
         return lambda row: (history[row], None, limit[row])
     if attention.layer_type != CSA_LAYER_TYPE:
-        return None
+        nothing = hidden_states.new_empty(0, attention.head_dim)
+        return lambda row: (nothing, None, torch.zeros_like(positions[row]))
     compressor = attention.compressor
     indexer = compressor.indexer
     kv_history = _store(layer, KV, compress_new_entries(compressor, layer, hidden_states, KV))

@@ -16,8 +16,9 @@ def _device_bytes(tensors) -> int:
     return sum(tensor.nbytes for tensor in tensors if isinstance(tensor, torch.Tensor))
 
 
-def _stock_layer_bytes(layer) -> int:
-    """Bytes held by a stock sliding-window or HCA layer: window keys/values and compressor state."""
+def stock_layer_bytes(layer) -> int:
+    """Bytes held by a stock cache layer's tensors: window keys/values and compressor state (for an LSA CSA
+    layer, whose compressed entries live in its pool and hot set, the window and compression state)."""
     tensors = [layer.keys, layer.values if layer.values is not layer.keys else None]
     for states in ("compressed_kv", "buffer_kv", "buffer_gate", "overlap_kv", "overlap_gate"):
         tensors.extend(getattr(layer, states, {}).values())
@@ -48,7 +49,7 @@ def memory_report(cache) -> dict:
     parts = [layer.memory() for layer in cache.lookahead_layers()]
     parts = [part for part in parts if part]
     total = lambda key: sum(part[key] for part in parts)  # noqa: E731
-    other = sum(_stock_layer_bytes(layer) for index, layer in enumerate(cache.layers) if index not in cache.csa_layers)
+    other = sum(stock_layer_bytes(layer) for index, layer in enumerate(cache.layers) if index not in cache.csa_layers)
     csa_device = total("resident_kv") + total("tail_kv") + total("index_keys")
     full = total("full_bytes")
     lookahead = cache.lookahead_layers()

@@ -17,6 +17,7 @@ from fm_transformers.kernels.sparse_prefill_attention import (
     sparse_prefill_attention_triton,
     window_band,
 )
+from tests.conftest import LargestTensor
 
 FP32_TOL = dict(rtol=1e-4, atol=1e-4)
 HALF_TOL = dict(rtol=2e-2, atol=2e-2)  # 16-bit inputs and output; the value dot takes 16-bit probabilities
@@ -128,21 +129,6 @@ def test_public_op_takes_the_reference_on_cpu(gen):
     assert torch.equal(sparse_prefill_attention(**inputs), sparse_prefill_attention_reference(**inputs))
 
 
-class LargestTensor(TorchDispatchMode):
-    """Records the largest numel of any tensor an op creates while the mode is active."""
-
-    def __init__(self):
-        super().__init__()
-        self.numel = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor):
-                self.numel = max(self.numel, t.numel())
-        return out
-
-
 def test_reference_temporaries_do_not_grow_with_the_table_in_prefix_mode(gen):
     """Every row sees the whole table, yet the largest temporary for 1024 table rows equals that for 64."""
     largest = {}
@@ -151,7 +137,7 @@ def test_reference_temporaries_do_not_grow_with_the_table_in_prefix_mode(gen):
         inputs["comp_limit"][:] = table
         with LargestTensor() as mode:
             sparse_prefill_attention_reference(**inputs, row_block=16, key_block=16)
-        largest[table] = mode.numel
+        largest[table] = mode.largest
     assert largest[1024] == largest[64] <= ROWS * HEADS * DIM  # at most the output itself
 
 
