@@ -10,11 +10,12 @@ import sys
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.utils import logging as hf_logging
 
 import fm_transformers as fm
+from fm_indexer import main
 from fm_transformers import locate
 from fm_transformers.tiny import tiny_deepseek_v4
-from fm_transformers.training.cli import main
 from tests.conftest import random_prompt
 
 
@@ -179,7 +180,7 @@ def test_cli_with_a_missing_indexer_directory_says_no_such_directory(command, tm
 
 def test_cli_with_a_mistyped_repo_id_offline_fails_at_once_without_a_traceback(tmp_path):
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    command = [sys.executable, "-m", "fm_transformers.training.cli", "eval", "--indexer", "runs/indexr", "--data", "labels"]
+    command = [sys.executable, "-m", "fm_indexer", "eval", "--indexer", "runs/indexr", "--data", "labels"]
     result = subprocess.run(command, cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and "Retrying" not in result.stderr
@@ -228,6 +229,14 @@ def test_a_cache_built_for_another_model_is_refused_before_any_layer_runs(model)
 def test_cache_config_without_cache_implementation_is_refused(model):
     with pytest.raises(ValueError, match="does nothing without a cache implementation: add cache_implementation='lsa'"):
         model.generate(random_prompt(20), max_new_tokens=2, cache_config={"tau": 4}, pad_token_id=0)
+
+
+def test_lsa_without_use_cache_is_one_error_and_no_transformers_warning(model, caplog, monkeypatch):
+    hf_logging.warning_once.cache_clear()  # a warning already given in this process would not be given again
+    monkeypatch.setattr(hf_logging.get_logger("transformers"), "propagate", True)  # so that caplog sees it
+    with pytest.raises(ValueError, match="^cache_implementation='lsa' needs use_cache=True: drop use_cache=False$"):
+        model.generate(random_prompt(20), max_new_tokens=2, pad_token_id=0, use_cache=False, cache_implementation="lsa")
+    assert [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING] == []
 
 
 def test_an_empty_prompt_is_refused_before_the_model_runs(model):

@@ -42,3 +42,10 @@ def test_wheel_ships_the_model_card_template_that_push_reads(wheel):
 
 def test_the_template_push_reads_is_the_one_in_model_cards():
     assert default_template() == (ROOT / "model_cards" / TEMPLATE_NAME).read_text()
+
+
+def test_the_fm_indexer_script_of_the_wheel_runs_the_stdlib_front_end(wheel):
+    with zipfile.ZipFile(wheel) as archive:
+        (entry_points,) = [name for name in archive.namelist() if name.endswith(".dist-info/entry_points.txt")]
+        assert "fm-indexer = fm_indexer:main" in archive.read(entry_points).decode().splitlines()
+        assert "fm_indexer/__init__.py" in archive.namelist()
