@@ -15,7 +15,7 @@ from transformers.utils import logging as hf_logging
 import fm_transformers as fm
 from fm_indexer import main
 from fm_transformers import locate
-from fm_transformers.tiny import tiny_deepseek_v4
+from fm_transformers.tiny import tiny_deepseek_v4, tiny_deepseek_v4_config
 from tests.conftest import random_prompt
 
 
@@ -40,8 +40,12 @@ def test_model_that_is_not_deepseek_v4_is_refused(llama, model):
 def test_indexer_layer_that_is_not_csa_is_refused(model):
     with pytest.raises(ValueError, match=r"not CSA layers.*\[2, 4, 6, 7\]"):
         fm.MemoryIndexerModel.from_backbone(model, layers=[3], num_heads=4, rank=8)
-    with pytest.raises(ValueError, match="default target layers"):
-        fm.MemoryIndexerModel.from_backbone(model)
+
+
+def test_a_backbone_without_csa_layers_has_no_default_indexer_layers():
+    sliding_only = tiny_deepseek_v4_config(layer_types=["sliding_attention"] * 2)
+    with pytest.raises(ValueError, match=r"^this backbone has no CSA layers \(layer_types\): a memory indexer needs at least one$"):
+        fm.MemoryIndexerModel.from_backbone(sliding_only, num_heads=4, rank=8)
 
 
 def test_indexer_made_for_other_dimensions_is_refused(model):
@@ -195,6 +199,20 @@ def test_cli_mistyped_option_answers_with_usage_and_one_error_line(capsys):
         main(["eval", "--indexer", "x", "--data", "y", "--treshold", "0.3"])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1] == "fm-indexer eval: error: unrecognized arguments: --treshold 0.3"
+
+
+@pytest.mark.parametrize("checkpoint", ["{tmp}/top3_R930_joint.pt", "./nope.pt"])
+def test_cli_convert_of_a_missing_checkpoint_file_says_no_such_file(checkpoint, tmp_path, caplog, hub_never_asked):
+    checkpoint = checkpoint.format(tmp=tmp_path)
+    command = ["convert", "--official-checkpoint", checkpoint, "--backbone", "tiny", "--output", str(tmp_path / "out")]
+    assert main(command) == 2
+    assert error_lines(caplog) == [f"no such file: {checkpoint}"]
+
+
+def test_cli_convert_of_a_directory_without_the_checkpoint_names_the_file_it_looked_for(tmp_path, caplog, hub_never_asked):
+    command = ["convert", "--official-checkpoint", str(tmp_path), "--backbone", "tiny", "--output", str(tmp_path / "out")]
+    assert main(command) == 2
+    assert error_lines(caplog) == [f"{tmp_path} has no checkpoints/top3_R930_joint.pt: pass the checkpoint file or its path inside {tmp_path}"]
 
 
 # --- publishing an indexer (fm-indexer push) ---

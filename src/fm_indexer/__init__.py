@@ -1,12 +1,16 @@
-"""`fm-indexer`: dump labels from a frozen backbone, train a memory indexer, evaluate it, publish it.
+"""`fm-indexer`: dump labels from a frozen backbone, train a memory indexer, evaluate it, publish it, or convert
+the paper's released one.
 
     fm-indexer dump-labels --model deepseek-ai/DeepSeek-V4-Flash --documents docs.jsonl --output labels/
     fm-indexer train --data labels/ --eval-data heldout/ --output indexer/
     fm-indexer eval --indexer indexer/ --data heldout/
     fm-indexer push --indexer indexer/ --repo-id org/fm-indexer-v4-flash
+    fm-indexer convert --official-checkpoint libertywing/FlashMemory-Deepseek-V4 \
+        --backbone deepseek-ai/DeepSeek-V4-Flash --output indexer/
 
-`--model tiny` stands for fm_transformers.tiny.tiny_deepseek_v4(seed=--tiny-seed) with its
-character-level tokenizer (fm_transformers.tiny.tiny_tokenizer), so the whole pipeline runs offline on a CPU.
+`--model tiny` stands for fm_transformers.tiny.tiny_deepseek_v4(seed=--tiny-seed) with its character-level
+tokenizer (fm_transformers.tiny.tiny_tokenizer), so the whole pipeline runs offline on a CPU; `convert --backbone
+tiny` for its config.
 
 This package is the console script's entry point and imports only the standard library. It lives outside
 `fm_transformers` on purpose: importing anything under `fm_transformers` runs that package's `__init__`, which
@@ -17,8 +21,12 @@ loads torch and transformers (seconds). So `--help` and a mistyped option answer
 import argparse
 import logging
 
-# fm_transformers.indexer.PAPER_TARGET_LAYERS, written out so that --help needs no torch; a test keeps the two equal.
-PAPER_LAYERS_HELP = "10 12 20"
+# fm_transformers.indexer.PAPER_TARGET_CSA_ORDINALS, written out so that --help needs no torch; a test keeps the
+# two equal.
+PAPER_CSA_ORDINALS_HELP = "10 12 20"
+# fm_transformers.official.DEFAULT_CHECKPOINT_FILE and OFFICIAL_REPO, likewise.
+OFFICIAL_CHECKPOINT_FILE = "checkpoints/top3_R930_joint.pt"
+OFFICIAL_REPO = "libertywing/FlashMemory-Deepseek-V4"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(commands)
     _add_eval(commands)
     _add_push(commands)
+    _add_convert(commands)
     return parser
 
 
@@ -69,7 +78,12 @@ def _add_dump(commands) -> None:
     parser.add_argument("--documents", required=True, help='JSONL, one {"text": ...} or {"input_ids": [...]} a line')
     parser.add_argument("--output", required=True, help="directory for the shards and manifest.json")
     parser.add_argument(
-        "--layers", type=int, nargs="+", default=None, help=f"target CSA layers (default: {PAPER_LAYERS_HELP})"
+        "--layers",
+        type=int,
+        nargs="+",
+        default=None,
+        help="target CSA layers, as model layer indices (default: the paper's, CSA ordinals "
+        f"{PAPER_CSA_ORDINALS_HELP}: model layers 22 26 42 of V4-Flash; the same relative depths on other backbones)",
     )
     parser.add_argument("--tau", type=int, default=64, help="lookahead window and trigger spacing, in tokens")
     parser.add_argument("--nucleus", type=float, default=0.6, help="probability mass of the per-layer nucleus")
@@ -96,7 +110,9 @@ def _add_train(commands) -> None:
     parser.add_argument("--data", required=True, help="label directory from dump-labels")
     parser.add_argument("--eval-data", default=None, help="held-out label directory, same backbone")
     parser.add_argument("--output", required=True, help="directory for checkpoints and the trained indexer")
-    parser.add_argument("--layers", type=int, nargs="+", default=None, help="target layers (default: all dumped)")
+    parser.add_argument(
+        "--layers", type=int, nargs="+", default=None, help="target layers, model layer indices (default: all dumped)"
+    )
     parser.add_argument("--num-heads", type=int, default=128, help="indexer heads per target layer")
     parser.add_argument("--rank", type=int, default=2048, help="low-rank query dimension")
     parser.add_argument("--init-from", default=None, help="start from this indexer (local dir or Hub id)")
@@ -155,3 +171,25 @@ def _add_push(commands) -> None:
     )
     parser.set_defaults(parser=parser)
 
+
+def _add_convert(commands) -> None:
+    parser = commands.add_parser(
+        "convert",
+        formatter_class=_HelpFormatter,
+        help="turn the paper's released indexer checkpoint into an indexer directory",
+        description=f"Read the memory indexer released with the paper ({OFFICIAL_REPO}, MIT licence), check it "
+        "against the backbone and write an indexer directory (config, weights, model card) that "
+        "attach_memory_indexer and AutoLSAModelForCausalLM load.",
+    )
+    parser.add_argument(
+        "--official-checkpoint",
+        required=True,
+        help="a .pt/.pth/.safetensors file, or a local directory or Hub repo in the release's layout "
+        f"(e.g. {OFFICIAL_REPO})",
+    )
+    parser.add_argument(
+        "--checkpoint-file", default=OFFICIAL_CHECKPOINT_FILE, help="file inside a directory or Hub repo checkpoint"
+    )
+    parser.add_argument("--backbone", required=True, help="Hub id or local path of the DeepSeek-V4 it serves, or 'tiny'")
+    parser.add_argument("--output", required=True, help="directory for the converted indexer")
+    parser.set_defaults(parser=parser)

@@ -1,4 +1,5 @@
-"""`fm-indexer`: every subcommand documents itself, and the four run end to end on the tiny backbone offline."""
+"""`fm-indexer`: every subcommand documents itself, and the training four run end to end on the tiny backbone offline
+(convert: tests/test_official_indexer.py)."""
 
 import json
 import subprocess
@@ -9,14 +10,20 @@ from types import SimpleNamespace
 import pytest
 
 from fm_indexer import main
-from fm_transformers.indexer import PAPER_TARGET_LAYERS, MemoryIndexerModel
+from fm_transformers.indexer import PAPER_TARGET_CSA_ORDINALS, MemoryIndexerModel
 from fm_transformers.training.push import default_template, render_card
 from fm_transformers.training.synthetic import needle_documents, write_jsonl
 
 
 @pytest.mark.parametrize(
     "command, option",
-    [("dump-labels", "--documents"), ("train", "--negative-ratio"), ("eval", "--threshold"), ("push", "--local-dir")],
+    [
+        ("dump-labels", "--documents"),
+        ("train", "--negative-ratio"),
+        ("eval", "--threshold"),
+        ("push", "--local-dir"),
+        ("convert", "--official-checkpoint"),
+    ],
 )
 def test_every_subcommand_has_help(command, option, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -31,7 +38,8 @@ def test_every_subcommand_has_help(command, option, capsys):
         ("train", ["--num-heads NUM_HEADS indexer heads per target layer (default: 128)", "(default: 1)",
                    "(default: 0.001)", "AdamW weight decay (default: 0.0)", "negative sampling (default: 0)"]),
         ("eval", ["reaches this (default: 0.5)", "(default: cpu)"]),
-        ("dump-labels", ["in tokens (default: 64)", f"target CSA layers (default: {' '.join(map(str, PAPER_TARGET_LAYERS))})"]),
+        ("dump-labels", ["in tokens (default: 64)", f"CSA ordinals {' '.join(map(str, PAPER_TARGET_CSA_ORDINALS))}: model layers 22 26 42"]),
+        ("convert", ["(default: checkpoints/top3_R930_joint.pt)"]),
     ],
 )
 def test_help_shows_every_default(command, shown, capsys):

@@ -15,9 +15,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from fm_indexer import main
 
-from ..indexer import PAPER_TARGET_LAYERS, MemoryIndexerModel
+from ..indexer import MemoryIndexerModel, default_target_layers
 from ..locate import locate_pretrained
-from ..tiny import tiny_deepseek_v4, tiny_tokenizer
+from ..tiny import tiny_deepseek_v4, tiny_deepseek_v4_config, tiny_tokenizer
+from .convert import write_official_indexer
 from .documents import read_jsonl
 from .dump import DumpConfig, dump_labels
 from .evaluate import evaluate
@@ -27,17 +28,18 @@ from .shards import LabelShards
 from .trainer import TrainConfig, check_indexer_fits, train
 
 TINY = "tiny"
+TINY_CONFIG_NAME = "fm_transformers.tiny.tiny_deepseek_v4_config()"  # what `convert --backbone tiny` records
 logger = logging.getLogger("fm-indexer")
 
 
 def run_dump_labels(args) -> None:
+    model, name, tokenizer = load_backbone(args.model, args.tiny_seed, args.dtype, args.device_map)
     config = DumpConfig(
-        target_layers=tuple(args.layers or PAPER_TARGET_LAYERS),
+        target_layers=tuple(args.layers or default_target_layers(model.config)),
         labels=LabelConfig(tau=args.tau, nucleus=args.nucleus, vote=args.vote, warmup=args.warmup),
         chunk_size=args.chunk_size,
         docs_per_shard=args.docs_per_shard,
     )
-    model, name, tokenizer = load_backbone(args.model, args.tiny_seed, args.dtype, args.device_map)
     documents = read_jsonl(args.documents, tokenizer, args.max_tokens)
     manifest = dump_labels(model, documents, args.output, config, name)
     logger.info("labels of %d documents in %s", len(manifest["documents"]), args.output)
@@ -117,11 +119,29 @@ def run_push(args) -> None:
     logger.info("indexer repo written to %s", where)
 
 
+def run_convert(args) -> None:
+    backbone = tiny_deepseek_v4_config() if args.backbone == TINY else args.backbone
+    model = MemoryIndexerModel.from_official(args.official_checkpoint, backbone, args.checkpoint_file)
+    if args.backbone == TINY:
+        model.config.base_model_name_or_path = TINY_CONFIG_NAME
+    source = args.official_checkpoint
+    if not Path(source).expanduser().is_file():
+        source = f"{source} ({args.checkpoint_file})"
+    write_official_indexer(model, args.output, source)
+    logger.info("indexer of layers %s written to %s", model.config.layers, args.output)
+
+
 def _print_json(payload: dict) -> None:
     sys.stdout.write(json.dumps(payload, indent=2) + "\n")
 
 
-COMMANDS = {"dump-labels": run_dump_labels, "train": run_train, "eval": run_eval, "push": run_push}
+COMMANDS = {
+    "dump-labels": run_dump_labels,
+    "train": run_train,
+    "eval": run_eval,
+    "push": run_push,
+    "convert": run_convert,
+}
 
 if __name__ == "__main__":
     sys.exit(main())
