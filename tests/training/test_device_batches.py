@@ -7,7 +7,7 @@ import torch
 from training_helpers import TARGET_LAYERS
 
 from fm_transformers.training.dataset import HostBatches, host_batches
-from fm_transformers.training.device_batches import candidate_sets, device_batches, set_sizes
+from fm_transformers.training.device_batches import candidate_sets, device_batches, sample_counts
 from fm_transformers.training.order import EpochOrder
 from fm_transformers.training.shards import LabelShards
 
@@ -24,9 +24,12 @@ def csr(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
 def draw(rows: list[list[int]], visible: list[int], ratio: float = 3.0, seed: int = 0):
     indptr, indices = csr(rows)
     visible, picked = torch.tensor(visible), torch.arange(len(rows))
-    sizes = set_sizes(indptr, visible, picked, ratio)
+    counts = sample_counts(indptr, visible, picked, ratio)
+    width = int((counts.positives + counts.negatives).max())
     generator = torch.Generator().manual_seed(seed)
-    return candidate_sets(indptr, indices, visible, picked, ratio, sizes.width, sizes, generator)
+    return candidate_sets(
+        indptr, indices, visible, picked, ratio, width, int(visible.max()), int(counts.negatives.max()), generator
+    )
 
 
 def test_candidates_are_the_positives_in_order_then_distinct_visible_negatives():
@@ -101,11 +104,13 @@ def test_the_device_loader_holds_a_bounded_number_of_parts(split_train_labels, m
         return data
 
     monkeypatch.setattr(LabelShards, "load_part", counted)
-    order = EpochOrder(shards.part_triggers(), batch_size=2, seed=0, epoch=0)  # a batch spans at most 2 parts
-    for _ in device_batches(shards, LAYERS, order, 0, 3.0, CPU, prefetch=2):
+    order = EpochOrder(shards.part_triggers(), batch_size=2, seed=0, epoch=0)
+    blocks = [range(first, min(first + 3, len(order))) for first in range(0, len(order), 3)]
+    spans = [{segment.order_position for index in block for segment in order.batch(index)} for block in blocks]
+    for _ in device_batches(shards, LAYERS, order, 0, 3.0, CPU, prefetch=2, block=3):
         pass
     assert loaded[0] == len(shards.parts) > 40
-    assert peak[0] <= 2 + 2
+    assert peak[0] <= max(len(span) for span in spans) + 2 < 8
 
 
 def test_host_reference_samples_hold_three_negatives_per_positive(train_labels):

@@ -1,12 +1,14 @@
 """Training batches made on the device: positives from the stored CSR, negatives sampled, padded and gathered there.
 
 The host only plans: from each staged part's small host copies (CSR pointers, visible chunks, shuffled rows) it
-knows every batch's candidate counts, hence the padded width, without waiting for the device. The device then
-draws the negatives of all samples at once (uniform noise over each sample's visible chunks, positives and
-unseen chunks pushed to the end, the smallest `negatives` kept: a uniform draw without replacement), lays each
-row out as the host reference does (positives in stored order, then negatives, then padding), and gathers the
-candidates' keys with one index into the part's keys tensor. The draw is a function of (seed, epoch, batch), so a
-resumed run draws what an uninterrupted one would have. dataset.py holds the host reference it is tested against.
+knows every sample's candidate counts, hence every batch's padded width, without waiting for the device. The
+device then draws the negatives of a whole block of batches at once (uniform noise over each sample's visible
+chunks, positives and unseen chunks pushed to the end, the smallest `negatives` kept: a uniform draw without
+replacement) and lays each row out as the host reference does (positives in stored order, then negatives, then
+padding); each batch is then a slice of the block, and its candidates' keys one index into its part's keys
+tensor. Working a block at a time divides the launches a batch costs by about the block size. The draw is a
+function of (seed, epoch, block), and a run that starts inside a block rebuilds the whole block, so a resumed run
+draws what an uninterrupted one would have. dataset.py holds the host reference it is tested against.
 """
 
 from collections.abc import Iterator
@@ -19,11 +21,28 @@ from .shards import LabelShards
 from .staging import PartStager, StagedPart
 from .step import TriggerBatch
 
+BATCHES_PER_BLOCK = 8
+
 
 def negative_counts(positives: torch.Tensor, visible: torch.Tensor, ratio: float) -> torch.Tensor:
     """Negatives per sample: `ratio` per positive (per one when there are none), at most the free chunks."""
     wanted = torch.round(ratio * positives.clamp(min=1).double()).long()
     return torch.minimum(visible - positives, wanted)
+
+
+@dataclass(frozen=True)
+class SampleCounts:
+    """Host copies of each sample's set sizes, in sample order: what planning needs, without the device."""
+
+    positives: torch.Tensor  # (samples,)
+    negatives: torch.Tensor
+    visible: torch.Tensor
+
+
+def sample_counts(indptr: torch.Tensor, visible: torch.Tensor, rows: torch.Tensor, ratio: float) -> SampleCounts:
+    """From host tensors: CSR pointers (triggers + 1,), visible chunks (triggers,), trigger rows (samples,)."""
+    positives = indptr[rows + 1] - indptr[rows]
+    return SampleCounts(positives, negative_counts(positives, visible[rows], ratio), visible[rows])
 
 
 def device_batches(
@@ -34,23 +53,28 @@ def device_batches(
     negative_ratio: float,
     device: torch.device,
     prefetch: int = 2,
+    block: int = BATCHES_PER_BLOCK,
 ) -> Iterator[TriggerBatch]:
-    """This process's batches `start`.. of the epoch in `order`, made on `device`."""
+    """This process's batches `start`.. of the epoch in `order`, made on `device`, `block` batches at a time."""
+    first_block = start // block * block
     stager = PartStager(shards, layers, device, prefetch)
+    staged = stager.stream(_jobs(order, first_block))
     generator = torch.Generator(device)
-    staged = stager.stream(_jobs(order, start))
-    resident: dict[int, StagedPart] = {}  # order_position -> part; only the parts of the current batch
+    resident: dict[int, StagedPart] = {}  # order_position -> part; only the parts of the current block
     try:
-        for index in range(start, len(order)):
-            segments = order.batch(index)
-            while max(resident, default=-1) < segments[-1].order_position:
+        for first in range(first_block, len(order), block):
+            indices = range(first, min(first + block, len(order)))
+            batches = [order.batch(index) for index in indices]
+            positions = [segment.order_position for segments in batches for segment in segments]
+            while max(resident, default=-1) < max(positions):
                 part = next(staged)
                 part.wait()
                 resident[part.order_position] = part
-            for position in [position for position in resident if position < segments[0].order_position]:
+            for position in [position for position in resident if position < min(positions)]:
                 del resident[position]
-            generator.manual_seed(seed_from(order.seed, order.epoch, index * order.world + order.rank))
-            yield make_batch(segments, resident, layers, negative_ratio, generator)
+            generator.manual_seed(seed_from(order.seed, order.epoch, order.rank, first))
+            made = make_batches(batches, resident, layers, negative_ratio, generator)
+            yield from (batch for index, batch in zip(indices, made, strict=True) if index >= start)
     finally:
         stager.close()
 
@@ -65,56 +89,87 @@ def _jobs(order: EpochOrder, start: int) -> Iterator[tuple[int, int, torch.Tenso
                 yield segment.part, last, order.rows(last)
 
 
-@dataclass(frozen=True)
-class SetSizes:
-    """Host-side sizes of one segment's candidate sets, known without asking the device."""
-
-    width: int  # the longest candidate set (positives + negatives)
-    max_visible: int
-    max_negatives: int
-
-
-def set_sizes(indptr: torch.Tensor, visible: torch.Tensor, rows: torch.Tensor, ratio: float) -> SetSizes:
-    """From host copies: indptr (triggers + 1,), visible (triggers,), rows (b,)."""
-    positives = indptr[rows + 1] - indptr[rows]
-    negatives = negative_counts(positives, visible[rows], ratio)
-    return SetSizes(int((positives + negatives).max()), int(visible[rows].max()), int(negatives.max()))
-
-
-def make_batch(
-    segments: list[Segment], parts: dict[int, StagedPart], layers: list[int], ratio: float, generator: torch.Generator
-) -> TriggerBatch:
-    """One batch from its segments (one per part it takes samples from), padded to a common width."""
-    sizes = []
-    for segment in segments:
-        host = parts[segment.order_position].host
-        sizes.append(set_sizes(host["labels/indptr"], host["visible"], segment.rows, ratio))
-    width = max(1, max(size.width for size in sizes))
-    pieces = []
-    for segment, size in zip(segments, sizes, strict=True):
-        data = parts[segment.order_position].device
-        rows = data["rows"][segment.start : segment.end]  # (b,)
-        candidates, targets, mask = candidate_sets(
-            data["labels/indptr"], data["labels/indices"], data["visible"], rows, ratio, width, size, generator
-        )
-        pieces.append(
+def make_batches(
+    batches: list[list[Segment]],
+    parts: dict[int, StagedPart],
+    layers: list[int],
+    ratio: float,
+    generator: torch.Generator,
+) -> list[TriggerBatch]:
+    """Batches of one block from their segments; each padded to its own longest candidate set, as the host
+    reference pads."""
+    runs = _merge([segment for segments in batches for segment in segments])
+    counts = [sample_counts(*_host(parts[run.order_position]), run.rows, ratio) for run in runs]
+    totals = torch.cat([count.positives + count.negatives for count in counts])  # (block samples,)
+    width = max(1, int(totals.max()))
+    pieces = [
+        _run_tensors(parts[run.order_position], run, layers, ratio, width, count, generator)
+        for run, count in zip(runs, counts, strict=True)
+    ]
+    block = {name: _cat([piece[name] for piece in pieces]) for name in pieces[0]}
+    made, row = [], 0
+    for segments in batches:
+        size = sum(segment.end - segment.start for segment in segments)
+        rows = slice(row, row + size)
+        columns = slice(0, max(1, int(totals[rows].max())))
+        keys, offset = {layer: [] for layer in layers}, row
+        for segment in segments:
+            candidates = block["candidates"][offset : offset + segment.end - segment.start, columns]
+            offset += segment.end - segment.start
+            for layer in layers:
+                keys[layer].append(parts[segment.order_position].device[f"keys/{layer}"][candidates])
+        made.append(
             TriggerBatch(
-                positions=data["positions"][rows],
-                hidden={layer: data[f"hidden/{layer}"][rows] for layer in layers},
-                keys={layer: data[f"keys/{layer}"][candidates] for layer in layers},  # (b, width, head_dim)
-                targets=targets,
-                mask=mask,
+                positions=block["positions"][rows],
+                hidden={layer: block[f"hidden/{layer}"][rows] for layer in layers},
+                keys={layer: _cat(pieces) for layer, pieces in keys.items()},  # (batch, width, head_dim)
+                targets=block["targets"][rows, columns],
+                mask=block["mask"][rows, columns],
             )
         )
-    if len(pieces) == 1:
-        return pieces[0]
-    return TriggerBatch(
-        positions=torch.cat([piece.positions for piece in pieces]),
-        hidden={layer: torch.cat([piece.hidden[layer] for piece in pieces]) for layer in layers},
-        keys={layer: torch.cat([piece.keys[layer] for piece in pieces]) for layer in layers},
-        targets=torch.cat([piece.targets for piece in pieces]),
-        mask=torch.cat([piece.mask for piece in pieces]),
+        row += size
+    return made
+
+
+def _merge(segments: list[Segment]) -> list[Segment]:
+    """Consecutive segments of one part that continue each other, as one (a block's batches share parts)."""
+    merged = [segments[0]]
+    for segment in segments[1:]:
+        last = merged[-1]
+        if segment.order_position == last.order_position and segment.start == last.end:
+            rows = torch.cat([last.rows, segment.rows])
+            merged[-1] = Segment(last.part, last.order_position, last.start, segment.end, rows)
+        else:
+            merged.append(segment)
+    return merged
+
+
+def _host(part: StagedPart) -> tuple[torch.Tensor, torch.Tensor]:
+    return part.host["labels/indptr"], part.host["visible"]
+
+
+def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+
+
+def _run_tensors(part: StagedPart, run: Segment, layers, ratio, width, counts: SampleCounts, generator) -> dict:
+    """Per-sample tensors of one run of a part's rows: candidates, targets, mask (samples, width), positions,
+    hidden states."""
+    data = part.device
+    rows = data["rows"][run.start : run.end]  # (samples,)
+    candidates, targets, mask = candidate_sets(
+        data["labels/indptr"],
+        data["labels/indices"],
+        data["visible"],
+        rows,
+        ratio,
+        width,
+        int(counts.visible.max()),
+        int(counts.negatives.max()),
+        generator,
     )
+    hidden = {f"hidden/{layer}": data[f"hidden/{layer}"][rows] for layer in layers}
+    return {"candidates": candidates, "targets": targets, "mask": mask, "positions": data["positions"][rows], **hidden}
 
 
 def candidate_sets(
@@ -124,32 +179,34 @@ def candidate_sets(
     rows: torch.Tensor,
     ratio: float,
     width: int,
-    sizes: SetSizes,
+    max_visible: int,
+    max_negatives: int,
     generator: torch.Generator,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(candidates int64, targets, mask), each (b, width), for trigger rows `rows`, all on one device.
+    """(candidates int64, targets, mask), each (samples, width), for trigger rows `rows`, all on one device.
 
     indptr (triggers + 1,) and indices (positives + 1,) are the CSR positives with one spare entry at the end,
-    so that reads at padded slots stay in bounds; visible (triggers,). Row layout: positives in stored order,
-    then negatives, then padding (candidate 0, mask 0).
+    so that reads at padded slots stay in bounds; visible (triggers,). max_visible and max_negatives over `rows`
+    come from the host (sample_counts). Row layout: positives in stored order, then negatives, then padding
+    (candidate 0, mask 0).
     """
     first = indptr[rows]
-    positives = indptr[rows + 1] - first  # (b,)
+    positives = indptr[rows + 1] - first  # (samples,)
     seen = visible[rows]
     negatives = negative_counts(positives, seen, ratio)
     column = torch.arange(width, device=rows.device)  # (width,)
-    is_positive = column < positives[:, None]  # (b, width)
+    is_positive = column < positives[:, None]  # (samples, width)
     positive_ids = indices[(first[:, None] + column).clamp(max=indices.numel() - 1)]
-    drawn = _draw_negatives(positive_ids, is_positive, seen, sizes.max_visible, sizes.max_negatives, generator)
-    slot = (column - positives[:, None]).clamp(0, max(sizes.max_negatives - 1, 0))
+    drawn = _draw_negatives(positive_ids, is_positive, seen, max_visible, max_negatives, generator)
+    slot = (column - positives[:, None]).clamp(0, max(max_negatives - 1, 0))
     is_negative = (column >= positives[:, None]) & (column < (positives + negatives)[:, None])
     candidates = torch.where(is_positive, positive_ids, torch.where(is_negative, drawn.gather(1, slot), 0))
     return candidates, is_positive.float(), (is_positive | is_negative).float()
 
 
 def _draw_negatives(positive_ids, is_positive, visible, max_visible: int, count: int, generator) -> torch.Tensor:
-    """(b, max(count, 1)) chunk ids: per row, a uniform random order of its visible non-positive chunks, cut to
-    `count`; rows with fewer free chunks than `count` end in chunks that the caller masks out."""
+    """(samples, max(count, 1)) chunk ids: per row, a uniform random order of its visible non-positive chunks, cut
+    to `count`; rows with fewer free chunks than `count` end in chunks that the caller masks out."""
     if count == 0:
         return positive_ids.new_zeros(positive_ids.shape[0], 1)
     noise = torch.rand(positive_ids.shape[0], max_visible + 1, generator=generator, device=positive_ids.device)
