@@ -9,7 +9,7 @@ from fm_transformers import decode_graph
 from fm_transformers.decode_graph import DecodeGraph, graph_safe_experts
 from fm_transformers.policies import KeepAllPolicy, RandomPolicy
 
-from conftest import DEVICE, greedy, max_logit_difference, random_prompt
+from tests.conftest import DEVICE, greedy, max_logit_difference, random_prompt
 
 LSA_OPTIONS = {"tau": 8, "sink_chunks": 1, "recency_chunks": 1}
 
