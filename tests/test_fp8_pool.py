@@ -124,3 +124,20 @@ def test_fp8_pool_dtype_is_accepted_and_named_in_the_error_for_others():
     assert LSAConfig(pool_dtype="float8_e4m3fn").torch_pool_dtype(torch.bfloat16) == FP8_DTYPE
     with pytest.raises(ValueError, match="float8_e4m3fn"):
         LSAConfig(pool_dtype="float8_e5m2")
+
+
+@pytest.mark.gpu
+def test_fp8_recall_on_the_copy_stream_dequantizes_pinned_slabs_read_in_place():
+    stream = torch.cuda.Stream()
+    pool = ColdPool(2, 512, FP8_DTYPE, pin_memory=True, slab_chunks=1024)
+    hot = HotSet({"kv": 512}, 2, torch.device("cuda"), torch.bfloat16, tail_reserve=4, copy_stream=stream)
+    entries = torch.randn(2, 5000, 512, dtype=torch.bfloat16)
+    pool.append(entries.cuda())  # quantized on the GPU, codes and scales copied to the pinned slabs
+    fetch = lambda kind, *where: pool.fetch_into(*where)  # noqa: E731
+    ids = [torch.randperm(5000)[:2000].sort().values for _ in range(2)]
+    assert hot.recall(ids, horizon=5000, fetch=fetch) == 4000
+    slots, chunk_ids = hot.candidates()
+    expected = dequantize_fp8(*quantize_fp8(entries), torch.bfloat16)
+    got = hot.table("kv")[slots.clamp(min=0)].cpu()
+    for row in range(2):
+        assert torch.equal(got[row], expected[row, chunk_ids[row].cpu()])
