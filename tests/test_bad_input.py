@@ -10,11 +10,12 @@ import sys
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.utils import logging as hf_logging
 
 import fm_transformers as fm
+from fm_indexer import main
 from fm_transformers import locate
-from fm_transformers.tiny import tiny_deepseek_v4
-from fm_transformers.training.cli import main
+from fm_transformers.tiny import tiny_deepseek_v4, tiny_deepseek_v4_config
 from tests.conftest import random_prompt
 
 
@@ -39,8 +40,12 @@ def test_model_that_is_not_deepseek_v4_is_refused(llama, model):
 def test_indexer_layer_that_is_not_csa_is_refused(model):
     with pytest.raises(ValueError, match=r"not CSA layers.*\[2, 4, 6, 7\]"):
         fm.MemoryIndexerModel.from_backbone(model, layers=[3], num_heads=4, rank=8)
-    with pytest.raises(ValueError, match="default target layers"):
-        fm.MemoryIndexerModel.from_backbone(model)
+
+
+def test_a_backbone_without_csa_layers_has_no_default_indexer_layers():
+    sliding_only = tiny_deepseek_v4_config(layer_types=["sliding_attention"] * 2)
+    with pytest.raises(ValueError, match=r"^this backbone has no CSA layers \(layer_types\): a memory indexer needs at least one$"):
+        fm.MemoryIndexerModel.from_backbone(sliding_only, num_heads=4, rank=8)
 
 
 def test_indexer_made_for_other_dimensions_is_refused(model):
@@ -179,7 +184,7 @@ def test_cli_with_a_missing_indexer_directory_says_no_such_directory(command, tm
 
 def test_cli_with_a_mistyped_repo_id_offline_fails_at_once_without_a_traceback(tmp_path):
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    command = [sys.executable, "-m", "fm_transformers.training.cli", "eval", "--indexer", "runs/indexr", "--data", "labels"]
+    command = [sys.executable, "-m", "fm_indexer", "eval", "--indexer", "runs/indexr", "--data", "labels"]
     result = subprocess.run(command, cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and "Retrying" not in result.stderr
@@ -194,6 +199,20 @@ def test_cli_mistyped_option_answers_with_usage_and_one_error_line(capsys):
         main(["eval", "--indexer", "x", "--data", "y", "--treshold", "0.3"])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1] == "fm-indexer eval: error: unrecognized arguments: --treshold 0.3"
+
+
+@pytest.mark.parametrize("checkpoint", ["{tmp}/top3_R930_joint.pt", "./nope.pt"])
+def test_cli_convert_of_a_missing_checkpoint_file_says_no_such_file(checkpoint, tmp_path, caplog, hub_never_asked):
+    checkpoint = checkpoint.format(tmp=tmp_path)
+    command = ["convert", "--official-checkpoint", checkpoint, "--backbone", "tiny", "--output", str(tmp_path / "out")]
+    assert main(command) == 2
+    assert error_lines(caplog) == [f"no such file: {checkpoint}"]
+
+
+def test_cli_convert_of_a_directory_without_the_checkpoint_names_the_file_it_looked_for(tmp_path, caplog, hub_never_asked):
+    command = ["convert", "--official-checkpoint", str(tmp_path), "--backbone", "tiny", "--output", str(tmp_path / "out")]
+    assert main(command) == 2
+    assert error_lines(caplog) == [f"{tmp_path} has no checkpoints/top3_R930_joint.pt: pass the checkpoint file or its path inside {tmp_path}"]
 
 
 # --- publishing an indexer (fm-indexer push) ---
@@ -228,6 +247,14 @@ def test_a_cache_built_for_another_model_is_refused_before_any_layer_runs(model)
 def test_cache_config_without_cache_implementation_is_refused(model):
     with pytest.raises(ValueError, match="does nothing without a cache implementation: add cache_implementation='lsa'"):
         model.generate(random_prompt(20), max_new_tokens=2, cache_config={"tau": 4}, pad_token_id=0)
+
+
+def test_lsa_without_use_cache_is_one_error_and_no_transformers_warning(model, caplog, monkeypatch):
+    hf_logging.warning_once.cache_clear()  # a warning already given in this process would not be given again
+    monkeypatch.setattr(hf_logging.get_logger("transformers"), "propagate", True)  # so that caplog sees it
+    with pytest.raises(ValueError, match="^cache_implementation='lsa' needs use_cache=True: drop use_cache=False$"):
+        model.generate(random_prompt(20), max_new_tokens=2, pad_token_id=0, use_cache=False, cache_implementation="lsa")
+    assert [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING] == []
 
 
 def test_an_empty_prompt_is_refused_before_the_model_runs(model):

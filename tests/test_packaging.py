@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from fm_transformers.training.convert import TEMPLATE_NAME as OFFICIAL_TEMPLATE_NAME, default_official_template
 from fm_transformers.training.push import TEMPLATE_NAME, TEMPLATE_PACKAGE, default_template
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,12 +34,21 @@ def wheel(tmp_path_factory) -> Path:
     return next(output.glob("fm_transformers-*.whl"))
 
 
-def test_wheel_ships_the_model_card_template_that_push_reads(wheel):
-    member = "/".join([*TEMPLATE_PACKAGE.split("."), TEMPLATE_NAME])
+@pytest.mark.parametrize("template", [TEMPLATE_NAME, OFFICIAL_TEMPLATE_NAME])
+def test_wheel_ships_the_model_card_templates_that_push_and_convert_read(wheel, template):
+    member = "/".join([*TEMPLATE_PACKAGE.split("."), template])
     with zipfile.ZipFile(wheel) as archive:
         assert member in archive.namelist(), f"{member} is missing from {wheel.name}"
-        assert archive.read(member).decode() == (ROOT / "model_cards" / TEMPLATE_NAME).read_text()
+        assert archive.read(member).decode() == (ROOT / "model_cards" / template).read_text()
 
 
-def test_the_template_push_reads_is_the_one_in_model_cards():
+def test_the_templates_push_and_convert_read_are_the_ones_in_model_cards():
     assert default_template() == (ROOT / "model_cards" / TEMPLATE_NAME).read_text()
+    assert default_official_template() == (ROOT / "model_cards" / OFFICIAL_TEMPLATE_NAME).read_text()
+
+
+def test_the_fm_indexer_script_of_the_wheel_runs_the_stdlib_front_end(wheel):
+    with zipfile.ZipFile(wheel) as archive:
+        (entry_points,) = [name for name in archive.namelist() if name.endswith(".dist-info/entry_points.txt")]
+        assert "fm-indexer = fm_indexer:main" in archive.read(entry_points).decode().splitlines()
+        assert "fm_indexer/__init__.py" in archive.namelist()

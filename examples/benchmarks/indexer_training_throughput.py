@@ -7,10 +7,10 @@ The trainer never sees the backbone, only label shards, so its speed depends on 
 not on their values. The script therefore writes synthetic shards in the dump's own format (shards.py writer,
 manifest laid out as dump.py lays it out, fingerprint from shards.backbone_identity over a random stand-in for
 the weight the dump hashes) for a backbone shaped like DeepSeek-V4-Flash: hidden 4096, index keys of 128, 43
-layers (0-1 sliding, then CSA on even and HCA on odd layers), target layers 10, 12, 20. Per document of N tokens:
-a trigger every tau = 64 tokens from the sliding window on, hidden states (triggers, 4096) and frozen keys
-(N / 4, 128) per target layer in bf16, 100-1000 golden positives per trigger (never more than the chunks that
-exist at it) and a set of 512-2048 chunks the native top-k picked.
+layers (0-1 sliding, then CSA on even and HCA on odd layers), target layers 22, 26, 42 (the paper's CSA
+ordinals 10, 12, 20). Per document of N tokens: a trigger every tau = 64 tokens from the sliding window on,
+hidden states (triggers, 4096) and frozen keys (N / 4, 128) per target layer in bf16, 100-1000 golden positives
+per trigger (never more than the chunks that exist at it) and a set of 512-2048 chunks the native top-k picked.
 
 Then it runs the real trainer (trainer.train, what `fm-indexer train` calls) with a release-size indexer
 (128 heads, rank 2048) and bf16 mixed precision. A *sample* is one trigger step: one (document, trigger) pair,
@@ -44,7 +44,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.data import DataLoader
 from transformers import DeepseekV4Config
 
-from fm_transformers.indexer import PAPER_TARGET_LAYERS
+from fm_transformers.indexer import default_target_layers
 from fm_transformers.training import DumpConfig, LabelShards, TrainConfig, train
 from fm_transformers.training.dataset import DocumentBlockSampler, TriggerDataset, collate_triggers
 from fm_transformers.training.labels import effective_vote, trigger_positions, visible_chunks
@@ -118,7 +118,7 @@ def write_label_set(
     directory: Path, lengths: list[int], config: DeepseekV4Config, identity: dict, sizes: dict, seed: int
 ) -> LabelShards:
     """A complete label directory, manifest and shards laid out as dump.dump_labels writes them."""
-    dump = DumpConfig(target_layers=PAPER_TARGET_LAYERS)
+    dump = DumpConfig(target_layers=tuple(default_target_layers(config)))
     doc_ids = [f"synthetic-{seed}-{index:05d}" for index in range(len(lengths))]
     manifest = {
         "format": FORMAT,

@@ -13,6 +13,11 @@ Per (context, batch, method), in a subprocess with a timeout (an out-of-memory c
 ms/token (median step) and decode peak GiB, and for LSA the seconds spent in the native indexer's top-k and
 in the prefill attention kernels (CUDA events around each call), which tell what grows with the context.
 Stock rows past the first context that ran out of memory are not run (they would only run out later).
+Methods: `stock` (DynamicCache, eager decode), `lsa-eager` (LSA with cache_config cuda_graph=False) and `lsa`
+(LSA decoding through its CUDA graph, the default on a GPU). With `--kernel-time` the last `--profile-steps`
+decode steps run under torch.profiler and the row adds the GPU kernel time per step beside the wall time
+(the median of the steps before them, unprofiled). `--bounded-stock-prefill` gives the stock rows the same
+bounded prefill (fm_transformers.enable_bounded_prefill) so a long stock prompt fits: its decode stays stock.
 Prints a short table last; writes JSON (`--out`) and a PNG of peak memory and prefill time against the
 context (`--plot`). `--quick` runs tiny sizes on the CPU (a smoke run).
 """
@@ -56,10 +61,12 @@ def build_model(layout: str, quick: bool, device):
 
 class StepClock:
     """A generate streamer that timestamps the prompt (before prefill), the first token and every decode step,
-    and reads the allocator's peak at the first token (the prefill peak) and at the end (the decode peak)."""
+    and reads the allocator's peak at the first token (the prefill peak) and at the end (the decode peak).
+    From decode step `profile_from` on (if given) the steps run under torch.profiler (CUDA kernels only)."""
 
-    def __init__(self, torch, device):
+    def __init__(self, torch, device, profile_from: int | None = None):
         self.torch, self.device, self.times, self.prefill_peak = torch, device, [], 0
+        self.profile_from, self.profiler, self.profiled_steps = profile_from, None, 0
 
     def put(self, value):
         if self.device.type == "cuda":
@@ -68,9 +75,27 @@ class StepClock:
         if len(self.times) == 2 and self.device.type == "cuda":
             self.prefill_peak = self.torch.cuda.max_memory_allocated()
             self.torch.cuda.reset_peak_memory_stats()
+        if self.profiler is not None:
+            self.profiled_steps += 1
+        elif self.profile_from is not None and len(self.times) == 2 + self.profile_from:
+            self.profiler = self.torch.profiler.profile(activities=[self.torch.profiler.ProfilerActivity.CUDA])
+            self.profiler.start()
 
     def end(self):
-        pass
+        if self.profiler is not None:
+            self.torch.cuda.synchronize()
+            self.profiler.stop()
+
+    def unprofiled_steps(self) -> list[float]:
+        stop = len(self.times) if self.profiler is None else 2 + self.profile_from
+        return [b - a for a, b in zip(self.times[1:stop], self.times[2:stop])]
+
+    def kernel_ms_per_step(self) -> float | None:
+        """GPU kernel time per profiled decode step: the kernels' device time summed, over the steps."""
+        if self.profiler is None or not self.profiled_steps:
+            return None
+        total_us = sum(event.self_device_time_total for event in self.profiler.key_averages())
+        return total_us / 1000 / self.profiled_steps
 
 
 def timed_kernels(torch, module, names, totals):
@@ -104,29 +129,34 @@ def run_row(args) -> dict:
     kwargs = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0,
                   prefill_chunk_size=args.chunk)
     totals = {}
-    if args.method == "lsa":
+    if args.method == "stock" and args.bounded_stock_prefill:
+        fm.enable_bounded_prefill(model)
+    if args.method.startswith("lsa"):
         layers = csa_layers(model.config)[-3:]
         heads, rank = (8, 32) if args.quick else (64, 512)
         fm.attach_memory_indexer(model, fm.MemoryIndexerModel.from_backbone(model, layers=layers, num_heads=heads, rank=rank))
-        kwargs.update(cache_implementation="lsa", cache_config={"tau": 64, "resident_budget": 0.1, "prefill_progress": False})
+        kwargs.update(cache_implementation="lsa", cache_config={"tau": 64, "resident_budget": 0.1, "prefill_progress": False,
+                                                                 "cuda_graph": args.method == "lsa"})
         if device.type == "cuda":
             timed_kernels(torch, prefill, ["indexer_topk", "sparse_prefill_attention"], totals)
     generator = torch.Generator().manual_seed(args.context)
     ids = torch.randint(4, 1024, (args.batch, args.context), generator=generator).to(device)
-    clock = StepClock(torch, device)
+    profile_from = args.new_tokens - 1 - args.profile_steps if args.kernel_time and device.type == "cuda" else None
+    clock = StepClock(torch, device, profile_from)
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     with torch.no_grad():
         out = model.generate(ids, streamer=clock, return_dict_in_generate=True, **kwargs)
-    steps = [b - a for a, b in zip(clock.times[1:], clock.times[2:])]
+    steps = clock.unprofiled_steps()
     row = {
         "status": "ok", "weights_gib": weights / GIB, "prefill_s": clock.times[1] - clock.times[0],
         "prefill_peak_gib": clock.prefill_peak / GIB, "decode_ms": 1000 * statistics.median(steps) if steps else None,
         "decode_peak_gib": torch.cuda.max_memory_allocated() / GIB if device.type == "cuda" else None,
         "indexer_topk_s": totals.get("indexer_topk"), "prefill_attention_s": totals.get("sparse_prefill_attention"),
+        "decode_kernel_ms": clock.kernel_ms_per_step(),
     }
-    if args.method == "lsa":
+    if args.method.startswith("lsa"):
         report = out.past_key_values.memory_report()
         row.update(csa_device_ratio=report["csa_device_ratio"], recalls=report["recalls"])
     return row
@@ -184,11 +214,11 @@ def parse_context(text: str) -> int:
 
 def print_table(rows):
     fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
-    print(f"{'layout':8s} {'context':>8s} {'batch':>5s} {'method':6s} {'prefill s':>10s} {'peak GiB':>9s} "
-          f"{'decode ms':>9s} {'topk s':>7s} {'attn s':>7s} {'status':s}")
+    print(f"{'layout':8s} {'context':>8s} {'batch':>5s} {'method':9s} {'prefill s':>10s} {'peak GiB':>9s} "
+          f"{'decode ms':>9s} {'kernel ms':>9s} {'topk s':>7s} {'attn s':>7s} {'status':s}")
     for row in rows:
-        print(f"{row['layout']:8s} {row['context']:8d} {row['batch']:5d} {row['method']:6s} {fmt(row.get('prefill_s'), '10.1f')} "
-              f"{fmt(row.get('prefill_peak_gib'), '9.1f')} {fmt(row.get('decode_ms'), '9.1f')} "
+        print(f"{row['layout']:8s} {row['context']:8d} {row['batch']:5d} {row['method']:9s} {fmt(row.get('prefill_s'), '10.1f')} "
+              f"{fmt(row.get('prefill_peak_gib'), '9.1f')} {fmt(row.get('decode_ms'), '9.1f')} {fmt(row.get('decode_kernel_ms'), '9.1f')} "
               f"{fmt(row.get('indexer_topk_s'), '7.1f')} {fmt(row.get('prefill_attention_s'), '7.1f')} {row['status']}")
     for row in rows:
         stock = next((r for r in rows if r["method"] == "stock" and r["status"] == "ok" and
@@ -196,7 +226,13 @@ def print_table(rows):
         if row["method"] == "lsa" and row["status"] == "ok" and stock:
             ratio = lambda key: row[key] / stock[key] if stock[key] else float("nan")  # noqa: E731
             print(f"LSA/stock {row['layout']} {row['context']} x{row['batch']}: prefill time {ratio('prefill_s'):.2f}x, "
-                  f"prefill peak {ratio('prefill_peak_gib'):.2f}x")
+                  f"prefill peak {ratio('prefill_peak_gib'):.2f}x, decode ms/token {ratio('decode_ms'):.2f}x")
+    for row in rows:
+        eager = next((r for r in rows if r["method"] == "lsa-eager" and r["status"] == "ok" and
+                      (r["layout"], r["context"], r["batch"]) == (row["layout"], row["context"], row["batch"])), None)
+        if row["method"] == "lsa" and row["status"] == "ok" and eager and row.get("decode_kernel_ms"):
+            print(f"LSA graph {row['layout']} {row['context']} x{row['batch']}: {row['decode_ms'] / eager['decode_ms']:.2f}x "
+                  f"LSA eager ms/token, wall {row['decode_ms'] / row['decode_kernel_ms']:.2f}x its GPU kernel time")
 
 
 def plot(rows, path):
@@ -226,7 +262,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--contexts", nargs="+", default=["32K", "128K", "256K", "512K", "1M"], help="prompt lengths (K = 1024)")
     parser.add_argument("--batches", nargs="+", type=int, default=[1], help="batch sizes")
-    parser.add_argument("--methods", nargs="+", default=["stock", "lsa"], choices=["stock", "lsa"])
+    parser.add_argument("--methods", nargs="+", default=["stock", "lsa"], choices=["stock", "lsa-eager", "lsa"])
+    parser.add_argument("--bounded-stock-prefill", action="store_true", help="stock rows prefill like LSA (decode stays stock)")
+    parser.add_argument("--kernel-time", action="store_true", help="profile the last decode steps: GPU kernel ms per step")
+    parser.add_argument("--profile-steps", type=int, default=8, help="decode steps profiled with --kernel-time")
     parser.add_argument("--layout", default="small", choices=["small", "flash43"])
     parser.add_argument("--chunk", type=int, default=4096, help="prefill_chunk_size passed to generate")
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens decoded after the prefill")
@@ -256,7 +295,10 @@ def main():
                     row["status"] = "not run (OOM at a shorter context)"
                 else:
                     argv = ["--layout", args.layout, "--chunk", str(args.chunk), "--new-tokens", str(args.new_tokens),
-                            "--context", str(context), "--batch", str(batch), "--method", method] + (["--quick"] if args.quick else [])
+                            "--context", str(context), "--batch", str(batch), "--method", method,
+                            "--profile-steps", str(args.profile_steps)]
+                    argv += [flag for flag, on in (("--quick", args.quick), ("--kernel-time", args.kernel_time),
+                                                   ("--bounded-stock-prefill", args.bounded_stock_prefill)) if on]
                     row.update(run_in_subprocess(argv, args.timeout))
                     if method == "stock" and row["status"] == "OOM":
                         stock_oom.add(batch)

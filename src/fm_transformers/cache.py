@@ -162,12 +162,71 @@ class LookaheadCSALayer(DeepseekV4CSACache):
         """Make `chunk_ids[b]` (sorted, < num_chunks) the resident set of sequence b: keep what is on the
         device, fetch the rest from the pool (asynchronously on a GPU, see HotSet). A `refresh` (mid-window,
         see OffloadedLookaheadCache.refresh_on_miss) is counted apart from the level-1 recalls."""
+        self.flush_to_pool()
         self.chunks_fetched += self._hot.recall(chunk_ids, num_chunks, self._fetch)
         self.has_resident_set = True
         if refresh:
             self.refreshes += 1
         else:
             self.recalls += 1
+
+    # In-place decode (decode_graph.py): fixed buffers that a captured CUDA graph writes and reads.
+
+    def fix_capacity(self, resident_chunks: int | None, history_chunks: int | None = None) -> None:
+        """Keep the device buffers at a fixed size (None: grow freely again): room for `resident_chunks` per
+        sequence plus the tail reserve in the hot set, and `history_chunks` per sequence of indexer keys on
+        target and refresh layers. Raises pool.CapacityExceeded if what is stored does not fit."""
+        batch = self._hot.batch_size
+        rows = None if resident_chunks is None else (resident_chunks + self._hot.tail_reserve) * batch
+        self._hot.fix_capacity(rows)
+        if self._index_keys is not None:
+            self._index_keys.fix_capacity(history_chunks)
+
+    def in_place_buffers(self) -> dict[str, torch.Tensor]:
+        """The fixed buffers: "kv_table" (rows, head_dim) and either "key_table" (rows, index_head_dim), rows as
+        kv_table's, or "key_history" (batch, capacity, index_head_dim) on target and refresh layers."""
+        buffers = {"kv_table": self._hot.table(KV)}
+        if self._index_keys is not None:
+            buffers["key_history"] = self._index_keys.buffer
+        else:
+            buffers["key_table"] = self._hot.table(INDEX_KEYS)
+        return buffers
+
+    @property
+    def has_fixed_capacity(self) -> bool:
+        """False once a recall outgrew the fixed capacity (the hot set then grows freely again)."""
+        return self._hot.fixed_rows is not None
+
+    @property
+    def resident_rows(self) -> int:
+        """Table rows of the resident chunks of all sequences; the tail starts after them."""
+        return self._hot.resident_rows
+
+    def resident_table(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(slot_index, chunk_ids) (batch, width), -1 padded: each sequence's resident chunks and their rows."""
+        return self._hot.resident_table(width)
+
+    def account_in_place_entries(self, count: int) -> None:
+        """Count `count` entries per sequence (of both kinds) that were written in place after the tail and
+        the indexer-key history, as store_entries would have; they reach the pool at `flush_to_pool`."""
+        for kind in self.dims:
+            self.entry_count[kind] += count
+        self._hot.account_tail(count)
+        if self._index_keys is not None:
+            self._index_keys.account(count)
+
+    def flush_to_pool(self) -> None:
+        """Copy to the cold pool the entries written in place since the last flush, so that it again holds
+        every entry made (its invariant); before every recall and every report."""
+        for kind, pool in self.pools.items():
+            stop = self.entry_count[kind]
+            if pool.length == stop:
+                continue
+            if kind == INDEX_KEYS and self._index_keys is not None:
+                pool.append(self._index_keys.entries[:, pool.length : stop])
+            else:
+                start = self._hot.tail_start
+                pool.append(self._hot.tail(kind)[:, pool.length - start : stop - start])
 
     def _fetch(self, kind, rows, chunk_ids, dst, dst_rows):
         """The hot set's fetch from the pool of `kind`; counts the host bytes it reads (pool entries as stored)."""
@@ -179,6 +238,7 @@ class LookaheadCSALayer(DeepseekV4CSACache):
         """This layer's bytes by place and kind, read off its tensors (see report.py)."""
         if self._hot is None:
             return {}
+        self.flush_to_pool()
         resident_kv, tail_kv = self._hot.device_bytes(KV)
         if self._index_keys is not None:
             index_keys, room = self._index_keys.nbytes(), self._index_keys.spare_bytes()
@@ -268,12 +328,13 @@ class OffloadedLookaheadCache(DynamicCache):
         pool_dtype = None if self.lsa_config.pool_dtype is None else self.lsa_config.torch_pool_dtype(model.dtype)
         self.compress_rate = csa_compress_rate(model_config)
         copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None  # recalls of every CSA layer
+        self.tail_reserve = -(-self.lsa_config.tau // self.compress_rate) + 1  # chunks made between two recalls
         for index in self.csa_layers:
             self.layers[index] = LookaheadCSALayer(
                 model_config,
                 keep_index_keys_on_device=index in self.policy.target_layers or index in self.refresh_layers,
                 pool_dtype=pool_dtype,
-                tail_reserve=-(-self.lsa_config.tau // self.compress_rate) + 1,  # chunks made between two recalls
+                tail_reserve=self.tail_reserve,
                 copy_stream=copy_stream,
             )
         self.schedule = Level1Schedule(self.lsa_config.tau)
@@ -281,6 +342,7 @@ class OffloadedLookaheadCache(DynamicCache):
         self.resident_priorities: torch.Tensor | None = None
         self._forward_len = 0
         self._progress: tqdm | None = None
+        self.decode_graph = None  # decode_graph.DecodeGraph when generate decodes through a CUDA graph
 
     def _check_layers(self, name: str, layers) -> None:
         unknown = [layer for layer in layers if layer not in self.csa_layers]
@@ -309,23 +371,32 @@ class OffloadedLookaheadCache(DynamicCache):
             self._progress.update(self._forward_len)
         if not self.schedule.triggering:
             return
-        layer = self.layers[layer_idx]
         if layer_idx in self.policy.target_layers:
-            self.policy.observe(layer_idx, hidden_states, position_ids, layer.all_index_keys())
+            self.policy.observe(layer_idx, hidden_states, position_ids, self.layers[layer_idx].all_index_keys())
         if layer_idx != self.csa_layers[-1]:
             return
-        context = SelectionContext(
-            num_chunks=layer.num_chunks,
-            visible=(position_ids + 1) // self.compress_rate,
-            trigger_index=self.schedule.trigger_count,
-            device=hidden_states.device,
-        )
-        priorities = self.policy.priorities(context)
+        priorities, context = self._choose(position_ids)
         if self._forward_len > 1:
             self.schedule.pending = (priorities, context)
             self.schedule.triggering = False
         else:
             self._recall(priorities, context)
+
+    def trigger_recall(self, hidden_states: dict[int, torch.Tensor], position_ids: torch.Tensor) -> None:
+        """Level 1 after a decode step run elsewhere (decode_graph.py): the policy observes each target layer's
+        saved attention input (batch, hidden) at the step's position (batch,), then every CSA layer recalls."""
+        for layer_idx in self.policy.target_layers:
+            self.policy.observe(layer_idx, hidden_states[layer_idx], position_ids, self.layers[layer_idx].all_index_keys())
+        self._recall(*self._choose(position_ids))
+
+    def _choose(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, SelectionContext]:
+        context = SelectionContext(
+            num_chunks=self.layers[self.csa_layers[-1]].num_chunks,
+            visible=(position_ids + 1) // self.compress_rate,
+            trigger_index=self.schedule.trigger_count,
+            device=position_ids.device,
+        )
+        return self.policy.priorities(context), context
 
     def _recall(self, priorities: torch.Tensor, context: SelectionContext) -> None:
         chunk_ids = resident_sets(priorities, context, self.lsa_config)
@@ -389,6 +460,7 @@ class OffloadedLookaheadCache(DynamicCache):
             )
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.stop_decode_graph()  # beams reorder every step: they decode eagerly
         super().reorder_cache(beam_idx)
         if self.resident_priorities is not None:
             rows = beam_idx.to(self.resident_priorities.device)
@@ -400,9 +472,16 @@ class OffloadedLookaheadCache(DynamicCache):
             self.schedule.pending = (priorities.index_select(0, rows), context)
 
     def reset(self) -> None:
+        self.stop_decode_graph()
         super().reset()
         self.schedule.reset()
         self.resident_priorities = None
+
+    def stop_decode_graph(self) -> None:
+        """Leave CUDA-graph decode for good: its state goes back into the layers, its buffers are freed."""
+        if self.decode_graph is not None:
+            self.decode_graph.release()
+            self.decode_graph = None
 
     @property
     def trigger_count(self) -> int:

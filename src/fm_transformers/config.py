@@ -62,6 +62,8 @@ class LSAConfig:
         `prefill_chunk_size` is not set (None: the whole prompt in one forward). Every prefill temporary is
         bounded by it; 4096 was chosen by measurement (docs/benchmarks.md, Prefill).
     prefill_progress: show a progress bar over the prefill chunks; None shows one when there are at least 8.
+    cuda_graph: on CUDA, `generate` decodes through a captured CUDA graph of the whole model step
+        (decode_graph.py); False decodes eagerly. Caches with `refresh_layers` always decode eagerly.
     """
 
     tau: int = 64
@@ -74,6 +76,7 @@ class LSAConfig:
     refresh_layers: tuple[int, ...] | None = None
     prefill_chunk_size: int | None = 4096
     prefill_progress: bool | None = None
+    cuda_graph: bool = True
     page_chunks: int | None = None
     page_budget: int | float | None = None
 
@@ -93,6 +96,8 @@ class LSAConfig:
             raise ValueError(f"prefill_chunk_size must be a positive integer (tokens per forward) or None, got {chunk!r}")
         if self.prefill_progress is not None and not isinstance(self.prefill_progress, bool):
             raise ValueError(f"prefill_progress must be True, False or None (automatic), got {self.prefill_progress!r}")
+        if not isinstance(self.cuda_graph, bool):
+            raise ValueError(f"cuda_graph must be True or False, got {self.cuda_graph!r}")
         for name in ("indexer_layers", "refresh_layers"):
             self._validate_layers(name)
         self._validate_budget()

@@ -8,6 +8,8 @@ K_idx are the backbone's own frozen indexer keys, so the indexer only fits the b
 its config records that backbone's dimensions and `check_compatible` refuses any other.
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 from huggingface_hub.dataclasses import strict
@@ -23,7 +25,11 @@ from transformers.models.deepseek_v4.modeling_deepseek_v4 import (
 
 from .layout import csa_layers
 
-PAPER_TARGET_LAYERS = (10, 12, 20)
+# The paper's target layers as ORDINALS among the CSA layers (0 = the first CSA layer), as its release names them
+# (`retrievers.l10`, ...): model layers 22, 26 and 42 of DeepSeek-V4-Flash, whose 21 CSA layers are 2, 4, ..., 42.
+# `default_target_layers` turns them into model layer indices, which every other API takes.
+PAPER_TARGET_CSA_ORDINALS = (10, 12, 20)
+PAPER_CSA_LAYER_COUNT = 21  # DeepSeek-V4-Flash's
 
 # The backbone fields the indexer depends on: sizes of what it reads, and the rotary it must reproduce.
 BACKBONE_FIELDS = (
@@ -46,7 +52,7 @@ BACKBONE_CHECKED_FIELDS = ("hidden_size", "index_head_dim", "num_hidden_layers",
 @strict
 class MemoryIndexerConfig(PreTrainedConfig):
     r"""
-    layers (`list[int]`): the backbone's CSA layers that carry a memory indexer.
+    layers (`list[int]`): the backbone's CSA layers that carry a memory indexer, as model layer indices.
     num_heads (`int`): query heads per layer (128 in the release).
     rank (`int`): low-rank query dimension (2048 in the release).
     base_model_name_or_path (`str`): the backbone this indexer was made for (Hub id or local path).
@@ -95,6 +101,21 @@ class MemoryIndexerConfig(PreTrainedConfig):
         wrong = [layer for layer in self.layers if layer not in backbone_csa]
         if wrong:
             raise ValueError(f"indexer layers {wrong} are not CSA layers of this backbone (CSA layers: {backbone_csa})")
+
+
+def default_target_layers(backbone_config) -> list[int]:
+    """Model layer indices of the paper's target layers on this backbone.
+
+    With V4-Flash's 21 CSA layers: CSA ordinals 10, 12 and 20 (model layers 22, 26, 42 of V4-Flash). With n CSA
+    layers the ordinals scale to the same relative depths, ordinal * (n - 1) / 20 rounded half up, so a smaller
+    backbone gets fewer layers where two fall on one (the tiny model's CSA layers 2, 4, 6, 7 give 6 and 7).
+    """
+    backbone_csa = csa_layers(backbone_config)
+    if not backbone_csa:
+        raise ValueError("this backbone has no CSA layers (layer_types): a memory indexer needs at least one")
+    scale = (len(backbone_csa) - 1) / (PAPER_CSA_LAYER_COUNT - 1)
+    ordinals = sorted({math.floor(ordinal * scale + 0.5) for ordinal in PAPER_TARGET_CSA_ORDINALS})
+    return [backbone_csa[ordinal] for ordinal in ordinals]
 
 
 def _short(value) -> str:
@@ -164,21 +185,18 @@ class MemoryIndexerModel(PreTrainedModel):
         rank: int = 2048,
         base_model_name_or_path: str | None = None,
     ) -> "MemoryIndexerModel":
-        """A fresh, randomly initialized indexer that fits the given backbone (the trainer starts from it)."""
+        """A fresh, randomly initialized indexer that fits the given backbone (the trainer starts from it).
+
+        layers: model layer indices of CSA layers; None takes `default_target_layers` (the paper's).
+        """
         backbone_config = getattr(model_or_config, "config", model_or_config)
         if getattr(backbone_config, "model_type", None) != "deepseek_v4":
             raise ValueError(
                 f"from_backbone needs a DeepSeek-V4 model or config; got "
                 f"{type(model_or_config).__name__} with model_type={getattr(backbone_config, 'model_type', None)!r}"
             )
-        backbone_csa = csa_layers(backbone_config)
         if layers is None:
-            if not set(PAPER_TARGET_LAYERS) <= set(backbone_csa):
-                raise ValueError(
-                    f"the default target layers {PAPER_TARGET_LAYERS} are not all CSA layers of this backbone: "
-                    f"pass layers= chosen among its CSA layers {backbone_csa}"
-                )
-            layers = PAPER_TARGET_LAYERS
+            layers = default_target_layers(backbone_config)
         layers = sorted(set(int(layer) for layer in layers))
         if base_model_name_or_path is None:
             base_model_name_or_path = getattr(backbone_config, "_name_or_path", None) or None
@@ -191,6 +209,16 @@ class MemoryIndexerModel(PreTrainedModel):
         )
         config.check_compatible(backbone_config)
         return cls(config)
+
+    @classmethod
+    def from_official(cls, checkpoint, backbone, filename: str | None = None) -> "MemoryIndexerModel":
+        """The memory indexer released with the paper (libertywing/FlashMemory-Deepseek-V4, MIT), checked against
+        `backbone` (a DeepSeek-V4 model, config, Hub id or directory). `checkpoint`: a .pt/.pth/.safetensors file,
+        a loaded state dict, or a directory / Hub repo in the release's layout (`filename` inside it, by default
+        checkpoints/top3_R930_joint.pt). See fm_transformers.official for the format and the mapping."""
+        from .official import load_official  # official.py builds on this module
+
+        return load_official(checkpoint, backbone, filename)
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -212,7 +240,7 @@ class MemoryIndexerModel(PreTrainedModel):
         return self.rotary_emb(hidden_states, position_ids=position_ids, layer_type="compress")
 
     def forward(self, layer: int, hidden_states: torch.Tensor, position_ids: torch.Tensor, keys: torch.Tensor):
-        """Logits of layer `layer`'s indexer: (batch, queries, chunks). `scores` applies the sigmoid."""
+        """Logits of the indexer of model layer `layer`: (batch, queries, chunks). `scores` applies the sigmoid."""
         indexer = self.indexers[str(layer)]
         cos, sin = self.rotary(hidden_states, position_ids)
         return indexer(hidden_states, cos, sin, keys)

@@ -12,11 +12,15 @@ from transformers import GenerationMixin
 from transformers.generation import configuration_utils as generation_config_module
 from transformers.models.deepseek_v4 import modeling_deepseek_v4 as v4
 
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast
+
 from .attention import lsa_attention_forward
 from .cache import OffloadedLookaheadCache
 from .config import LSAConfig
+from .decode_graph import DecodeGraph
 from .layout import require_deepseek_v4
 from .prefill import prefill_attention_forward
+from .static_decode import StaticDecodeState, static_attention_forward
 
 CACHE_IMPLEMENTATION = "lsa"
 _ORIGINAL = "_fm_lsa_original"
@@ -24,16 +28,22 @@ _BOUNDED_PREFILL = "_fm_bounded_prefill"
 
 _EXPECTED_METHODS = {
     v4.DeepseekV4Attention: ("forward",),
+    v4.DeepseekV4ForCausalLM: ("forward",),
     v4.DeepseekV4CSACompressor: ("forward",),
     v4.DeepseekV4Indexer: ("forward",),
     v4.DeepseekV4CSACache: ("store_compression_weights", "update_overlap_state", "update_compressor_states", "reorder_cache"),
-    GenerationMixin: ("_prepare_cache_for_generation", "_prefill"),
+    GenerationMixin: ("_prepare_generation_config", "_prepare_cache_for_generation", "_prefill"),
 }
-# The stock attention forward is called with these arguments, and calls the compressor with these.
-_EXPECTED_FORWARD_PARAMETERS = {
-    v4.DeepseekV4Attention: ["self", "hidden_states", "position_embeddings", "position_ids", "attention_mask", "past_key_values", "kwargs"],
-    v4.DeepseekV4CSACompressor: ["self", "hidden_states", "q_residual", "position_ids", "past_key_values", "layer_idx"],
-    GenerationMixin: ["self", "input_ids", "generation_config", "model_kwargs", "is_first_iteration"],
+# The stock methods the patch calls or replaces take these arguments (the compressor's are what attention passes).
+_EXPECTED_PARAMETERS = {
+    (v4.DeepseekV4Attention, "forward"): [
+        "self", "hidden_states", "position_embeddings", "position_ids", "attention_mask", "past_key_values", "kwargs"
+    ],
+    (v4.DeepseekV4CSACompressor, "forward"): [
+        "self", "hidden_states", "q_residual", "position_ids", "past_key_values", "layer_idx"
+    ],
+    (GenerationMixin, "_prepare_generation_config"): ["self", "generation_config", "kwargs"],
+    (GenerationMixin, "_prefill"): ["self", "input_ids", "generation_config", "model_kwargs", "is_first_iteration"],
 }
 
 
@@ -46,8 +56,7 @@ def check_transformers_compatibility() -> None:
                     f"fm_transformers expects {cls.__name__}.{method} (transformers 5.23); this transformers lacks it. "
                     "Install a transformers version fm_transformers supports."
                 )
-    for cls, expected in _EXPECTED_FORWARD_PARAMETERS.items():
-        method = "_prefill" if cls is GenerationMixin else "forward"
+    for (cls, method), expected in _EXPECTED_PARAMETERS.items():
         parameters = list(inspect.signature(_original(cls, method)).parameters)
         if parameters != expected:
             raise RuntimeError(
@@ -65,6 +74,8 @@ def _original(cls, name):
 
 def _patched_attention_forward(self, hidden_states, position_embeddings, position_ids, attention_mask, past_key_values=None, **kwargs):
     stock_forward = _original(v4.DeepseekV4Attention, "forward")
+    if isinstance(past_key_values, StaticDecodeState):
+        return static_attention_forward(self, past_key_values, hidden_states, position_embeddings)
     if isinstance(past_key_values, OffloadedLookaheadCache):
         return lsa_attention_forward(
             self, stock_forward, hidden_states, position_embeddings, position_ids, attention_mask, past_key_values, **kwargs
@@ -72,6 +83,45 @@ def _patched_attention_forward(self, hidden_states, position_embeddings, positio
     if past_key_values is not None and hidden_states.shape[1] > 1 and getattr(self, _BOUNDED_PREFILL, False):
         return prefill_attention_forward(self, hidden_states, position_embeddings, position_ids, attention_mask, past_key_values)
     return stock_forward(self, hidden_states, position_embeddings, position_ids, attention_mask, past_key_values, **kwargs)
+
+
+def _patched_prepare_generation_config(self, generation_config=None, **kwargs):
+    """Refuse cache_implementation='lsa' with use_cache=False before transformers validates the generation config,
+    which would first warn that the cache implementation has no effect: one error says it all."""
+    if _requested(self, generation_config, kwargs, "cache_implementation") == CACHE_IMPLEMENTATION:
+        if _requested(self, generation_config, kwargs, "use_cache") is False:
+            raise ValueError("cache_implementation='lsa' needs use_cache=True: drop use_cache=False")
+    return _original(GenerationMixin, "_prepare_generation_config")(self, generation_config, **kwargs)
+
+
+def _requested(model, generation_config, kwargs: dict, name: str):
+    """A generation setting as generate resolves it: its keyword argument, else the GenerationConfig passed to
+    generate, else the model's own generation config (None where none sets it)."""
+    for source in (kwargs, generation_config, getattr(model, "generation_config", None)):
+        value = source.get(name) if isinstance(source, dict) else getattr(source, name, None)
+        if value is not None:
+            return value
+    return None
+
+
+def _patched_causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, **kwargs):
+    """A decode step under an LSA cache with a DecodeGraph goes through it; any other forward first gives
+    the graph's state back to the cache's layers."""
+    stock_forward = _original(v4.DeepseekV4ForCausalLM, "forward")
+    runner = getattr(past_key_values, "decode_graph", None)
+    if runner is not None:
+        plain_step = (
+            input_ids is not None
+            and input_ids.shape[1] == 1
+            and (position_ids is None or position_ids.shape[1] == 1)
+            and (attention_mask is None or attention_mask.dim() == 2)
+            and not any(kwargs.get(name) for name in ("inputs_embeds", "labels", "output_router_logits", "output_hidden_states", "output_attentions"))
+        )
+        if plain_step:
+            logits = runner.step(input_ids, attention_mask, position_ids)
+            return MoeCausalLMOutputWithPast(logits=logits, past_key_values=past_key_values)
+        runner.release()
+    return stock_forward(self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, past_key_values=past_key_values, **kwargs)
 
 
 def _patched_prepare_cache(self, generation_config, model_kwargs, *args, **kwargs):
@@ -87,11 +137,12 @@ def _patched_prepare_cache(self, generation_config, model_kwargs, *args, **kwarg
     require_deepseek_v4(self)
     if model_kwargs.get("past_key_values") is not None:
         raise ValueError("pass either cache_implementation='lsa' or past_key_values, not both")
-    if generation_config.use_cache is False:
-        raise ValueError("cache_implementation='lsa' needs use_cache=True")
     options = dict(generation_config.cache_config or {})
     policy = options.pop("policy", None)
-    model_kwargs["past_key_values"] = OffloadedLookaheadCache(self, LSAConfig.from_dict(options), policy=policy)
+    cache = OffloadedLookaheadCache(self, LSAConfig.from_dict(options), policy=policy)
+    if cache.lsa_config.cuda_graph and self.device.type == "cuda" and not cache.refresh_layers:
+        cache.decode_graph = DecodeGraph(self, cache, max_length=generation_config.max_length)
+    model_kwargs["past_key_values"] = cache
 
 
 def _patched_prefill(self, input_ids, generation_config, model_kwargs, is_first_iteration=True):
@@ -154,6 +205,8 @@ def is_patched() -> bool:
 
 _PATCHES = (
     (v4.DeepseekV4Attention, "forward", _patched_attention_forward),
+    (v4.DeepseekV4ForCausalLM, "forward", _patched_causal_lm_forward),
+    (GenerationMixin, "_prepare_generation_config", _patched_prepare_generation_config),
     (GenerationMixin, "_prepare_cache_for_generation", _patched_prepare_cache),
     (GenerationMixin, "_prefill", _patched_prefill),
 )

@@ -152,6 +152,10 @@ class ColdPool:
         return sum(slabs[0][0, 0].nbytes for slabs in (self.slabs, self.scale_slabs) if slabs)
 
 
+class CapacityExceeded(RuntimeError):
+    """A fixed-capacity device buffer was asked to hold more than it can: its owner must fix a larger one."""
+
+
 class HotSet:
     """The device side of one CSA layer: resident chunks and the fresh tail in one slot table per kind.
 
@@ -184,6 +188,7 @@ class HotSet:
         self._ready: torch.cuda.Event | None = None  # the current stream waits on it before touching the tables
         self._in_flight: tuple[torch.cuda.Event, list[torch.Tensor]] | None = None  # last recall, host sources
         self._candidates: tuple[int, tuple[torch.Tensor, torch.Tensor]] | None = None  # (tail length, result)
+        self.fixed_rows: int | None = None  # see fix_capacity
         # Host ranges read by the fetches so far, summed over kinds: a run of consecutive chunk ids of one
         # sequence is one contiguous range of a pool (counted once where it crosses a slab boundary), the copy
         # a copy engine would issue for it; the gather reads them all in one launch. On the device: no sync.
@@ -212,6 +217,7 @@ class HotSet:
         rows = entries.shape[1] * self.batch_size
         table, used = self.table(kind), self._used[kind]
         if used + rows > table.shape[0]:
+            self._refuse_growth(used + rows)
             capacity = grown_capacity(used + rows + self.tail_reserve * self.batch_size, table.shape[0])
             grown = table.new_empty(capacity, self.kinds[kind])
             grown[:used] = table[:used]
@@ -249,12 +255,68 @@ class HotSet:
             self._ready = torch.cuda.Event()
             self._ready.record(stream)
             self._in_flight = (self._ready, host_sources)
+        if self.fixed_rows is not None and capacity > self.fixed_rows:
+            self.fixed_rows = None  # outgrown: the new tables replace the fixed ones, whose owner must refix
+        if self.fixed_rows is not None:
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                for kind, new in tables.items():  # the fixed tables are their readers' fixed addresses
+                    self._tables[kind][: resident + kept_tail] = new[: resident + kept_tail]
+            if stream is not None:
+                self._ready.record(stream)
+            tables = self._tables
         self._tables, self.chunk_ids = tables, [ids.to(self.device) for ids in new_ids]
         self._used = dict.fromkeys(self.kinds, resident + kept_tail)
         self.resident_rows = resident
         self.tail_start = max(horizon, self.tail_start)
         self._candidates = None
         return plan["missing_ids"].numel()
+
+    def fix_capacity(self, rows: int | None) -> None:
+        """Keep the tables at `rows` rows from now on (None: grow freely again): a recall copies its result into
+        them and appending never reallocates, so a captured CUDA graph may hold their addresses. Appending past
+        them raises `CapacityExceeded`; a recall that needs more room unfixes them (see `fixed_rows`)."""
+        self.finish()
+        self._wait_for_recall()
+        if rows is not None:
+            self._refuse_growth_below(rows)
+            for kind, table in self._tables.items():
+                fixed = table.new_zeros(rows, self.kinds[kind])
+                fixed[: self._used[kind]] = table[: self._used[kind]]
+                self._tables[kind] = fixed
+        self.fixed_rows = rows
+
+    def account_tail(self, count: int) -> None:
+        """Count `count` chunks per sequence that a caller wrote in place after the tail (rows `tail_slot_rows`),
+        as append_tail would have."""
+        rows = count * self.batch_size
+        self._refuse_growth(self._used[next(iter(self.kinds))] + rows)
+        for kind in self.kinds:
+            self._used[kind] += rows
+        self._candidates = None
+
+    def resident_table(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(slot_index, chunk_ids), both (batch, width) long, -1 padded: the resident chunks of each sequence
+        (no tail) and their table rows."""
+        counts = [ids.numel() for ids in self.chunk_ids]
+        if max(counts, default=0) > width:
+            raise CapacityExceeded(f"{max(counts)} resident chunks in a sequence, the table has {width} columns")
+        slot_index = torch.full((self.batch_size, width), -1, dtype=torch.long, device=self.device)
+        chunk_ids = torch.full_like(slot_index, -1)
+        start = 0
+        for row, ids in enumerate(self.chunk_ids):
+            slot_index[row, : counts[row]] = torch.arange(start, start + counts[row], device=self.device)
+            chunk_ids[row, : counts[row]] = ids
+            start += counts[row]
+        return slot_index, chunk_ids
+
+    def _refuse_growth(self, rows: int) -> None:
+        if self.fixed_rows is not None and rows > self.fixed_rows:
+            raise CapacityExceeded(f"the hot set needs {rows} rows, its tables are fixed at {self.fixed_rows}")
+
+    def _refuse_growth_below(self, rows: int) -> None:
+        used = max(self._used.values(), default=0)
+        if used > rows:
+            raise CapacityExceeded(f"the hot set holds {used} rows, more than the {rows} asked for")
 
     def _plan(self, new_ids: list[torch.Tensor], horizon: int) -> dict[str, torch.Tensor]:
         """Where each new resident row comes from: table rows on the device (src -> dst) or the pool (missing).
@@ -393,6 +455,28 @@ class DeviceHistory:
     def __init__(self, batch_size: int, dim: int, device: torch.device, dtype: torch.dtype):
         self._buffer = torch.empty(batch_size, 0, dim, device=device, dtype=dtype)
         self.length = 0
+        self.fixed = False
+
+    @property
+    def buffer(self) -> torch.Tensor:
+        """(batch, capacity, dim): the whole buffer, entries then room."""
+        return self._buffer
+
+    def fix_capacity(self, capacity: int | None) -> None:
+        """Hold `capacity` entries per sequence from now on without reallocating (None: grow freely again)."""
+        if capacity is not None:
+            if capacity < self.length:
+                raise CapacityExceeded(f"the history holds {self.length} entries, more than the {capacity} asked for")
+            fixed = self._buffer.new_zeros(self._buffer.shape[0], capacity, self._buffer.shape[2])
+            fixed[:, : self.length] = self.entries
+            self._buffer = fixed
+        self.fixed = capacity is not None
+
+    def account(self, count: int) -> None:
+        """Count `count` entries that a caller wrote in place after the stored ones."""
+        if self.length + count > self._buffer.shape[1]:
+            raise CapacityExceeded(f"the history needs {self.length + count} entries, it holds {self._buffer.shape[1]}")
+        self.length += count
 
     @property
     def entries(self) -> torch.Tensor:
@@ -403,6 +487,8 @@ class DeviceHistory:
         """entries: (batch, n, dim)."""
         count = entries.shape[1]
         if self.length + count > self._buffer.shape[1]:
+            if self.fixed:
+                raise CapacityExceeded(f"the history needs {self.length + count} entries, it is fixed at {self._buffer.shape[1]}")
             capacity = grown_capacity(self.length + count, self._buffer.shape[1])
             grown = self._buffer.new_empty(self._buffer.shape[0], capacity, self._buffer.shape[2])
             grown[:, : self.length] = self.entries

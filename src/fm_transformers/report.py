@@ -43,7 +43,9 @@ def memory_report(cache) -> dict:
 
     device: resident KV (chunks recalled), tail KV (made since the last recall, or the whole history during a
     prefill), index keys (in full for target and refresh layers, else resident + tail), room kept free for the
-    tail, window and compression state, and the other layers' stock cache. host: bytes stored in the cold
+    tail, window and compression state, the other layers' stock cache, and the fixed buffers of CUDA-graph
+    decode (decode_graph.py: windows, compressor state, HCA entries; their last values are written back into
+    the stock layers when the graph stops, which is why both are counted). host: bytes stored in the cold
     pools and bytes the pool slabs have allocated (stored + room for the next entries); an FP8 pool's bytes
     include its scales. Recall counters, summed over CSA layers: chunks fetched, the host bytes they took
     (pool entries as stored), and the contiguous host ranges they came from (HotSet.fetched_ranges).
@@ -55,6 +57,7 @@ def memory_report(cache) -> dict:
     csa_device = total("resident_kv") + total("tail_kv") + total("index_keys")
     full = total("full_bytes")
     lookahead = cache.lookahead_layers()
+    graph = getattr(cache, "decode_graph", None)
     return {
         "device": {
             "csa_resident_kv": total("resident_kv"),
@@ -63,6 +66,7 @@ def memory_report(cache) -> dict:
             "csa_tail_room": total("tail_room"),
             "csa_window_and_state": total("window_and_state"),
             "other_layers": other,
+            "decode_graph_state": graph.state_bytes() if graph is not None else 0,
         },
         "host": {
             "csa_kv_stored": total("host_kv_stored"),

@@ -6,7 +6,7 @@ The settings are small enough that the whole folder runs in well under three min
 
 import pytest
 import torch
-from training_helpers import DOC_TOKENS, as_documents, dump_config, small_train_config
+from training_helpers import DOC_TOKENS, SPLIT_SHARD_BYTES, as_documents, dump_config, small_train_config
 
 from fm_transformers.tiny import tiny_deepseek_v4
 from fm_transformers.training.dump import dump_labels
@@ -33,6 +33,14 @@ def heldout_documents():
 def train_labels(backbone, train_documents, tmp_path_factory):
     directory = tmp_path_factory.mktemp("labels") / "train"
     dump_labels(backbone, train_documents, directory, dump_config(), "tiny-seed-0")
+    return directory
+
+
+@pytest.fixture(scope="session")
+def split_train_labels(backbone, train_documents, tmp_path_factory):
+    """The training documents dumped with a shard budget below one document: every document in several parts."""
+    directory = tmp_path_factory.mktemp("labels") / "split"
+    dump_labels(backbone, train_documents, directory, dump_config(shard_bytes=SPLIT_SHARD_BYTES), "tiny-seed-0")
     return directory
 
 

@@ -1,23 +1,29 @@
-"""`fm-indexer`: every subcommand documents itself, and the four run end to end on the tiny backbone offline."""
+"""`fm-indexer`: every subcommand documents itself, and the training four run end to end on the tiny backbone offline
+(convert: tests/test_official_indexer.py)."""
 
-import ast
 import json
+import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-from fm_transformers.indexer import PAPER_TARGET_LAYERS, MemoryIndexerModel
-from fm_transformers.training import cli
-from fm_transformers.training.cli import main
+from fm_indexer import main
+from fm_transformers.indexer import PAPER_TARGET_CSA_ORDINALS, MemoryIndexerModel
 from fm_transformers.training.push import default_template, render_card
 from fm_transformers.training.synthetic import needle_documents, write_jsonl
 
 
 @pytest.mark.parametrize(
     "command, option",
-    [("dump-labels", "--documents"), ("train", "--negative-ratio"), ("eval", "--threshold"), ("push", "--local-dir")],
+    [
+        ("dump-labels", "--documents"),
+        ("train", "--negative-ratio"),
+        ("eval", "--threshold"),
+        ("push", "--local-dir"),
+        ("convert", "--official-checkpoint"),
+    ],
 )
 def test_every_subcommand_has_help(command, option, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -32,7 +38,8 @@ def test_every_subcommand_has_help(command, option, capsys):
         ("train", ["--num-heads NUM_HEADS indexer heads per target layer (default: 128)", "(default: 1)",
                    "(default: 0.001)", "AdamW weight decay (default: 0.0)", "negative sampling (default: 0)"]),
         ("eval", ["reaches this (default: 0.5)", "(default: cpu)"]),
-        ("dump-labels", ["in tokens (default: 64)", f"target CSA layers (default: {' '.join(map(str, PAPER_TARGET_LAYERS))})"]),
+        ("dump-labels", ["in tokens (default: 64)", f"CSA ordinals {' '.join(map(str, PAPER_TARGET_CSA_ORDINALS))}: model layers 22 26 42"]),
+        ("convert", ["(default: checkpoints/top3_R930_joint.pt)"]),
     ],
 )
 def test_help_shows_every_default(command, shown, capsys):
@@ -43,13 +50,19 @@ def test_help_shows_every_default(command, shown, capsys):
         assert line in text
 
 
-def test_the_parser_needs_only_the_standard_library():
-    """So that --help and a mistyped option answer without importing torch or transformers."""
-    tree = ast.parse(Path(cli.__file__).read_text())
-    imported = {alias.name.split(".")[0] for node in tree.body if isinstance(node, ast.Import) for alias in node.names}
-    imported |= {node.module.split(".")[0] for node in tree.body if isinstance(node, ast.ImportFrom) and node.level == 0}
-    assert imported <= sys.stdlib_module_names
-    assert not any(isinstance(node, ast.ImportFrom) and node.level > 0 for node in tree.body)
+@pytest.mark.parametrize(
+    "arguments, exit_code",
+    [(["--help"], 0), (["eval", "--help"], 0), (["eval", "--indexer", "x", "--data", "y", "--treshold", "0.3"], 2)],
+)
+def test_help_and_usage_errors_answer_without_importing_torch(arguments, exit_code):
+    """`python -m fm_indexer` runs what the `fm-indexer` script runs (fm_indexer:main, tests/test_packaging.py);
+    -X importtime lists every module the interpreter imports."""
+    command = [sys.executable, "-X", "importtime", "-m", "fm_indexer", *arguments]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == exit_code, result.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+    assert "fm_indexer" in imported
+    assert not imported & {"torch", "transformers", "fm_transformers"}
 
 
 def test_card_of_an_indexer_for_a_hub_backbone_loads_it_from_the_hub(backbone):

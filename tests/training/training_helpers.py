@@ -8,6 +8,7 @@ from fm_transformers.training.trainer import TrainConfig
 TARGET_LAYERS = (4, 6, 7)
 DOC_TOKENS = 320
 TAU = 16
+SPLIT_SHARD_BYTES = 12_000  # a document of the tiny dump is about 42 KB: four parts or so
 
 
 def as_documents(records: list[dict]) -> list[Document]:

@@ -1,189 +1,54 @@
-"""`fm-indexer`: dump labels from a frozen backbone, train a memory indexer, evaluate it, publish it.
+"""The subcommands of `fm-indexer`. The stdlib-only front end (the `fm_indexer` package) parses the arguments and
+only then imports this module, so torch and transformers load for a command that runs, not for `--help`.
+Each `run_*` takes the argparse namespace of its subcommand.
 
-    fm-indexer dump-labels --model deepseek-ai/DeepSeek-V4-Flash --documents docs.jsonl --output labels/
-    fm-indexer train --data labels/ --eval-data heldout/ --output indexer/
-    fm-indexer eval --indexer indexer/ --data heldout/
-    fm-indexer push --indexer indexer/ --repo-id org/fm-indexer-v4-flash
-
-`--model tiny` stands for fm_transformers.tiny.tiny_deepseek_v4(seed=--tiny-seed) with its character-level
-tokenizer (fm_transformers.tiny.tiny_tokenizer), so the whole pipeline runs offline on a CPU.
-
-Building the parser imports nothing beyond the standard library: torch, transformers and the training code are
-imported inside the subcommands, so `--help` and a mistyped option answer without loading them.
+`python -m fm_transformers.training.cli` runs the command as well, through the same front end.
 """
 
-import argparse
 import json
 import logging
 import sys
 from pathlib import Path
 
+from accelerate import PartialState
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from fm_indexer import main
+
+from ..indexer import MemoryIndexerModel, default_target_layers
+from ..locate import locate_pretrained
+from ..tiny import tiny_deepseek_v4, tiny_deepseek_v4_config, tiny_tokenizer
+from .convert import write_official_indexer
+from .documents import read_jsonl
+from .dump import DumpConfig, dump_labels
+from .evaluate import evaluate
+from .labels import LabelConfig
+from .push import push
+from .shards import LabelShards
+from .trainer import TrainConfig, check_indexer_fits, train
+
 TINY = "tiny"
-# indexer.PAPER_TARGET_LAYERS, written out so that --help needs no torch; a test keeps the two equal.
-PAPER_LAYERS_HELP = "10 12 20"
+TINY_CONFIG_NAME = "fm_transformers.tiny.tiny_deepseek_v4_config()"  # what `convert --backbone tiny` records
+logger = logging.getLogger("fm-indexer")
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args, unknown = build_parser().parse_known_args(argv)
-    if unknown:  # answered by the subcommand, whose usage lists the options it does take
-        args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    try:
-        args.run(args)
-    except (ValueError, OSError, ImportError) as error:
-        logging.getLogger("fm-indexer").error("%s", error)
-        return 2
-    return 0
-
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows every option's default, except where there is none to show (None, an off flag)."""
-
-    def _get_help_string(self, action):
-        if action.default is None or action.default is False:
-            return action.help
-        return super()._get_help_string(action)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fm-indexer", description=__doc__.split("\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    _add_dump(commands)
-    _add_train(commands)
-    _add_eval(commands)
-    _add_push(commands)
-    return parser
-
-
-def _add_dump(commands) -> None:
-    parser = commands.add_parser(
-        "dump-labels",
-        formatter_class=_HelpFormatter,
-        help="run the frozen backbone over documents and write label shards",
-        description="Teacher-force a DeepSeek-V4 over JSONL documents and store, per trigger step, the hidden "
-        "states of the target layers, their frozen indexer keys and the golden lookahead labels. Resumable: run "
-        "the same command again to finish an interrupted dump.",
-    )
-    parser.add_argument("--model", required=True, help="Hub id or local path of a DeepSeek-V4, or 'tiny'")
-    parser.add_argument("--tiny-seed", type=int, default=0, help="seed of the tiny backbone (with --model tiny)")
-    parser.add_argument("--documents", required=True, help='JSONL, one {"text": ...} or {"input_ids": [...]} a line')
-    parser.add_argument("--output", required=True, help="directory for the shards and manifest.json")
-    parser.add_argument(
-        "--layers", type=int, nargs="+", default=None, help=f"target CSA layers (default: {PAPER_LAYERS_HELP})"
-    )
-    parser.add_argument("--tau", type=int, default=64, help="lookahead window and trigger spacing, in tokens")
-    parser.add_argument("--nucleus", type=float, default=0.6, help="probability mass of the per-layer nucleus")
-    parser.add_argument("--vote", type=int, default=3, help="CSA layers a chunk must survive in to be golden")
-    parser.add_argument("--warmup", type=int, default=None, help="first trigger step (default: sliding window)")
-    parser.add_argument("--chunk-size", type=int, default=1024, help="tokens per forward pass")
-    parser.add_argument("--docs-per-shard", type=int, default=16, help="documents per safetensors shard")
-    parser.add_argument(
-        "--max-tokens", type=int, default=None, help="truncate documents to this many tokens (default: whole documents)"
-    )
-    parser.add_argument("--dtype", default="auto", help="backbone dtype: auto, bfloat16, float32")
-    parser.add_argument("--device-map", default=None, help="device_map for from_pretrained (e.g. auto, cuda)")
-    parser.set_defaults(run=_run_dump, parser=parser)
-
-
-def _add_train(commands) -> None:
-    parser = commands.add_parser(
-        "train",
-        formatter_class=_HelpFormatter,
-        help="train a memory indexer from label shards (the backbone is never loaded)",
-        description="Train a memory indexer on label shards with accelerate (CPU, one GPU, or `accelerate launch` "
-        "for several), save it with save_pretrained in --output and evaluate it on --eval-data.",
-    )
-    parser.add_argument("--data", required=True, help="label directory from dump-labels")
-    parser.add_argument("--eval-data", default=None, help="held-out label directory, same backbone")
-    parser.add_argument("--output", required=True, help="directory for checkpoints and the trained indexer")
-    parser.add_argument("--layers", type=int, nargs="+", default=None, help="target layers (default: all dumped)")
-    parser.add_argument("--num-heads", type=int, default=128, help="indexer heads per target layer")
-    parser.add_argument("--rank", type=int, default=2048, help="low-rank query dimension")
-    parser.add_argument("--init-from", default=None, help="start from this indexer (local dir or Hub id)")
-    parser.add_argument("--lora-r", type=int, default=None, help="adapt --init-from with LoRA of this rank (PEFT)")
-    parser.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: 2 x --lora-r)")
-    parser.add_argument("--epochs", type=int, default=1, help="passes over --data")
-    parser.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
-    parser.add_argument("--batch-size", type=int, default=64, help="trigger steps per optimizer step")
-    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate after warmup, decayed on a cosine")
-    parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    parser.add_argument("--warmup-steps", type=int, default=0, help="learning-rate warmup steps")
-    parser.add_argument("--negative-ratio", type=float, default=3.0, help="sampled negatives per positive")
-    parser.add_argument("--loss", choices=("focal", "bce"), default="focal", help="selection loss")
-    parser.add_argument("--gamma", type=float, default=2.0, help="focal loss gamma")
-    parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision")
-    parser.add_argument("--seed", type=int, default=0, help="seed of initialization, data order and negative sampling")
-    parser.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps; 0 only at the end")
-    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
-    parser.add_argument("--threshold", type=float, default=0.5, help="selection threshold for the evaluation")
-    parser.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is there")
-    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes reading shards")
-    parser.set_defaults(run=_run_train, parser=parser)
-
-
-def _add_eval(commands) -> None:
-    parser = commands.add_parser(
-        "eval",
-        formatter_class=_HelpFormatter,
-        help="evaluate an indexer on held-out label shards",
-        description="Precision, recall and F1 at the threshold against the golden labels, mean resident "
-        "fraction, and recall of the chunks the native top-k used, next to a recency selector of the same size.",
-    )
-    parser.add_argument("--indexer", required=True, help="indexer directory or Hub repo id")
-    parser.add_argument("--data", required=True, help="label directory from dump-labels")
-    parser.add_argument("--threshold", type=float, default=0.5, help="a chunk is selected when its score reaches this")
-    parser.add_argument("--device", default="cpu", help="device to score on (cpu, cuda, cuda:1, ...)")
-    parser.add_argument("--output", default=None, help="also write the metrics to this JSON file")
-    parser.set_defaults(run=_run_eval, parser=parser)
-
-
-def _add_push(commands) -> None:
-    parser = commands.add_parser(
-        "push",
-        formatter_class=_HelpFormatter,
-        help="write the Hub repo folder (weights, config, card) and upload it",
-        description="Fill model_cards/indexer_card.md from the indexer and its training summary and upload the "
-        "repo with huggingface_hub; with --local-dir, only write the folder.",
-    )
-    parser.add_argument("--indexer", required=True, help="directory written by fm-indexer train")
-    parser.add_argument("--repo-id", required=True, help="Hub repo, e.g. org/fm-indexer-v4-flash")
-    parser.add_argument("--local-dir", default=None, help="write the repo folder here instead of uploading")
-    parser.add_argument("--private", action="store_true", help="create the Hub repo as private")
-    parser.add_argument("--token", default=None, help="Hub token (default: the logged-in one)")
-    parser.add_argument(
-        "--card-template", default=None, help="card template (default: the package's model_cards/indexer_card.md)"
-    )
-    parser.set_defaults(run=_run_push, parser=parser)
-
-
-def _run_dump(args) -> None:
-    from ..indexer import PAPER_TARGET_LAYERS
-    from .documents import read_jsonl
-    from .dump import DumpConfig, dump_labels
-    from .labels import LabelConfig
-
+def run_dump_labels(args) -> None:
+    model, name, tokenizer = load_backbone(args.model, args.tiny_seed, args.dtype, args.device_map)
     config = DumpConfig(
-        target_layers=tuple(args.layers or PAPER_TARGET_LAYERS),
+        target_layers=tuple(args.layers or default_target_layers(model.config)),
         labels=LabelConfig(tau=args.tau, nucleus=args.nucleus, vote=args.vote, warmup=args.warmup),
         chunk_size=args.chunk_size,
         docs_per_shard=args.docs_per_shard,
     )
-    model, name, tokenizer = load_backbone(args.model, args.tiny_seed, args.dtype, args.device_map)
     documents = read_jsonl(args.documents, tokenizer, args.max_tokens)
     manifest = dump_labels(model, documents, args.output, config, name)
-    logging.getLogger("fm-indexer").info("labels of %d documents in %s", len(manifest["documents"]), args.output)
+    logger.info("labels of %d documents in %s", len(manifest["documents"]), args.output)
 
 
 def load_backbone(model: str, tiny_seed: int = 0, dtype: str = "auto", device_map: str | None = None):
     """(model, name for the manifest, tokenizer); the config is checked before any weight is loaded."""
     if model == TINY:
-        from ..tiny import tiny_deepseek_v4, tiny_tokenizer
-
         return tiny_deepseek_v4(seed=tiny_seed), f"fm_transformers.tiny(seed={tiny_seed})", tiny_tokenizer()
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from ..locate import locate_pretrained
-
     model = locate_pretrained(model)
     config = AutoConfig.from_pretrained(model)
     if config.model_type != "deepseek_v4":
@@ -201,16 +66,11 @@ class _LazyTokenizer:
 
     def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
         if self._tokenizer is None:
-            from transformers import AutoTokenizer
-
             self._tokenizer = AutoTokenizer.from_pretrained(self.name)
         return self._tokenizer(text, add_special_tokens=add_special_tokens)
 
 
-def _run_train(args) -> None:
-    from ..locate import locate_pretrained
-    from .trainer import TrainConfig, train
-
+def run_train(args) -> None:
     config = TrainConfig(
         data=args.data,
         output_dir=args.output,
@@ -239,19 +99,11 @@ def _run_train(args) -> None:
         num_workers=args.num_workers,
     )
     summary = train(config)
-    from accelerate import PartialState
-
     if PartialState().is_main_process:
         _print_json({"output": args.output, "steps": summary["steps"], "metrics": summary["metrics"]})
 
 
-def _run_eval(args) -> None:
-    from ..indexer import MemoryIndexerModel
-    from ..locate import locate_pretrained
-    from .evaluate import evaluate
-    from .shards import LabelShards
-    from .trainer import check_indexer_fits
-
+def run_eval(args) -> None:
     location = locate_pretrained(args.indexer)
     shards = LabelShards(args.data)
     model = MemoryIndexerModel.from_pretrained(location).to(args.device)
@@ -262,16 +114,34 @@ def _run_eval(args) -> None:
     _print_json(metrics)
 
 
-def _run_push(args) -> None:
-    from .push import push
-
+def run_push(args) -> None:
     where = push(args.indexer, args.repo_id, args.local_dir, args.private, args.token, args.card_template)
-    logging.getLogger("fm-indexer").info("indexer repo written to %s", where)
+    logger.info("indexer repo written to %s", where)
+
+
+def run_convert(args) -> None:
+    backbone = tiny_deepseek_v4_config() if args.backbone == TINY else args.backbone
+    model = MemoryIndexerModel.from_official(args.official_checkpoint, backbone, args.checkpoint_file)
+    if args.backbone == TINY:
+        model.config.base_model_name_or_path = TINY_CONFIG_NAME
+    source = args.official_checkpoint
+    if not Path(source).expanduser().is_file():
+        source = f"{source} ({args.checkpoint_file})"
+    write_official_indexer(model, args.output, source)
+    logger.info("indexer of layers %s written to %s", model.config.layers, args.output)
 
 
 def _print_json(payload: dict) -> None:
     sys.stdout.write(json.dumps(payload, indent=2) + "\n")
 
+
+COMMANDS = {
+    "dump-labels": run_dump_labels,
+    "train": run_train,
+    "eval": run_eval,
+    "push": run_push,
+    "convert": run_convert,
+}
 
 if __name__ == "__main__":
     sys.exit(main())

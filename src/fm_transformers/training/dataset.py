@@ -1,82 +1,78 @@
-"""Training samples from label shards: one sample per trigger step, positives plus sampled negatives.
+"""The host reference loader: batches built sample by sample on the CPU, then copied to the device each step.
 
-A sample is what the memory indexer sees at a trigger step t: the hidden state entering each target layer,
-the position t, and a candidate set of chunks visible at t with their frozen keys and 0/1 targets. Positives
-are the lookahead union; negatives are drawn uniformly from the other visible chunks, `negative_ratio` per
-positive. The draw depends only on (seed, epoch, sample), so a run is reproducible and a resumed run sees the
-same negatives it would have seen without the interruption.
+A sample is what the memory indexer sees at a trigger step t: the hidden state entering each target layer, the
+position t, and a candidate set of chunks visible at t with their frozen keys and 0/1 targets. Positives are
+the lookahead union; negatives are drawn uniformly from the other visible chunks, `negative_ratio` per
+positive, with a CPU generator seeded by (seed, epoch, part, row); `collate_triggers` copies each sample's keys
+into a padded batch. This is how the trainer first made its batches; device_batches.py makes the same batches
+(same samples, order and layout, negatives from another random draw) on the device. It stays as the reference
+that one is tested against and as the baseline the throughput benchmark measures (TrainConfig.loader="host").
 """
 
 from collections import OrderedDict
+from collections.abc import Iterator
 
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
 from .labels import visible_chunks
+from .order import EpochOrder, seed_from
 from .shards import LabelShards
+from .staging import tensor_names
+from .step import TriggerBatch
 
 
-class TriggerDataset(Dataset):
-    """Index i is (document, trigger); documents are read lazily and the last few are kept in memory."""
+class HostBatches(Dataset):
+    """Item i is this process's batch i of the epoch in `order`; parts are read lazily, the last few kept."""
 
     def __init__(
-        self,
-        shards: LabelShards,
-        layers: list[int],
-        negative_ratio: float = 3.0,
-        seed: int = 0,
-        cached_documents: int = 4,
+        self, shards: LabelShards, layers: list[int], order: EpochOrder, negative_ratio: float, cached_parts: int = 4
     ):
-        missing = [layer for layer in layers if layer not in shards.target_layers]
-        if missing:
-            raise ValueError(
-                f"layers {missing} were not dumped in {shards.directory} (it has {shards.target_layers}): "
-                f"train on dumped layers or dump labels for these"
-            )
-        if negative_ratio < 0:
-            raise ValueError(f"negative_ratio must be >= 0, got {negative_ratio}")
-        self.shards = shards
-        self.layers = list(layers)
-        self.negative_ratio = negative_ratio
-        self.seed = seed
-        self.epoch = 0
-        self.index = [(doc, trig) for doc, ref in enumerate(shards.documents) for trig in range(ref.triggers)]
+        self.shards, self.layers, self.order, self.negative_ratio = shards, list(layers), order, negative_ratio
         self._cache: OrderedDict[int, dict] = OrderedDict()
-        self._cached_documents = cached_documents
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self._cached_parts = cached_parts
 
     def __len__(self) -> int:
-        return len(self.index)
+        return len(self.order)
 
-    def document(self, doc: int) -> dict[str, torch.Tensor]:
-        if doc in self._cache:
-            self._cache.move_to_end(doc)
+    def __getitem__(self, index: int) -> TriggerBatch:
+        segments = self.order.batch(index)
+        samples = [self.sample(segment.part, row) for segment in segments for row in segment.rows.tolist()]
+        return collate_triggers(samples)
+
+    def part(self, part: int) -> dict[str, torch.Tensor]:
+        if part in self._cache:
+            self._cache.move_to_end(part)
         else:
-            self._cache[doc] = self.shards.load(doc)
-            if len(self._cache) > self._cached_documents:
+            self._cache[part] = self.shards.load_part(*self.shards.parts[part], tensor_names(self.layers))
+            if len(self._cache) > self._cached_parts:
                 self._cache.popitem(last=False)
-        return self._cache[doc]
+        return self._cache[part]
 
-    def __getitem__(self, i: int) -> dict:
-        doc, trig = self.index[i]
-        data = self.document(doc)
-        position = data["positions"][trig]
+    def sample(self, part: int, row: int) -> dict:
+        data = self.part(part)
+        position = data["positions"][row]
         visible = int(visible_chunks(position, self.shards.compress_rate))
         indptr = data["labels/indptr"]
-        positives = data["labels/indices"][indptr[trig] : indptr[trig + 1]]
-        generator = torch.Generator().manual_seed(hash((self.seed, self.epoch, i)) & 0x7FFFFFFF)
+        positives = data["labels/indices"][indptr[row] : indptr[row + 1]]
+        generator = torch.Generator().manual_seed(seed_from(self.order.seed, self.order.epoch, part, row))
         negatives = _sample_negatives(positives, visible, self.negative_ratio, generator)
         candidates = torch.cat([positives, negatives])
-        targets = torch.cat([torch.ones(positives.numel()), torch.zeros(negatives.numel())])
         return {
             "position": position,
             "candidates": candidates,
-            "targets": targets,
-            "hidden": {layer: data[f"hidden/{layer}"][trig] for layer in self.layers},
+            "targets": torch.cat([torch.ones(positives.numel()), torch.zeros(negatives.numel())]),
+            "hidden": {layer: data[f"hidden/{layer}"][row] for layer in self.layers},
             "keys": {layer: data[f"keys/{layer}"][candidates] for layer in self.layers},
         }
+
+
+def host_batches(
+    shards: LabelShards, layers: list[int], order: EpochOrder, start: int, negative_ratio: float, num_workers: int = 0
+) -> Iterator[TriggerBatch]:
+    """This process's batches `start`.. of the epoch in `order`, on the CPU (num_workers > 0: in worker processes)."""
+    dataset = HostBatches(shards, layers, order, negative_ratio)
+    yield from DataLoader(dataset, batch_size=None, sampler=range(start, len(dataset)), num_workers=num_workers)
 
 
 def _sample_negatives(positives: torch.Tensor, visible: int, ratio: float, generator) -> torch.Tensor:
@@ -88,11 +84,8 @@ def _sample_negatives(positives: torch.Tensor, visible: int, ratio: float, gener
     return pool[torch.randperm(pool.numel(), generator=generator)[:count]]
 
 
-def collate_triggers(samples: list[dict]) -> dict:
-    """Pad the candidate sets to the longest in the batch; `mask` is 1 on real candidates.
-
-    Returns positions (B,), hidden {layer: (B, hidden)}, keys {layer: (B, N, head_dim)}, targets and mask (B, N).
-    """
+def collate_triggers(samples: list[dict]) -> TriggerBatch:
+    """Pad the candidate sets to the longest in the batch; `mask` is 1 on real candidates."""
     width = max(1, max(sample["candidates"].numel() for sample in samples))
     batch = len(samples)
     targets = torch.zeros(batch, width)
@@ -108,39 +101,10 @@ def collate_triggers(samples: list[dict]) -> dict:
         mask[row, :count] = 1.0
         for layer in layers:
             keys[layer][row, :count] = sample["keys"][layer]
-    return {
-        "positions": torch.stack([sample["position"] for sample in samples]),
-        "hidden": {layer: torch.stack([sample["hidden"][layer] for sample in samples]) for layer in layers},
-        "keys": keys,
-        "targets": targets,
-        "mask": mask,
-    }
-
-
-class DocumentBlockSampler(Sampler[int]):
-    """Shuffles documents, then the triggers inside each one, and visits one document at a time.
-
-    Reading a document's keys costs far more than one sample, so consecutive samples share a document; the
-    order is a function of (seed, epoch) only.
-    """
-
-    def __init__(self, dataset: TriggerDataset, seed: int = 0):
-        self.dataset = dataset
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        starts, offset = [], 0
-        for document in self.dataset.shards.documents:
-            starts.append((offset, document.triggers))
-            offset += document.triggers
-        for doc in torch.randperm(len(starts), generator=generator).tolist():
-            start, count = starts[doc]
-            yield from (start + i for i in torch.randperm(count, generator=generator).tolist())
+    return TriggerBatch(
+        positions=torch.stack([sample["position"] for sample in samples]),
+        hidden={layer: torch.stack([sample["hidden"][layer] for sample in samples]) for layer in layers},
+        keys=keys,
+        targets=targets,
+        mask=mask,
+    )

@@ -3,7 +3,8 @@
 Each document is prefilled through the stock model chunk by chunk with a DynamicCache, exactly as a long prompt
 would be; the hooks of capture.py turn every chunk's native indexer scores into per-token nuclei on the spot,
 so memory is bounded by one chunk (chunk tokens x history), never by the document (tokens x history).
-The dump is resumable: shards already listed in the manifest are skipped when the same command runs again.
+Shards have a bounded size whatever the document lengths (shard_writer.py). The dump is resumable: documents
+already listed in the manifest are skipped when the same command runs again.
 """
 
 import logging
@@ -18,7 +19,8 @@ from ..document import Document
 from ..layout import csa_compress_rate
 from .capture import IndexerCapture
 from .labels import LabelConfig, LookaheadUnion, effective_vote, picked_pairs, trigger_positions, vote_golden
-from .shards import FORMAT, MANIFEST, VERSION, atomic_write_json, backbone_identity, read_manifest, write_shard
+from .shard_writer import ShardWriter
+from .shards import FORMAT, MANIFEST, VERSION, atomic_write_json, backbone_identity, read_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -27,17 +29,21 @@ logger = logging.getLogger(__name__)
 class DumpConfig:
     """target_layers: the CSA layers whose hidden states and keys are stored (the memory indexer's layers).
     chunk_size: tokens per forward; the backbone's own peak memory grows with chunk_size x history.
+    shard_bytes, docs_per_shard: a shard file holds at most this many bytes and documents; a longer document is
+    cut into parts over several files (shard_writer.py).
     """
 
     target_layers: tuple[int, ...]
     labels: LabelConfig = field(default_factory=LabelConfig)
     chunk_size: int = 1024
     docs_per_shard: int = 16
+    shard_bytes: int = 256 * 2**20
 
     def __post_init__(self):
-        if self.chunk_size < 1 or self.docs_per_shard < 1:
+        if self.chunk_size < 1 or self.docs_per_shard < 1 or self.shard_bytes < 1:
             raise ValueError(
-                f"chunk_size and docs_per_shard must be positive, got {self.chunk_size} and {self.docs_per_shard}"
+                f"chunk_size, docs_per_shard and shard_bytes must be positive, got {self.chunk_size}, "
+                f"{self.docs_per_shard} and {self.shard_bytes}"
             )
 
 
@@ -53,22 +59,20 @@ def dump_labels(
     settings = _settings(identity, config, model.config.vocab_size, documents)
     output_dir = Path(output_dir)
     manifest = _start_manifest(output_dir, identity, settings)
-    plan = [documents[i : i + config.docs_per_shard] for i in range(0, len(documents), config.docs_per_shard)]
-    done = {shard["file"] for shard in manifest["shards"]}
-    todo = [(index, group) for index, group in enumerate(plan) if _shard_name(index) not in done]
+    done = {entry["id"] for shard in manifest["shards"] for entry in shard["documents"]}
+    todo = [document for document in documents if document.doc_id not in done]
     if done:
-        logger.info("resuming the dump in %s: %d of %d shards already written", output_dir, len(done), len(plan))
-    total = sum(len(document.input_ids) for _, group in todo for document in group)
+        logger.info("resuming the dump in %s: %d of %d documents written", output_dir, len(done), len(documents))
+    output_dir.mkdir(parents=True, exist_ok=True)
+    writer = ShardWriter(output_dir, manifest, config.shard_bytes, config.docs_per_shard)
     with (
         IndexerCapture(model, settings["target_layers"], config.labels.nucleus) as capture,
-        tqdm(total=total, unit="tok", desc="dump-labels") as progress,
+        tqdm(total=sum(len(document.input_ids) for document in todo), unit="tok", desc="dump-labels") as progress,
     ):
-        for index, group in todo:
-            labelled = [
-                label_document(model, capture, document.input_ids, settings, config.chunk_size, progress)
-                for document in group
-            ]
-            _write_group(output_dir, manifest, index, group, labelled)
+        for document in todo:
+            tensors = label_document(model, capture, document.input_ids, settings, config.chunk_size, progress)
+            writer.add(document.doc_id, len(document.input_ids), tensors)
+        writer.close()
     manifest["complete"] = True
     atomic_write_json(output_dir / MANIFEST, manifest)
     return manifest
@@ -103,6 +107,7 @@ def _settings(identity: dict, config: DumpConfig, vocab_size: int, documents: li
         "labels": {**asdict(labels), "warmup": warmup, "vote_applied": effective_vote(labels.vote, len(csa))},
         "chunk_size": config.chunk_size,
         "docs_per_shard": config.docs_per_shard,
+        "shard_bytes": config.shard_bytes,
         "documents": [document.doc_id for document in documents],
     }
 
@@ -126,33 +131,6 @@ def _start_manifest(output_dir: Path, identity: dict, settings: dict) -> dict:
             f"settings, or choose a new --output"
         )
     return manifest
-
-
-def _shard_name(index: int) -> str:
-    return f"shard-{index:05d}.safetensors"
-
-
-def _write_group(output_dir: Path, manifest: dict, index: int, group: list[Document], labelled: list[dict]) -> None:
-    """One shard of documents, then the manifest that lists it (in that order: see shards.py)."""
-    tensors, entries = {}, []
-    first_layer = manifest["target_layers"][0]
-    for position, (document, document_tensors) in enumerate(zip(group, labelled, strict=True)):
-        prefix = f"{position}/"
-        tensors.update({prefix + name: tensor for name, tensor in document_tensors.items()})
-        entries.append(
-            {
-                "id": document.doc_id,
-                "prefix": prefix,
-                "tokens": len(document.input_ids),
-                "triggers": int(document_tensors["positions"].numel()),
-                "chunks": int(document_tensors[f"keys/{first_layer}"].shape[0]),
-            }
-        )
-    name = _shard_name(index)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    write_shard(output_dir / name, tensors, manifest["backbone"]["fingerprint"], [d.doc_id for d in group])
-    manifest["shards"].append({"file": name, "documents": entries})
-    atomic_write_json(output_dir / MANIFEST, manifest)
 
 
 @torch.inference_mode()

@@ -1,17 +1,22 @@
-"""The on-disk label dataset: safetensors shards of documents plus one JSON manifest.
+"""The on-disk label dataset: safetensors shards of document parts plus one JSON manifest.
 
-A directory holds `manifest.json` and `shard-NNNNN.safetensors` files. Per document a shard stores
-    {doc}/hidden/{layer}   (triggers, hidden)      hidden state entering each target layer's attention
-    {doc}/keys/{layer}     (chunks, index_head_dim) that layer's frozen native indexer keys, whole document
-    {doc}/positions        (triggers,)             token position of each trigger step
-    {doc}/labels/indptr, {doc}/labels/indices      CSR golden positives (lookahead union) per trigger
-    {doc}/used/indptr, {doc}/used/indices, {doc}/used/counts
+A directory holds `manifest.json` and `shard-NNNNN.safetensors` files. A document is stored as one or more
+parts, each a contiguous range of its trigger steps (shard_writer.py cuts long documents so that no file grows
+with the document). Per part a shard stores
+    {part}/hidden/{layer}   (triggers, hidden)      hidden state entering each target layer's attention
+    {part}/keys/{layer}     (chunks, index_head_dim) that layer's frozen native indexer keys, the chunks of the
+                                                    part's range (the document's keys are the parts' keys in order)
+    {part}/positions        (triggers,)             token position of each trigger step
+    {part}/labels/indptr, {part}/labels/indices     CSR golden positives (lookahead union) per trigger
+    {part}/used/indptr, {part}/used/indices, {part}/used/counts
                                                    CSR chunks the native top-k picked in the window, with how
                                                    many (token, CSA layer) picks each got
-The manifest names the backbone (name, dimensions, and a fingerprint of its weights) and the label settings;
-every shard repeats the fingerprint, so a shard from another backbone is refused wherever it turns up.
-Invariant: every file in the directory is complete. Writes go to a temporary name and are renamed into place,
-and a shard is listed in the manifest only after it is renamed.
+A part's keys are the chunks that first become visible at its triggers (the last part also holds the chunks no
+trigger sees), so a trigger of part p reads the keys of parts 0..p. The manifest names the backbone (name,
+dimensions, and a fingerprint of its weights) and the label settings; every shard repeats the fingerprint, so a
+shard from another backbone is refused wherever it turns up.
+Invariant: every file in the directory is complete, and every document the manifest lists is whole. Writes go
+to a temporary name and are renamed into place, and a document is listed only after all its parts are.
 """
 
 import hashlib
@@ -29,7 +34,7 @@ from ..indexer import BACKBONE_FIELDS
 from ..layout import csa_compress_rate, csa_layers
 
 FORMAT = "fm-indexer-labels"
-VERSION = 1
+VERSION = 2  # 2: documents in parts (trigger ranges); version 1 held whole documents
 MANIFEST = "manifest.json"
 
 
@@ -102,42 +107,54 @@ def read_manifest(directory: str | Path) -> dict:
 
 
 @dataclass(frozen=True)
-class DocumentRef:
-    """Where one document lives: its shard file and its key prefix inside it."""
+class PartRef:
+    """One part of a document: its file, its key prefix there, and the document rows it holds."""
 
-    doc_id: str
     path: Path
     prefix: str
+    rows: tuple[int, int]  # trigger steps [first, end) of the document
+    chunk_rows: tuple[int, int]  # key rows [first, end) of the document
+
+    @property
+    def triggers(self) -> int:
+        return self.rows[1] - self.rows[0]
+
+
+@dataclass(frozen=True)
+class DocumentRef:
+    """Where one document lives: its parts, in trigger order."""
+
+    doc_id: str
     tokens: int
     triggers: int
     chunks: int
+    parts: tuple[PartRef, ...]
 
 
 class LabelShards:
-    """A read-only view of a dump directory; opening it checks every shard against the manifest's backbone."""
+    """A read-only view of a dump directory; opening it checks every shard against the manifest's backbone.
+
+    Nothing but the manifest is read up front: tensors are read per part (`load_part`, what training streams)
+    or per document (`load`), so memory follows the part, not the dataset.
+    """
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
         self.manifest = read_manifest(self.directory)
         self.backbone = self.manifest["backbone"]
         self.target_layers = list(self.manifest["target_layers"])
-        self.documents: list[DocumentRef] = []
+        entries: dict[str, list[tuple[dict, PartRef]]] = {}
         for shard in self.manifest["shards"]:
             path = self.directory / shard["file"]
             self._check_shard(path)
             for entry in shard["documents"]:
-                self.documents.append(
-                    DocumentRef(
-                        doc_id=entry["id"],
-                        path=path,
-                        prefix=entry["prefix"],
-                        tokens=entry["tokens"],
-                        triggers=entry["triggers"],
-                        chunks=entry["chunks"],
-                    )
-                )
+                part = PartRef(path, entry["prefix"], tuple(entry["rows"]), tuple(entry["chunk_rows"]))
+                entries.setdefault(entry["id"], []).append((entry, part))
+        self.documents = [_document(doc_id, listed, self.directory) for doc_id, listed in entries.items()]
         if not self.documents:
             raise ValueError(f"{self.directory} lists no finished document: run (or resume) `fm-indexer dump-labels`")
+        # The units training streams: (document index, part index), in manifest order.
+        self.parts = [(doc, part) for doc, document in enumerate(self.documents) for part in range(len(document.parts))]
 
     def _check_shard(self, path: Path) -> None:
         if not path.is_file():
@@ -159,15 +176,26 @@ class LabelShards:
     def num_triggers(self) -> int:
         return sum(document.triggers for document in self.documents)
 
+    def part_triggers(self) -> list[int]:
+        """Trigger steps of each entry of `parts`."""
+        return [self.documents[doc].parts[part].triggers for doc, part in self.parts]
+
     def load(self, index: int) -> dict[str, torch.Tensor]:
-        """All tensors of document `index`, keyed without the document prefix ("hidden/10", "labels/indptr"...)."""
-        document = self.documents[index]
-        with safe_open(str(document.path), framework="pt") as shard:
-            return {
-                name[len(document.prefix) :]: shard.get_tensor(name)
-                for name in shard.keys()  # noqa: SIM118 (safe_open is not iterable)
-                if name.startswith(document.prefix)
-            }
+        """All tensors of document `index`, keyed without the part prefix ("hidden/10", "labels/indptr"...)."""
+        parts = [_read(part) for part in self.documents[index].parts]
+        return {name: _join(name, [part[name] for part in parts]) for name in parts[0]}
+
+    def load_part(self, doc: int, part: int, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """The tensors `names` (default: all) of one part, CSR pointers from 0; "keys/*" are the document's keys
+        up to the part's last chunk (parts 0..part), which is every chunk its triggers can see."""
+        parts = self.documents[doc].parts
+        names = names if names is not None else _names(parts[part])
+        own = [name for name in names if not name.startswith("keys/")]
+        keys = [name for name in names if name.startswith("keys/")]
+        data = _read(parts[part], own)
+        earlier = [_read(ref, keys) for ref in parts[: part + 1]] if keys else []
+        data.update({name: torch.cat([read[name] for read in earlier]) for name in keys})
+        return data
 
     def check_same_backbone(self, other: "LabelShards") -> None:
         """Refuse to mix label sets of two backbones (e.g. training data and held-out data)."""
@@ -177,3 +205,44 @@ class LabelShards:
                 f"{other.backbone['fingerprint']}) but {self.directory} from {self.backbone['name_or_path']} "
                 f"(fingerprint {self.backbone['fingerprint']}): use label sets made from the same backbone"
             )
+
+
+def _document(doc_id: str, listed: list[tuple[dict, PartRef]], directory: Path) -> DocumentRef:
+    """A document from its manifest entries, checked to cover its triggers and chunks without gap or overlap."""
+    first = listed[0][0]
+    parts = tuple(part for _, part in listed)
+    rows = [part.rows for part in parts]
+    chunk_rows = [part.chunk_rows for part in parts]
+    if not (_covers(rows, first["triggers"]) and _covers(chunk_rows, first["chunks"])):
+        raise ValueError(
+            f"{directory / MANIFEST} lists parts of {doc_id!r} that do not cover it once (triggers {rows}, chunks "
+            f"{chunk_rows}): the manifest was edited or mixed from two dumps; dump the labels again"
+        )
+    return DocumentRef(doc_id, first["tokens"], first["triggers"], first["chunks"], parts)
+
+
+def _covers(ranges: list[tuple[int, int]], total: int) -> bool:
+    ends = [0] + [end for _, end in ranges]
+    return all(start == end for (start, _), end in zip(ranges, ends, strict=False)) and ends[-1] == total
+
+
+def _names(part: PartRef) -> list[str]:
+    with safe_open(str(part.path), framework="pt") as shard:
+        return [name[len(part.prefix) :] for name in shard.keys() if name.startswith(part.prefix)]  # noqa: SIM118
+
+
+def _read(part: PartRef, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+    names = _names(part) if names is None else names
+    with safe_open(str(part.path), framework="pt") as shard:
+        return {name: shard.get_tensor(part.prefix + name) for name in names}
+
+
+def _join(name: str, pieces: list[torch.Tensor]) -> torch.Tensor:
+    """One document tensor from its parts' pieces; CSR pointers are shifted to follow on."""
+    if not name.endswith("/indptr"):
+        return torch.cat(pieces)
+    joined, offset = [pieces[0]], pieces[0][-1]
+    for piece in pieces[1:]:
+        joined.append(piece[1:] + offset)
+        offset = offset + piece[-1]
+    return torch.cat(joined)

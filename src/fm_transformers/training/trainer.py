@@ -2,29 +2,36 @@
 
 Only the memory indexer exists in this process: its key side (the native indexer keys) and its inputs (hidden
 states) were stored by the dump, and the backbone is known only by the dimensions in the manifest. The same
-command runs on the CPU, one GPU, or several (`accelerate launch`). Checkpoints hold the model, optimizer,
-scheduler and RNG states plus the position in the data, so a resumed run continues where it stopped.
+command runs on the CPU, one GPU, or several (`accelerate launch`). Batches are made on the device from parts
+staged ahead (device_batches.py), and the loop never waits on the host: losses are fetched every `log_every`
+steps, not every step. Checkpoints hold the model, optimizer, scheduler and RNG states plus the step, and the
+data order and negative draws are functions of (seed, epoch, batch), so a resumed run ends with the weights of
+an uninterrupted one.
 """
 
 import json
 import logging
 import shutil
+from collections.abc import Iterator
+from contextlib import closing
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from ..indexer import MemoryIndexerModel
-from .dataset import DocumentBlockSampler, TriggerDataset, collate_triggers
+from .dataset import host_batches
+from .device_batches import device_batches
 from .evaluate import evaluate
 from .lora import add_lora, is_lora, merge_lora
-from .losses import LOSSES, indexer_loss
+from .losses import LOSSES
+from .order import EpochOrder
 from .shards import LabelShards, backbone_config
+from .step import IndexerLoss, TriggerBatch
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +47,12 @@ NOT_HYPERPARAMETERS = (
     "save_every",
     "keep_checkpoints",
     "num_workers",
+    "loader",
+    "compile",
+    "prefetch",
+    "log_every",
 )
+LOADERS = ("device", "host")
 # Settings that fix the shape of the model and the data order: a resume with other values cannot continue.
 RESUME_FIXED = ("data", "layers", "num_heads", "rank", "init_from", "lora_r", "batch_size", "seed")
 
@@ -74,11 +86,21 @@ class TrainConfig:
     resume: bool = False
     threshold: float = 0.5
     cpu: bool = False
-    num_workers: int = 0
+    loader: str = "device"  # "host": the per-sample CPU reference (dataset.py), for comparison
+    num_workers: int = 0  # DataLoader worker processes of the host loader
+    prefetch: int = 2  # parts staged on the device ahead of the one in use
+    compile: bool = False  # torch.compile the candidate scoring and loss
+    log_every: int = 50  # steps between loss reads (each waits for the device)
 
     def __post_init__(self):
         if self.loss not in LOSSES:
             raise ValueError(f"unknown loss {self.loss!r}: choose one of {LOSSES}")
+        if self.loader not in LOADERS:
+            raise ValueError(f"unknown loader {self.loader!r}: choose one of {LOADERS}")
+        if self.negative_ratio < 0:
+            raise ValueError(f"negative_ratio must be >= 0, got {self.negative_ratio}")
+        if self.prefetch < 1 or self.log_every < 1:
+            raise ValueError(f"prefetch and log_every must be positive, got {self.prefetch} and {self.log_every}")
         if self.lora_r is not None and self.init_from is None:
             raise ValueError("--lora-r adapts an existing indexer: pass --init-from with the indexer to adapt")
         if self.batch_size < 1 or self.epochs < 1 or (self.max_steps is not None and self.max_steps < 1):
@@ -120,30 +142,17 @@ def check_indexer_fits(model, shards: LabelShards) -> None:
         )
 
 
-class _AllLayers(torch.nn.Module):
-    """Every target layer in one forward: under DDP (several GPUs) one forward per backward is the rule."""
-
-    def __init__(self, indexer, layers: list[int]):
-        super().__init__()
-        self.indexer = indexer
-        self.layers = layers
-
-    def forward(self, hidden: dict, positions: torch.Tensor, keys: dict) -> dict:
-        """hidden {layer: (1, batch, hidden)}, positions (1, batch), keys {layer: (1, batch, n, head_dim)}."""
-        return {layer: self.indexer(layer, hidden[layer], positions, keys[layer]) for layer in self.layers}
-
-
 @dataclass
 class _Run:
     """Everything a training loop touches, prepared by accelerate."""
 
-    model: _AllLayers
+    model: IndexerLoss
     optimizer: torch.optim.Optimizer
     scheduler: object
-    loader: DataLoader
-    dataset: TriggerDataset
+    shards: LabelShards
     layers: list[int]
-    total_steps: int  # optimizer steps of this process
+    steps_per_epoch: int  # optimizer steps of this process
+    total_steps: int
 
 
 def train(config: TrainConfig) -> dict:
@@ -157,78 +166,107 @@ def train(config: TrainConfig) -> dict:
     accelerator = Accelerator(mixed_precision="bf16" if config.bf16 else "no", cpu=config.cpu)
     set_seed(config.seed)
     run = _setup(accelerator, config, shards)
-    step = _resume(accelerator, output_dir) if config.resume else 0
-    step, losses = _loop(accelerator, run, config, step)
+    first_step = _resume(accelerator, output_dir) if config.resume else 0
+    step, losses = _loop(accelerator, run, config, first_step)
     if not (config.save_every and step % config.save_every == 0):
         _save_checkpoint(accelerator, output_dir, step, config.keep_checkpoints)
-    return _finish(accelerator, run.model, config, shards, eval_shards, step, losses)
+    return _finish(accelerator, run.model, config, shards, eval_shards, first_step, step, losses)
 
 
 def _setup(accelerator: Accelerator, config: TrainConfig, shards: LabelShards) -> _Run:
     model = build_indexer(config, shards)
     model.config.tau = shards.manifest["labels"].get("tau")  # checked against LSAConfig.tau when it is used
     layers = [int(layer) for layer in model.config.layers]
+    missing = [layer for layer in layers if layer not in shards.target_layers]
+    if missing:
+        raise ValueError(
+            f"layers {missing} were not dumped in {shards.directory} (it has {shards.target_layers}): "
+            f"train on dumped layers or dump labels for these"
+        )
     if config.lora_r is not None:
         model = add_lora(model, config.lora_r, config.lora_alpha)
-    dataset = TriggerDataset(shards, layers, config.negative_ratio, config.seed)
-    sampler = DocumentBlockSampler(dataset, config.seed)
-    loader = DataLoader(
-        dataset,
-        batch_size=config.batch_size,
-        sampler=sampler,
-        collate_fn=collate_triggers,
-        num_workers=config.num_workers,
-    )
+    model.to(accelerator.device)  # before the optimizer: the fused AdamW wants its parameters where they train
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
-    model, optimizer, loader = accelerator.prepare(_AllLayers(model, layers), optimizer, loader)
-    total_steps = config.max_steps or config.epochs * len(loader)  # len(loader): this process's share
+    fused = True if accelerator.device.type == "cuda" else None
+    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay, fused=fused)
+    dtype = torch.bfloat16 if config.bf16 else torch.float32
+    loss = IndexerLoss(model, layers, config.loss, config.gamma, dtype, config.compile)
+    loss, optimizer = accelerator.prepare(loss, optimizer)
+    order = EpochOrder(shards.part_triggers(), config.batch_size, config.seed, 0, *_rank(accelerator))
+    if len(order) == 0:
+        raise ValueError(
+            f"{shards.directory} has {shards.num_triggers} trigger steps: fewer than one batch of {config.batch_size} "
+            f"for each of {accelerator.num_processes} processes; lower --batch-size or use more documents"
+        )
+    total_steps = config.max_steps or config.epochs * len(order)
     # accelerate steps a prepared scheduler once per process at every optimizer step
     scheduler = get_cosine_schedule_with_warmup(
         optimizer, config.warmup_steps * accelerator.num_processes, total_steps * accelerator.num_processes
     )
     scheduler = accelerator.prepare(scheduler)
-    logger.info("training %d parameters on %d trigger steps", sum(p.numel() for p in trainable), len(dataset))
-    return _Run(model, optimizer, scheduler, loader, dataset, layers, total_steps)
+    logger.info("training %d parameters on %d trigger steps", sum(p.numel() for p in trainable), shards.num_triggers)
+    return _Run(loss, optimizer, scheduler, shards, layers, len(order), total_steps)
+
+
+def _rank(accelerator: Accelerator) -> tuple[int, int]:
+    return accelerator.process_index, accelerator.num_processes
+
+
+class _LossHistory:
+    """Step losses, read from the device every few steps: a read every step would make the host wait for each
+    step, and the device for the host's next launches."""
+
+    def __init__(self):
+        self.values: list[float] = []
+        self._pending: list[torch.Tensor] = []
+
+    def add(self, loss: torch.Tensor) -> None:
+        self._pending.append(loss.detach())
+
+    def flush(self) -> float | None:
+        if self._pending:
+            self.values += torch.stack(self._pending).float().cpu().tolist()
+            self._pending = []
+        return self.values[-1] if self.values else None
 
 
 def _loop(accelerator: Accelerator, run: _Run, config: TrainConfig, step: int) -> tuple[int, list[float]]:
     """Optimizer steps from `step` to run.total_steps; epochs and the position inside one follow from the step."""
-    losses = []
+    history = _LossHistory()
     output_dir = Path(config.output_dir)
     with tqdm(total=run.total_steps, initial=step, desc="train", disable=not accelerator.is_main_process) as bar:
         while step < run.total_steps:
-            epoch, done_in_epoch = divmod(step, len(run.loader))
-            run.loader.set_epoch(epoch)  # accelerate's loader passes it to the sampler, and would reset it otherwise
-            run.dataset.set_epoch(epoch)
-            batches = accelerator.skip_first_batches(run.loader, done_in_epoch) if done_in_epoch else run.loader
-            for batch in batches:
-                loss = _batch_loss(run.model, batch, run.layers, config)
-                accelerator.backward(loss)
-                run.optimizer.step()
-                run.scheduler.step()
-                run.optimizer.zero_grad()
-                step += 1
-                losses.append(loss.item())
-                bar.update(1)
-                bar.set_postfix(loss=f"{losses[-1]:.4f}")
-                if config.save_every and step % config.save_every == 0:
-                    _save_checkpoint(accelerator, output_dir, step, config.keep_checkpoints)
-                if step >= run.total_steps:
-                    break
-    return step, losses
+            epoch, done_in_epoch = divmod(step, run.steps_per_epoch)
+            with closing(_batches(accelerator, run, config, epoch, done_in_epoch)) as batches:
+                for batch in batches:
+                    loss = run.model(batch)
+                    accelerator.backward(loss)
+                    run.optimizer.step()
+                    run.scheduler.step()
+                    run.optimizer.zero_grad()
+                    step += 1
+                    history.add(loss)
+                    bar.update(1)
+                    if step % config.log_every == 0:
+                        bar.set_postfix(loss=f"{history.flush():.4f}")
+                    if config.save_every and step % config.save_every == 0:
+                        _save_checkpoint(accelerator, output_dir, step, config.keep_checkpoints)
+                    if step >= run.total_steps:
+                        break
+    history.flush()
+    return step, history.values
 
 
-def _batch_loss(model, batch: dict, layers: list[int], config: TrainConfig) -> torch.Tensor:
-    """Each target layer learns the whole positive set on its own: at inference any one of them may select."""
-    dtype = next(model.parameters()).dtype
-    hidden = {layer: batch["hidden"][layer].unsqueeze(0).to(dtype) for layer in layers}
-    keys = {layer: batch["keys"][layer].unsqueeze(0) for layer in layers}
-    logits = model(hidden, batch["positions"].unsqueeze(0), keys)  # {layer: (1, batch, candidates)}
-    losses = [
-        indexer_loss(logits[layer][0], batch["targets"], batch["mask"], config.loss, config.gamma) for layer in layers
-    ]
-    return sum(losses) / len(layers)
+def _batches(accelerator, run: _Run, config: TrainConfig, epoch: int, start: int) -> Iterator[TriggerBatch]:
+    """This process's batches of `epoch` from batch `start` on, on the training device."""
+    order = EpochOrder(run.shards.part_triggers(), config.batch_size, config.seed, epoch, *_rank(accelerator))
+    if config.loader == "device":
+        yield from device_batches(
+            run.shards, run.layers, order, start, config.negative_ratio, accelerator.device, config.prefetch
+        )
+        return
+    for batch in host_batches(run.shards, run.layers, order, start, config.negative_ratio, config.num_workers):
+        yield batch.to(accelerator.device)
 
 
 def _prepare_output(output_dir: Path, config: TrainConfig) -> None:
@@ -272,7 +310,7 @@ def _save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, keep
     accelerator.wait_for_everyone()
 
 
-def _finish(accelerator, model, config, shards, eval_shards, step, losses) -> dict:
+def _finish(accelerator, model, config, shards, eval_shards, first_step, step, losses) -> dict:
     model = accelerator.unwrap_model(model).indexer
     if is_lora(model):
         model = merge_lora(model)
@@ -286,7 +324,8 @@ def _finish(accelerator, model, config, shards, eval_shards, step, losses) -> di
             "layers": [int(layer) for layer in model.config.layers],
         },
         "steps": step,
-        "final_loss": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
+        "final_loss": _mean(losses[-10:]) if losses else None,
+        "loss_curve": _curve(losses, first_step, config.log_every),
         "metrics": evaluate(model, eval_shards, config.threshold)
         if eval_shards and accelerator.is_main_process
         else None,
@@ -309,3 +348,13 @@ def _describe(shards: LabelShards) -> dict:
         "target_layers": manifest["target_layers"],
         "complete": manifest["complete"],
     }
+
+
+def _curve(losses: list[float], first_step: int, every: int) -> list[list[float]]:
+    """[last step, mean loss] over each run of `every` steps of this run (a resumed run: from where it resumed)."""
+    starts = range(0, len(losses), every)
+    return [[first_step + min(start + every, len(losses)), _mean(losses[start : start + every])] for start in starts]
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)

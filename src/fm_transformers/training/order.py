@@ -1,0 +1,77 @@
+"""The order in which an epoch visits trigger steps, and which of them each optimizer step takes.
+
+Reading a part of a document costs far more than one sample, so an epoch visits one part at a time: the parts
+are shuffled, then the trigger steps inside each part, and consecutive samples share a part. Batches are
+consecutive runs of `batch_size` samples of that stream (the last one of an epoch may be shorter); with several
+processes, process r takes batches r, r + world, ... and the few left over at the end of an epoch are dropped,
+so that every process makes the same number of steps.
+
+Everything is a function of (seed, epoch) and the part sizes, computed on demand: batch i can be found without
+walking batches 0..i-1 (a resumed run starts there), and nothing grows with the number of trigger steps.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Segment:
+    """The samples a batch takes from one part: its trigger rows `rows`, the slice [start, end) of the part's
+    shuffled rows (EpochOrder.rows)."""
+
+    part: int  # index into LabelShards.parts
+    order_position: int  # where the part comes in the epoch's order (increases along an epoch)
+    start: int
+    end: int
+    rows: torch.Tensor  # (end - start,) int64, in visiting order
+
+
+class EpochOrder:
+    """Visiting order of one epoch, for one of `world` processes."""
+
+    def __init__(
+        self, part_triggers: list[int], batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1
+    ):
+        self.batch_size = batch_size
+        self.seed, self.epoch, self.rank, self.world = seed, epoch, rank, world
+        generator = torch.Generator().manual_seed(seed_from(seed, epoch))
+        self.parts = torch.randperm(len(part_triggers), generator=generator)  # (parts,) visiting order
+        counts = torch.tensor(part_triggers, dtype=torch.long)[self.parts]
+        self.ends = torch.cumsum(counts, 0)  # (parts,) samples through each part of the order
+        self.samples = int(self.ends[-1]) if len(part_triggers) else 0
+        self._rows: dict[int, torch.Tensor] = {}  # the last parts' rows: consecutive batches share a part
+
+    def __len__(self) -> int:
+        """Batches this process takes in the epoch."""
+        return -(-self.samples // self.batch_size) // self.world
+
+    def batch(self, index: int) -> list[Segment]:
+        """Segments of this process's batch `index` (0 <= index < len(self))."""
+        start = (index * self.world + self.rank) * self.batch_size
+        end = min(start + self.batch_size, self.samples)
+        first = int(torch.searchsorted(self.ends, start, right=True))
+        segments = []
+        for position in range(first, len(self.parts)):
+            part_start = int(self.ends[position - 1]) if position else 0
+            if part_start >= end:
+                break
+            first_row, end_row = max(start - part_start, 0), min(end, int(self.ends[position])) - part_start
+            rows = self.rows(position)[first_row:end_row]
+            segments.append(Segment(int(self.parts[position]), position, first_row, end_row, rows))
+        return segments
+
+    def rows(self, position: int) -> torch.Tensor:
+        """The shuffled trigger rows of the part at `position` of the order (a function of seed, epoch, part)."""
+        if position not in self._rows:
+            if len(self._rows) >= 4:
+                self._rows.pop(min(self._rows))
+            generator = torch.Generator().manual_seed(seed_from(self.seed, self.epoch, int(self.parts[position])))
+            count = int(self.ends[position] - (self.ends[position - 1] if position else 0))
+            self._rows[position] = torch.randperm(count, generator=generator)
+        return self._rows[position]
+
+
+def seed_from(*values: int) -> int:
+    """A generator seed from several integers (Python's tuple hash is fixed for ints across runs)."""
+    return hash(values) & 0x7FFF_FFFF_FFFF_FFFF

@@ -1,0 +1,162 @@
+"""CUDA-graph decode (decode_graph.py, static_decode.py): the fixed-shape step equals eager LSA decode, keeps
+the cache coherent for what follows (a second turn, the pool, the report), and replays without host syncs."""
+
+import pytest
+import torch
+
+import fm_transformers as fm
+from fm_transformers import decode_graph
+from fm_transformers.decode_graph import DecodeGraph, graph_safe_experts
+from fm_transformers.policies import KeepAllPolicy, RandomPolicy
+
+from conftest import DEVICE, greedy, max_logit_difference, random_prompt
+
+LSA_OPTIONS = {"tau": 8, "sink_chunks": 1, "recency_chunks": 1}
+
+
+def padded_prompt(length=45, batch=2):
+    prompt = random_prompt(length, batch=batch, seed=3)
+    mask = torch.ones_like(prompt)
+    mask[0, :3] = 0
+    return prompt, mask
+
+
+def decode(model, prompt, mask, policy, static: bool, capture: bool = False, new_tokens: int = 30, **options):
+    cache = fm.OffloadedLookaheadCache(model, {**LSA_OPTIONS, **options}, policy=policy)
+    if static:
+        cache.decode_graph = DecodeGraph(model, cache, capture=capture)
+    return greedy(model, prompt, max_new_tokens=new_tokens, attention_mask=mask, past_key_values=cache), cache
+
+
+def pools_equal(first, second) -> bool:
+    return all(
+        torch.allclose(a.pools[kind].read(), b.pools[kind].read(), atol=1e-4)
+        for a, b in zip(first.lookahead_layers(), second.lookahead_layers())
+        for kind in a.pools
+    )
+
+
+@pytest.mark.parametrize("policy", [KeepAllPolicy, lambda: RandomPolicy(0.3, seed=1)], ids=["keep-all", "random"])
+def test_fixed_shape_step_matches_eager_lsa_decode(model, policy):
+    prompt, mask = padded_prompt()
+    eager, eager_cache = decode(model, prompt, mask, policy(), static=False)
+    static, static_cache = decode(model, prompt, mask, policy(), static=True)
+    assert static_cache.decode_graph.state is not None  # the fixed-shape step did run
+    assert max_logit_difference(eager, static) < 1e-4
+    assert torch.equal(eager.sequences, static.sequences)
+    assert static_cache.trigger_count == eager_cache.trigger_count >= 3
+    fetched = [layer.bytes_fetched for layer in eager_cache.lookahead_layers()]
+    assert [layer.bytes_fetched for layer in static_cache.lookahead_layers()] == fetched
+    eager_report, static_report = eager_cache.memory_report(), static_cache.memory_report()  # the report flushes
+    assert static_report["host"] == eager_report["host"]
+    assert pools_equal(eager_cache, static_cache)
+    assert static_report["device"]["decode_graph_state"] > 0 == eager_report["device"]["decode_graph_state"]
+
+
+def test_second_turn_after_fixed_shape_decode_continues_like_eager(model):
+    prompt, mask = padded_prompt()
+    turns = []
+    for static in (False, True):
+        first, cache = decode(model, prompt, mask, RandomPolicy(0.3, seed=1), static=static, new_tokens=20)
+        more = random_prompt(9, batch=2, seed=5)
+        follow_up = torch.cat([first.sequences, more], dim=1)
+        follow_mask = torch.cat([mask, torch.ones(2, follow_up.shape[1] - mask.shape[1], dtype=mask.dtype, device=DEVICE)], dim=1)
+        turns.append(greedy(model, follow_up, max_new_tokens=16, attention_mask=follow_mask, past_key_values=cache))
+    assert max_logit_difference(*turns) < 1e-4
+    assert torch.equal(turns[0].sequences, turns[1].sequences)
+
+
+def test_buckets_grow_when_a_recall_or_the_room_is_outgrown(model, monkeypatch):
+    """Tiny capacities force both rebuilds: a keep-all recall outgrows the resident room, the tokens outgrow
+    the room for entries. Decode goes on equal to eager."""
+    monkeypatch.setattr(decode_graph, "MIN_RESIDENT_CAPACITY", 2)
+    monkeypatch.setattr(decode_graph, "ROOM_TOKENS", 8)
+    prompt, mask = padded_prompt()
+    eager, _ = decode(model, prompt, mask, KeepAllPolicy(), static=False)
+    builds = []
+    original_build = DecodeGraph._build
+
+    def counting_build(self, attention_mask):
+        builds.append(self.tokens)
+        original_build(self, attention_mask)
+
+    monkeypatch.setattr(DecodeGraph, "_build", counting_build)
+    static, _ = decode(model, prompt, mask, KeepAllPolicy(), static=True)
+    assert len(builds) >= 3
+    assert max_logit_difference(eager, static) < 1e-4
+    assert torch.equal(eager.sequences, static.sequences)
+
+
+def test_graph_safe_experts_match_eager_experts(model):
+    """The MoE inside the graph (grouped_mm or batched_mm experts, no nonzero()) equals the eager loop."""
+    block = model.model.layers[-1].mlp
+    hidden = torch.randn(3, 5, model.config.hidden_size, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    previous = model.config._experts_implementation
+    model.config._experts_implementation = "eager"
+    try:
+        eager = block(hidden)
+        with graph_safe_experts(model):
+            assert model.config._experts_implementation in ("grouped_mm", "batched_mm")
+            safe = block(hidden)
+    finally:
+        model.config._experts_implementation = previous
+    torch.testing.assert_close(safe, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_refresh_layers_decode_eagerly(model):
+    cache = fm.OffloadedLookaheadCache(model, {"refresh_layers": (2,)}, policy=KeepAllPolicy())
+    with pytest.raises(ValueError, match="cuda_graph=False"):
+        DecodeGraph(model, cache)
+
+
+def test_cuda_graph_option_must_be_a_bool():
+    with pytest.raises(ValueError, match="cuda_graph must be True or False"):
+        fm.LSAConfig(cuda_graph="yes")
+
+
+@pytest.mark.gpu
+def test_graph_replay_equals_the_same_step_run_eagerly(model):
+    if DEVICE.type != "cuda":
+        pytest.skip("FM_TEST_DEVICE=cuda runs it")
+    prompt, mask = padded_prompt()
+    eager, _ = decode(model, prompt, mask, RandomPolicy(0.3, seed=1), static=True, capture=False, new_tokens=64)
+    graph, cache = decode(model, prompt, mask, RandomPolicy(0.3, seed=1), static=True, capture=True, new_tokens=64)
+    assert cache.decode_graph.replays >= 60 and cache.trigger_count >= 7
+    assert torch.equal(eager.sequences, graph.sequences)
+    assert max_logit_difference(eager, graph) == 0.0
+
+
+@pytest.mark.gpu
+def test_replayed_steps_make_no_host_sync(model):
+    if DEVICE.type != "cuda":
+        pytest.skip("FM_TEST_DEVICE=cuda runs it")
+    prompt, mask = padded_prompt()
+    cache = fm.OffloadedLookaheadCache(model, {**LSA_OPTIONS, "tau": 64}, policy=KeepAllPolicy())
+    cache.decode_graph = runner = DecodeGraph(model, cache)
+    greedy(model, prompt, max_new_tokens=2, attention_mask=mask, past_key_values=cache)  # prefill, warm-up, capture
+    token = torch.ones(2, 1, dtype=torch.long, device=DEVICE)
+    step_mask = torch.ones(2, runner.tokens + 1, dtype=torch.long, device=DEVICE)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(8):  # no trigger among them (tau 64)
+            runner.step(token, step_mask)
+            step_mask = torch.cat([step_mask, step_mask[:, :1]], dim=1)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert runner.replays >= 8
+
+
+@pytest.mark.gpu
+def test_generate_on_cuda_decodes_through_the_graph(model):
+    if DEVICE.type != "cuda":
+        pytest.skip("FM_TEST_DEVICE=cuda runs it")
+    prompt, mask = padded_prompt()
+    outputs = {}
+    for use_graph in (False, True):
+        options = {**LSA_OPTIONS, "cuda_graph": use_graph, "policy": RandomPolicy(0.3, seed=1)}
+        outputs[use_graph] = greedy(model, prompt, max_new_tokens=32, attention_mask=mask, cache_implementation="lsa", cache_config=options)
+    assert outputs[True].past_key_values.decode_graph.replays > 20
+    assert outputs[False].past_key_values.decode_graph is None
+    assert max_logit_difference(outputs[False], outputs[True]) < 1e-3
+    assert torch.equal(outputs[False].sequences, outputs[True].sequences)
