@@ -160,3 +160,33 @@ def test_generate_on_cuda_decodes_through_the_graph(model):
     assert outputs[False].past_key_values.decode_graph is None
     assert max_logit_difference(outputs[False], outputs[True]) < 1e-3
     assert torch.equal(outputs[False].sequences, outputs[True].sequences)
+
+
+def test_sampling_processors_and_streamer_work_as_in_eager_decode(model):
+    """do_sample with temperature and top-k (logits processors) and a streamer: the
+    fixed-shape step draws the same tokens as eager LSA decode from the same seed."""
+
+    class Collect:
+        def __init__(self):
+            self.pieces = []
+
+        def put(self, value):
+            self.pieces.append(value.clone())
+
+        def end(self):
+            self.pieces.append(None)
+
+    prompt, mask = padded_prompt(batch=1)
+    mask = mask[:1].fill_(1)
+    runs = []
+    for static in (False, True):
+        cache = fm.OffloadedLookaheadCache(model, LSA_OPTIONS, policy=RandomPolicy(0.3, seed=1))
+        if static:
+            cache.decode_graph = DecodeGraph(model, cache, capture=False)
+        streamer = Collect()
+        torch.manual_seed(7)
+        out = model.generate(prompt, attention_mask=mask, past_key_values=cache, do_sample=True, temperature=0.7, top_k=20,
+                             max_new_tokens=24, pad_token_id=0, streamer=streamer)
+        runs.append((out, streamer.pieces))
+    assert torch.equal(runs[0][0], runs[1][0])
+    assert len(runs[1][1]) == 24 + 2 and runs[1][1][-1] is None  # the prompt, 24 tokens, the end

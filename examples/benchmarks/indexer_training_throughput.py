@@ -1,60 +1,78 @@
-"""Memory-indexer training throughput at DeepSeek-V4-Flash sizes, and what it means for the paper's training set.
+"""Memory-indexer training throughput at DeepSeek-V4-Flash sizes: the host loader against the device loader.
 
-    python examples/benchmarks/indexer_training_throughput.py --out indexer_training_throughput.json
-    python examples/benchmarks/indexer_training_throughput.py --small     # CPU smoke test, tiny sizes
+    python examples/benchmarks/indexer_training_throughput.py --output indexer_training_throughput.json
+    python examples/benchmarks/indexer_training_throughput.py --small --output small.json   # CPU, tiny sizes
+    accelerate launch --num_processes 2 examples/benchmarks/indexer_training_throughput.py --output two_gpus.json
 
-The trainer never sees the backbone, only label shards, so its speed depends on the shapes in the shards and
-not on their values. The script therefore writes synthetic shards in the dump's own format (shards.py writer,
-manifest laid out as dump.py lays it out, fingerprint from shards.backbone_identity over a random stand-in for
+The trainer never sees the backbone, only label shards, so its speed depends on the shapes in the shards and not
+on their values. The script writes synthetic shards with the dump's own writer (shard_writer.ShardWriter; the
+manifest laid out as dump.py lays it out, the fingerprint from shards.backbone_identity over a random stand-in for
 the weight the dump hashes) for a backbone shaped like DeepSeek-V4-Flash: hidden 4096, index keys of 128, 43
-layers (0-1 sliding, then CSA on even and HCA on odd layers), target layers 22, 26, 42 (the paper's CSA
-ordinals 10, 12, 20). Per document of N tokens: a trigger every tau = 64 tokens from the sliding window on,
-hidden states (triggers, 4096) and frozen keys (N / 4, 128) per target layer in bf16, 100-1000 golden positives
-per trigger (never more than the chunks that exist at it) and a set of 512-2048 chunks the native top-k picked.
+layers (0-1 sliding, then CSA on even and HCA on odd layers), target layers 22, 26, 42 (the paper's CSA ordinals
+10, 12, 20). Per document of N tokens: a trigger every tau = 64 tokens from the sliding window on, hidden states
+(triggers, 4096) and frozen keys (N / 4, 128) per target layer in bf16, 100-1000 golden positives per trigger
+(never more than the chunks that exist at it) and 512-2048 chunks the native top-k picked.
 
-Then it runs the real trainer (trainer.train, what `fm-indexer train` calls) with a release-size indexer
-(128 heads, rank 2048) and bf16 mixed precision. A *sample* is one trigger step: one (document, trigger) pair,
-scored by every target layer against its positives and 3x as many sampled negatives; an optimizer step takes
---batch-size samples. Step times are read through torch's global optimizer post-step hook, so the trainer runs
-unchanged; the first --warmup steps are left out.
-
-The data loader runs in the training process between steps, and drawing a sample's negatives costs time in
-proportion to the chunks visible at its trigger, so a sample of a 512K-token document costs more than one of a
-16K one. The probe times the loader alone (same dataset, sampler and collate) on documents of N, 128K and 512K
-tokens. The estimate for the paper's data (10,000 documents of 16K-512K tokens, log-uniform, tokens / 64 trigger
-steps each, one epoch) adds, per document length, the loader's extra cost over the N-token documents to the
-measured time per sample; the GPU work per step barely depends on the length, as candidate sets are padded to
-the largest in the batch, about 4 x 1000 chunks at any length. The probes run first: should the loader alone
-need more than --train-budget-s for --steps steps (a slow host), fewer steps are timed and the output says so.
-Prints a table last; writes JSON to --out.
+Then it runs the real trainer (trainer.train, what `fm-indexer train` calls) with a release-size indexer (128
+heads, rank 2048), bf16 mixed precision, once per --runs entry on the same data: `host` (the per-sample CPU
+loader, the trainer as it was), `device` (batches made on the GPU from staged parts), `device-compiled` (the
+same with torch.compile of the step's forward and backward: query towers, scoring and loss). A *sample* is one
+trigger step: one (document, trigger) pair, scored by every target layer against its positives and 3x as many
+sampled negatives; an optimizer step takes --batch-size samples. Global optimizer hooks mark the steps, so the
+trainer runs unchanged, and the device is synchronized only at the edges of each window (and at the trainer's
+loss reads, every 20 steps):
+- warm-up (--warmup steps, untimed; torch.compile compiles here);
+- timed (--steps): samples/s, and the peak GPU memory (torch.cuda.max_memory_allocated) at its end, with the
+  NVML utilization (torch.cuda.utilization, the share of the last sample period with a kernel running) if pynvml
+  is installed;
+- profiled (--profile-steps under torch.profiler, after one untimed step in which it starts up): GPU kernel time
+  per step (copies and memsets left out); GPU utilisation = that over the wall time per step of the timed window;
+- FLOPs (--flop-steps, under torch.utils.flop_counter.FlopCounterMode, eager runs only): matmul FLOPs per step,
+  forward and backward. The floor is those FLOPs at --peak-tflops (H200 dense bf16: 989 TFLOP/s).
+The loader's share is the loader alone (same shards, order and batch size; for `host` including the copy of each
+batch to the device), timed with a synchronization at its end, over the wall time per step of the run. It is
+probed on the training documents and on documents of 128K and 512K tokens; the estimate for the paper's data
+(10,000 documents of 16K-512K tokens, log-uniform, tokens / 64 trigger steps each, one epoch, 22.9M trigger
+steps) adds, per document length, the loader's extra cost over the training documents to the measured time per
+sample. Each run's loss curve (the trainer's, every 20 steps) is printed and kept. Prints a table last; writes
+JSON to --output (on the main process).
 """
 
 import argparse
-import itertools
+import gc
 import json
+import shutil
 import tempfile
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import torch
+from accelerate import PartialState
+from accelerate.utils import broadcast_object_list
 from torch.optim.optimizer import register_optimizer_step_post_hook
-from torch.utils.data import DataLoader
+from torch.profiler import ProfilerActivity, profile, schedule
+from torch.utils.flop_counter import FlopCounterMode
 from transformers import DeepseekV4Config
 
 from fm_transformers.indexer import default_target_layers
 from fm_transformers.training import DumpConfig, LabelShards, TrainConfig, train
-from fm_transformers.training.dataset import DocumentBlockSampler, TriggerDataset, collate_triggers
+from fm_transformers.training.dataset import host_batches
+from fm_transformers.training.device_batches import device_batches
 from fm_transformers.training.labels import effective_vote, trigger_positions, visible_chunks
-from fm_transformers.training.shards import FORMAT, MANIFEST, VERSION, atomic_write_json, backbone_identity, write_shard
+from fm_transformers.training.order import EpochOrder
+from fm_transformers.training.shard_writer import ShardWriter
+from fm_transformers.training.shards import FORMAT, MANIFEST, VERSION, atomic_write_json, backbone_identity
 
 SLIDING, CSA, HCA = "sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"
 # The paper trains its indexer on this set in about one GPU-hour.
 PAPER = {"documents": 10_000, "min_tokens": 16_384, "max_tokens": 524_288, "gpu_hours": 1.0}
 FULL = {"hidden": 4096, "index_head_dim": 128, "tokens": 16_384, "positives": (100, 1000), "probe": (131_072, 524_288)}
 SMALL = {"hidden": 64, "index_head_dim": 16, "tokens": 1024, "positives": (4, 40), "probe": (2048, 4096)}
+RUNS = {"host": ("host", False), "device": ("device", False), "device-compiled": ("device", True)}
+LOG_EVERY = 20  # each loss read waits for the device: one a step would serialize host and device
 
 
 def flash_backbone(small: bool) -> DeepseekV4Config:
@@ -95,7 +113,6 @@ def synthetic_document(tokens: int, manifest: dict, config: DeepseekV4Config, si
     generator, rng = torch.Generator().manual_seed(seed), np.random.default_rng(seed)
     positions = trigger_positions(tokens, labels["warmup"], labels["tau"])
     visible = visible_chunks(positions, rate)
-    chunks = tokens // rate
     label_indptr, label_indices = chunk_sets(rng, visible, *sizes["positives"])
     used_indptr, used_indices = chunk_sets(rng, visible, config.index_topk, 4 * config.index_topk)
     picks_per_window = labels["tau"] * len(manifest["backbone"]["csa_layers"])  # (token, CSA layer) pairs
@@ -110,14 +127,15 @@ def synthetic_document(tokens: int, manifest: dict, config: DeepseekV4Config, si
     for layer in manifest["target_layers"]:
         shape = (positions.numel(), config.hidden_size)
         tensors[f"hidden/{layer}"] = torch.randn(shape, generator=generator, dtype=torch.bfloat16)
-        tensors[f"keys/{layer}"] = torch.randn(chunks, config.index_head_dim, generator=generator, dtype=torch.bfloat16)
+        keys = (tokens // rate, config.index_head_dim)
+        tensors[f"keys/{layer}"] = torch.randn(keys, generator=generator, dtype=torch.bfloat16)
     return tensors
 
 
 def write_label_set(
     directory: Path, lengths: list[int], config: DeepseekV4Config, identity: dict, sizes: dict, seed: int
-) -> LabelShards:
-    """A complete label directory, manifest and shards laid out as dump.dump_labels writes them."""
+) -> None:
+    """A complete label directory as dump.dump_labels writes it (bounded shards, long documents in parts)."""
     dump = DumpConfig(target_layers=tuple(default_target_layers(config)))
     doc_ids = [f"synthetic-{seed}-{index:05d}" for index in range(len(lengths))]
     manifest = {
@@ -132,95 +150,174 @@ def write_label_set(
         },
         "chunk_size": dump.chunk_size,
         "docs_per_shard": dump.docs_per_shard,
+        "shard_bytes": dump.shard_bytes,
         "documents": doc_ids,
         "shards": [],
         "complete": False,
     }
     directory.mkdir(parents=True)
-    for index, first in enumerate(range(0, len(lengths), dump.docs_per_shard)):
-        tensors, entries = {}, []
-        for position, doc in enumerate(range(first, min(first + dump.docs_per_shard, len(lengths)))):
-            document = synthetic_document(lengths[doc], manifest, config, sizes, seed * 100_003 + doc)
-            tensors.update({f"{position}/{name}": tensor for name, tensor in document.items()})
-            triggers, chunks = document["positions"].numel(), document[f"keys/{dump.target_layers[0]}"].shape[0]
-            entry = {"prefix": f"{position}/", "tokens": lengths[doc], "triggers": triggers, "chunks": chunks}
-            entries.append({"id": doc_ids[doc], **entry})
-        name = f"shard-{index:05d}.safetensors"
-        write_shard(directory / name, tensors, identity["fingerprint"], [entry["id"] for entry in entries])
-        manifest["shards"].append({"file": name, "documents": entries})
-        atomic_write_json(directory / MANIFEST, manifest)
+    writer = ShardWriter(directory, manifest, dump.shard_bytes, dump.docs_per_shard)
+    for index, (doc_id, tokens) in enumerate(zip(doc_ids, lengths, strict=True)):
+        writer.add(doc_id, tokens, synthetic_document(tokens, manifest, config, sizes, seed * 100_003 + index))
+    writer.close()
     manifest["complete"] = True
     atomic_write_json(directory / MANIFEST, manifest)
-    return LabelShards(directory)
 
 
-class StepClock:
-    """Wall time at the end of every optimizer step (and the peak GPU memory then), taken by a global hook."""
+@dataclass
+class Windows:
+    """Optimizer steps of each measuring window, in order: warm-up, timed, profiled (after one step in which the
+    profiler starts up, outside the timed window), FLOP-counted."""
 
-    def __init__(self, cuda: bool):
-        self.cuda = cuda
-        self.times: list[float] = []
-        self.peak_bytes: int | None = None
+    warmup: int
+    timed: int
+    profiled: int
+    flops: int
+
+    @property
+    def timed_end(self) -> int:
+        return self.warmup + self.timed
+
+    @property
+    def profiled_end(self) -> int:
+        return self.timed_end + (self.profiled + 1 if self.profiled else 0)
+
+    @property
+    def total(self) -> int:
+        return self.profiled_end + self.flops
+
+
+@dataclass
+class StepProbe:
+    """Marks optimizer steps with a global hook and opens and closes the windows' instruments there."""
+
+    windows: Windows
+    cuda: bool
+    count_flops: bool
+    step: int = 0
+    marks: dict = field(default_factory=dict)  # window edge -> wall time (synchronized)
+    peak_bytes: int | None = None
+    nvml_utilization: int | None = None
+    flops: float | None = None
+    kernel_s: float | None = None
 
     def __enter__(self):
         self._handle = register_optimizer_step_post_hook(self._tick)
+        self._profiler = None
+        if self.cuda and self.windows.profiled:
+            self._profiler = profile(
+                activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+                schedule=schedule(wait=self.windows.timed_end, warmup=1, active=self.windows.profiled, repeat=1),
+                on_trace_ready=self._read_profile,
+            )
+            self._profiler.__enter__()
+        self._flop_counter = FlopCounterMode(display=False) if self.count_flops and self.windows.flops else None
         return self
 
     def __exit__(self, *exc) -> None:
         self._handle.remove()
+        if self._profiler is not None:
+            self._profiler.__exit__(*exc)
 
     def _tick(self, optimizer, args, kwargs) -> None:
+        self.step += 1
+        windows = self.windows
+        edges = {windows.warmup: "timed_start", windows.timed_end: "timed_end"}
+        if self.step in edges:
+            self._synchronize()
+            self.marks[edges[self.step]] = time.perf_counter()
+            if edges[self.step] == "timed_end" and self.cuda:
+                self.peak_bytes = torch.cuda.max_memory_allocated()
+                self.nvml_utilization = _nvml_utilization()
+        if self._profiler is not None:
+            self._profiler.step()
+        if self._flop_counter is not None and self.step == windows.profiled_end:
+            self._flop_counter.__enter__()
+        if self._flop_counter is not None and self.step == windows.total:
+            self._flop_counter.__exit__(None, None, None)
+            self.flops = self._flop_counter.get_total_flops() / windows.flops
+
+    def _synchronize(self) -> None:
         if self.cuda:
             torch.cuda.synchronize()
-            self.peak_bytes = torch.cuda.max_memory_allocated()
-        self.times.append(time.perf_counter())
+
+    def _read_profile(self, profiler) -> None:
+        kernels = [
+            event
+            for event in profiler.events()
+            if event.device_type == torch.autograd.DeviceType.CUDA and not event.name.startswith(("Memcpy", "Memset"))
+        ]
+        self.kernel_s = sum(event.time_range.elapsed_us() for event in kernels) / 1e6 / self.windows.profiled
 
 
-def timed_training(config: TrainConfig, samples_per_epoch: int, warmup: int, cuda: bool) -> dict:
-    """Run trainer.train and measure optimizer steps warmup + 1 .. max_steps; a partial batch ends each epoch."""
+def _nvml_utilization() -> int | None:
+    try:
+        return torch.cuda.utilization()
+    except Exception:  # noqa: BLE001 (no pynvml, or NVML not usable here: pynvml's errors are plain Exceptions)
+        return None
+
+
+def timed_training(config: TrainConfig, windows: Windows, cuda: bool, count_flops: bool) -> dict:
+    """Run trainer.train through every window; rates from the timed window. The peak memory is the run's own:
+    the peak over what was allocated before it (an earlier run's leftovers, if the collector left any)."""
+    gc.collect()
+    before = 0
     if cuda:
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
     start = time.perf_counter()
-    with StepClock(cuda) as clock:
-        train(config)
-    batches_per_epoch = -(-samples_per_epoch // config.batch_size)
-    last_batch = samples_per_epoch - config.batch_size * (batches_per_epoch - 1)
-    samples = sum(
-        last_batch if (step + 1) % batches_per_epoch == 0 else config.batch_size
-        for step in range(warmup, len(clock.times))
-    )
-    seconds = clock.times[-1] - clock.times[warmup - 1]
+    with StepProbe(windows, cuda, count_flops) as probe:
+        summary = train(config)
+    seconds = probe.marks["timed_end"] - probe.marks["timed_start"]
+    step_s = seconds / windows.timed
     return {
-        "timed_steps": len(clock.times) - warmup,
-        "timed_samples": samples,
-        "steps_per_s": (len(clock.times) - warmup) / seconds,
-        "samples_per_s": samples / seconds,
-        "peak_gpu_bytes": clock.peak_bytes,
-        "train_call_s": time.perf_counter() - start,  # includes model setup and the final checkpoint
+        "timed_steps": windows.timed,
+        "samples_per_s": windows.timed * config.batch_size / seconds,
+        "steps_per_s": windows.timed / seconds,
+        "step_ms": step_s * 1e3,
+        "kernel_ms_per_step": probe.kernel_s * 1e3 if probe.kernel_s is not None else None,
+        "gpu_utilization": min(1.0, probe.kernel_s / step_s) if probe.kernel_s is not None else None,
+        "nvml_utilization_percent": probe.nvml_utilization,
+        "flops_per_step": probe.flops,
+        "peak_gpu_bytes": probe.peak_bytes - before if probe.peak_bytes is not None else None,
+        "loss_curve": summary["loss_curve"],
+        "train_call_s": time.perf_counter() - start,  # with model setup, compilation and the final checkpoint
     }
 
 
-def loader_seconds_per_sample(shards: LabelShards, layers: list[int], config: TrainConfig, batches: int) -> float:
-    """The trainer's loader alone; the first batch is left out (it also reads the document)."""
-    dataset = TriggerDataset(shards, layers, config.negative_ratio, config.seed)
-    loader = DataLoader(
-        dataset,
-        batch_size=config.batch_size,
-        sampler=DocumentBlockSampler(dataset, config.seed),
-        collate_fn=collate_triggers,
-    )
-    iterator = iter(loader)
-    next(iterator)
-    start, samples = time.perf_counter(), 0
-    for batch in itertools.islice(iterator, batches):
-        samples += batch["targets"].shape[0]
-    if samples == 0:
+def loader_seconds_per_batch(shards: LabelShards, loader: str, config: TrainConfig, batches: int, device) -> float:
+    """The trainer's loader alone over the first batches of an epoch; the first batch (it reads the first part) is
+    left out."""
+    layers = shards.target_layers
+    order = EpochOrder(shards.part_triggers(), config.batch_size, config.seed, 0)
+    if len(order) < 2:
         raise ValueError(f"{shards.directory} has a single batch of trigger steps: probe longer documents")
-    return (time.perf_counter() - start) / samples
+    if loader == "device":
+        made = device_batches(shards, layers, order, 0, config.negative_ratio, device, config.prefetch)
+    else:
+        made = (batch.to(device) for batch in host_batches(shards, layers, order, 0, config.negative_ratio))
+    next(made)
+    _synchronize(device)
+    start, count = time.perf_counter(), 0
+    for batch in made:
+        count += 1
+        if count == min(batches, len(order) - 1):
+            break
+    _synchronize(device)
+    made.close()
+    return (time.perf_counter() - start) / count
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def paper_estimate(seconds_per_sample: float, loader: dict[int, float], tokens: int, tau: int) -> dict:
-    """Hours for one epoch over the paper's documents; lengths drawn log-uniform with a fixed seed."""
+    """Hours for one epoch over the paper's documents; lengths drawn log-uniform with a fixed seed.
+
+    loader: the loader's seconds per sample at each probed document length."""
     rng = np.random.default_rng(0)
     low, high = np.log(PAPER["min_tokens"]), np.log(PAPER["max_tokens"])
     lengths = np.exp(rng.uniform(low, high, PAPER["documents"]))
@@ -228,7 +325,6 @@ def paper_estimate(seconds_per_sample: float, loader: dict[int, float], tokens: 
     probed = sorted(loader)
     extra = np.interp(lengths, probed, [loader[length] for length in probed]) - loader[tokens]
     return {
-        **PAPER,
         "tokens": float(lengths.sum()),
         "trigger_steps": int(triggers.sum()),
         "hours_at_measured_rate": float(triggers.sum() * seconds_per_sample / 3600),
@@ -237,144 +333,152 @@ def paper_estimate(seconds_per_sample: float, loader: dict[int, float], tokens: 
     }
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--small", action="store_true", help="tiny sizes and a few steps: a CPU smoke test")
+    parser.add_argument("--small", action="store_true", help="tiny sizes and a few steps: runs on a CPU in seconds")
+    parser.add_argument("--output", default="indexer_training_throughput.json", help="JSON file for the results")
+    parser.add_argument("--runs", default=None, help="comma-separated, of host, device, device-compiled "
+                        "(default: all three on a GPU; host,device on a CPU)")
     parser.add_argument("--documents", type=int, default=None, help="training documents (default 8; 4 with --small)")
     parser.add_argument("--tokens", type=int, default=None, help="tokens a document (16384; 1024 with --small)")
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default 200; 6 with --small)")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the trainer's 64 (8 with --small)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed first steps (default 20; 2 with --small)")
-    parser.add_argument("--batch-size", type=int, default=None, help="default: the trainer's (8 with --small)")
-    parser.add_argument("--probe-batches", type=int, default=4, help="timed loader batches per probed length")
-    parser.add_argument(
-        "--train-budget-s",
-        type=float,
-        default=90.0,
-        help="if the loader alone would take longer than this over --steps, run fewer steps (said in the output)",
-    )
-    parser.add_argument("--data-dir", default=None, help="new directory for shards and the indexer (default: temp)")
-    parser.add_argument("--out", default="indexer_training_throughput.json")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default 200; 6 with --small)")
+    parser.add_argument("--profile-steps", type=int, default=10, help="steps under torch.profiler (GPU only)")
+    parser.add_argument("--flop-steps", type=int, default=2, help="steps under FlopCounterMode (eager runs)")
+    parser.add_argument("--probe-batches", type=int, default=8, help="timed loader batches per probed length")
+    parser.add_argument("--peak-tflops", type=float, default=989.0, help="the GPU's dense bf16 peak (H200: 989)")
+    parser.add_argument("--data-dir", default=None, help="new directory for shards and indexers (default: temp)")
     args = parser.parse_args()
-    cuda = torch.cuda.is_available()
-    if not cuda and not args.small:
-        raise SystemExit("the full-size benchmark needs a CUDA GPU: run with --small for a CPU smoke test")
-    defaults = (
-        {"documents": 4, "steps": 6, "warmup": 2, "batch_size": 8}
-        if args.small
-        else {"documents": 8, "steps": 200, "warmup": 20, "batch_size": TrainConfig.batch_size}
-    )
-    for key, value in defaults.items():
+    small = {"documents": 4, "batch_size": 8, "warmup": 2, "steps": 6}
+    full = {"documents": 8, "batch_size": TrainConfig.batch_size, "warmup": 20, "steps": 200}
+    for key, value in (small if args.small else full).items():
         setattr(args, key, value if getattr(args, key) is None else getattr(args, key))
-    sizes = SMALL if args.small else FULL
-    args.tokens = args.tokens or sizes["tokens"]
-    if not 0 < args.warmup < args.steps:
-        raise SystemExit(f"--warmup must be between 1 and --steps - 1, got {args.warmup} of {args.steps}")
+    args.tokens = args.tokens or (SMALL if args.small else FULL)["tokens"]
+    cuda = torch.cuda.is_available()
+    args.runs = (args.runs or ("host,device,device-compiled" if cuda else "host,device")).split(",")
+    unknown = [run for run in args.runs if run not in RUNS]
+    if unknown:
+        parser.error(f"unknown --runs {unknown}: choose among {list(RUNS)}")
+    if not cuda and not args.small:
+        parser.error("the full-size benchmark needs a CUDA GPU: run with --small for a CPU smoke test")
     if args.data_dir and Path(args.data_dir).exists() and any(Path(args.data_dir).iterdir()):
-        raise SystemExit(f"{args.data_dir} is not empty: pass a new or empty --data-dir")
-    if args.data_dir:
-        run(args, sizes, cuda, Path(args.data_dir))
-    else:
-        with tempfile.TemporaryDirectory() as directory:
-            run(args, sizes, cuda, Path(directory))
+        parser.error(f"{args.data_dir} is not empty: pass a new or empty --data-dir")
+    return args
 
 
-def run(args, sizes: dict, cuda: bool, workdir: Path) -> None:
-    """Shards, loader probes (they also size the run to the budget), the timed training, the estimate."""
+def main() -> None:
+    args = parse_args()
+    state = PartialState()
+    workdir = [args.data_dir or (tempfile.mkdtemp(prefix="indexer-throughput-") if state.is_main_process else None)]
+    broadcast_object_list(workdir)  # every process trains on the shards the main process writes
+    try:
+        run(args, state, Path(workdir[0]))
+    finally:
+        state.wait_for_everyone()
+        if args.data_dir is None and state.is_main_process:
+            shutil.rmtree(workdir[0], ignore_errors=True)  # gigabytes of shards and checkpoints at full size
+
+
+def run(args, state: PartialState, workdir: Path) -> None:
+    """Shards, the loader probes, one training per --runs entry, the estimate; table and JSON on the main process."""
+    sizes = SMALL if args.small else FULL
     backbone = flash_backbone(args.small)
+    cuda = torch.cuda.is_available()
     start = time.perf_counter()
-    identity = stand_in_identity(backbone, torch.Generator().manual_seed(0))
-    shards = write_label_set(workdir / "train", [args.tokens] * args.documents, backbone, identity, sizes, seed=0)
-    probes = {
-        length: write_label_set(workdir / f"probe-{length}", [length], backbone, identity, sizes, seed=length)
-        for length in sizes["probe"]
-        if length != args.tokens
-    }
+    probes = {f"probe-{length}": [length] for length in sizes["probe"] if length != args.tokens}
+    lengths = {"train": [args.tokens] * args.documents, **probes}
+    if state.is_main_process:
+        identity = stand_in_identity(backbone, torch.Generator().manual_seed(0))
+        for seed, (name, documents) in enumerate(lengths.items()):
+            write_label_set(workdir / name, documents, backbone, identity, sizes, seed)
+    state.wait_for_everyone()
+    shards = {name: LabelShards(workdir / name) for name in lengths}
     generation_s = time.perf_counter() - start
-    config = TrainConfig(
-        data=str(shards.directory),
-        output_dir=str(workdir / "indexer"),
-        max_steps=args.steps,
+    base = TrainConfig(
+        data=str(shards["train"].directory),
+        output_dir="",
         batch_size=args.batch_size,
         bf16=True,
         cpu=not cuda,
+        log_every=LOG_EVERY,
         **({"num_heads": 4, "rank": 32} if args.small else {}),
     )
-    loader = {
-        length: loader_seconds_per_sample(probe, probe.target_layers, config, args.probe_batches)
-        for length, probe in [(args.tokens, shards), *probes.items()]
-    }
-    affordable = int(args.train_budget_s / (loader[args.tokens] * config.batch_size))
-    config = replace(config, max_steps=min(args.steps, max(args.warmup + 10, affordable)))
-    if config.max_steps < args.steps:
-        print(
-            f"the loader takes {loader[args.tokens] * 1e3:.1f} ms/sample here: timing {config.max_steps} steps, "
-            f"not {args.steps}, to stay within --train-budget-s {args.train_budget_s:.0f}"
-        )
-    training = timed_training(config, shards.num_triggers, args.warmup, cuda)
-    label_bytes = sum(path.stat().st_size for path in shards.directory.glob("*.safetensors"))
+    windows = Windows(args.warmup, args.steps, args.profile_steps if cuda else 0, args.flop_steps)
+    probed = {length: shards[name] for name, documents in lengths.items() for length in documents[:1]}
+    runs = {}
+    for name in args.runs:
+        loader, compiled = RUNS[name]
+        output_dir = str(workdir / f"indexer-{name}")
+        config = replace(base, output_dir=output_dir, loader=loader, compile=compiled, max_steps=windows.total)
+        runs[name] = timed_training(config, windows, cuda, count_flops=not compiled)
+        runs[name]["loader_s_per_sample"] = {
+            length: loader_seconds_per_batch(probe, loader, config, args.probe_batches, state.device) / args.batch_size
+            for length, probe in sorted(probed.items())
+        }
+    if state.is_main_process:
+        results = summarize(args, backbone, shards["train"], runs, generation_s, cuda)
+        Path(args.output).write_text(json.dumps(results, indent=2))
+        print_table(results)
+
+
+def summarize(args, backbone, shards: LabelShards, runs: dict, generation_s: float, cuda: bool) -> dict:
+    flops = next((run["flops_per_step"] for run in runs.values() if run["flops_per_step"]), None)
+    floor_s = flops / (args.peak_tflops * 1e12) if flops else None
     tau = shards.manifest["labels"]["tau"]
-    results = {
+    for run in runs.values():
+        loader = run["loader_s_per_sample"]
+        run["loader_share"] = min(1.0, loader[args.tokens] * run["samples_per_s"])
+        run["paper"] = paper_estimate(1 / run["samples_per_s"], loader, args.tokens, tau)
+    label_bytes = sum(path.stat().st_size for path in shards.directory.glob("*.safetensors"))
+    return {
         "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "processes": PartialState().num_processes,
         "sample": "one trigger step: a (document, trigger) pair scored by every target layer against its "
         "positives and sampled negatives",
-        "backbone": {
-            "hidden": backbone.hidden_size,
-            "index_head_dim": backbone.index_head_dim,
-            "layers": backbone.num_hidden_layers,
-            "target_layers": shards.target_layers,
-        },
-        "indexer": {"num_heads": config.num_heads, "rank": config.rank, "bf16": config.bf16},
-        "data": {
-            "documents": args.documents,
-            "tokens": args.tokens,
-            "trigger_steps": shards.num_triggers,
-            "positives_per_trigger": sizes["positives"],
-            "generation_s": generation_s,
-            "label_bytes_per_token": label_bytes / (args.documents * args.tokens),
-        },
-        "batch_size": config.batch_size,
-        "steps": config.max_steps,
-        "steps_requested": args.steps,
-        "warmup_steps": args.warmup,
-        "training": training,
-        "loader_s_per_sample": loader,
-        "paper_estimate": paper_estimate(1 / training["samples_per_s"], loader, args.tokens, tau),
+        "backbone": {"hidden": backbone.hidden_size, "index_head_dim": backbone.index_head_dim,
+                     "layers": backbone.num_hidden_layers, "target_layers": shards.target_layers},
+        "indexer": {"num_heads": 4 if args.small else 128, "rank": 32 if args.small else 2048, "bf16": True},
+        "data": {"documents": args.documents, "tokens": args.tokens, "trigger_steps": shards.num_triggers,
+                 "generation_s": generation_s, "label_bytes_per_token": label_bytes / (args.documents * args.tokens)},
+        "batch_size": args.batch_size,
+        "windows": asdict(Windows(args.warmup, args.steps, args.profile_steps if cuda else 0, args.flop_steps)),
+        "peak_tflops_assumed": args.peak_tflops,
+        "flops_per_step": flops,
+        "floor": {"step_ms": floor_s * 1e3, "samples_per_s": args.batch_size / floor_s} if floor_s else None,
+        "paper": {**PAPER, "trigger_steps": next(iter(runs.values()))["paper"]["trigger_steps"]},
+        "runs": runs,
     }
-    Path(args.out).write_text(json.dumps(results, indent=2))
-    print_table(results)
 
 
 def print_table(results: dict) -> None:
-    training, paper, loader = results["training"], results["paper_estimate"], results["loader_s_per_sample"]
-    data, indexer = results["data"], results["indexer"]
-    peak = training["peak_gpu_bytes"]
-    print(
-        f"\n{results['device']}: memory indexer, {len(results['backbone']['target_layers'])} layers x "
-        f"{indexer['num_heads']} heads, rank {indexer['rank']}, bf16; {results['batch_size']} samples a step"
-    )
+    data, indexer, paper, floor = results["data"], results["indexer"], results["paper"], results["floor"]
+    layers = len(results["backbone"]["target_layers"])
+    print(f"\n{results['device']} x {results['processes']}: memory indexer, {layers} layers x {indexer['num_heads']} "
+          f"heads, rank {indexer['rank']}, bf16; {results['batch_size']} samples a step")
     print(f"sample = {results['sample']}")
-    print(
-        f"data: {data['documents']} documents x {data['tokens']} tokens ({data['trigger_steps']} trigger steps), "
-        f"written in {data['generation_s']:.1f} s; timed steps {results['warmup_steps'] + 1}-{results['steps']}"
-    )
-    print(
-        f"paper data: {paper['documents']} documents, {paper['min_tokens']}-{paper['max_tokens']} tokens "
-        f"log-uniform, {paper['trigger_steps'] / 1e6:.1f}M trigger steps, one epoch, labels "
-        f"~{data['label_bytes_per_token'] * paper['tokens'] / 1e12:.2f} TB"
-    )
-    print("\n tokens/doc | loader ms/sample")
-    for length in sorted(loader):
-        print(f" {length:10d} | {loader[length] * 1e3:16.3f}")
-    gib = f"{peak / 2**30:.2f}" if peak else "n/a"
-    share = loader[data["tokens"]] * training["samples_per_s"]
-    print(
-        f"\n steps/s | samples/s | peak GPU GiB | loader share | paper hours: measured rate | length-scaled | "
-        f"paper (needs {paper['samples_per_s_for_paper_hours']:.0f} samples/s)"
-    )
-    print(
-        f" {training['steps_per_s']:7.2f} | {training['samples_per_s']:9.1f} | {gib:>12} | {share:12.0%} | "
-        f"{paper['hours_at_measured_rate']:26.2f} | {paper['hours_loader_scaled']:13.2f} | {paper['gpu_hours']:.1f}"
-    )
+    print(f"data: {data['documents']} documents x {data['tokens']} tokens ({data['trigger_steps']} trigger steps), "
+          f"written in {data['generation_s']:.1f} s; paper: {paper['trigger_steps'] / 1e6:.1f}M trigger steps")
+    if floor:
+        print(f"floor: {results['flops_per_step'] / 1e9:.1f} GFLOP a step at {results['peak_tflops_assumed']:.0f} "
+              f"TFLOP/s (dense bf16 peak assumed) = {floor['step_ms']:.3f} ms a step, {floor['samples_per_s']:.0f} "
+              f"samples/s")
+    print(f"\nloss curves (mean over each {LOG_EVERY} steps, from the first step):")
+    for name, run in results["runs"].items():
+        print(f" {name:>16}: " + " ".join(f"{loss:.4f}" for _, loss in run["loss_curve"]))
+    print("\nloader ms/sample by document length:")
+    for name, run in results["runs"].items():
+        print(f" {name:>16}: " + ", ".join(f"{n}: {s * 1e3:.3f}" for n, s in run["loader_s_per_sample"].items()))
+    print(f"\n {'run':>16} | samples/s | step ms | GPU util | NVML % | loader share | peak GiB | paper h | "
+          f"paper h, loader scaled (needs {paper['trigger_steps'] / (paper['gpu_hours'] * 3600):.0f} samples/s for "
+          f"{paper['gpu_hours']:.0f} h)")
+    for name, run in results["runs"].items():
+        util = f"{run['gpu_utilization']:.0%}" if run["gpu_utilization"] is not None else "n/a"
+        nvml = f"{run['nvml_utilization_percent']}" if run["nvml_utilization_percent"] is not None else "n/a"
+        peak = f"{run['peak_gpu_bytes'] / 2**30:.2f}" if run["peak_gpu_bytes"] else "n/a"
+        print(f" {name:>16} | {run['samples_per_s']:9.0f} | {run['step_ms']:7.2f} | {util:>8} | {nvml:>6} | "
+              f"{run['loader_share']:12.0%} | {peak:>8} | {run['paper']['hours_at_measured_rate']:7.2f} | "
+              f"{run['paper']['hours_loader_scaled']:.2f}")
 
 
 if __name__ == "__main__":

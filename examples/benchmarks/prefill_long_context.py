@@ -191,6 +191,33 @@ def agreement(args) -> dict:
             "median_stock_top2_margin": sorted(margins)[len(margins) // 2]}
 
 
+def graph_agreement(args) -> dict:
+    """bf16 on the GPU: LSA decoding through its CUDA graph against the same fixed-shape step run eagerly
+    (same kernels, same inputs), greedy, --new-tokens steps at --contexts[0]: tokens and triggers."""
+    import torch
+
+    import fm_transformers as fm
+    from fm_transformers.decode_graph import DecodeGraph
+    from fm_transformers.layout import csa_layers
+
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
+    model = build_model(args.layout, args.quick, device)
+    heads, rank = (8, 32) if args.quick else (64, 512)
+    fm.attach_memory_indexer(model, fm.MemoryIndexerModel.from_backbone(model, layers=csa_layers(model.config)[-3:], num_heads=heads, rank=rank))
+    ids = torch.randint(4, 1024, (1, args.context), generator=torch.Generator().manual_seed(2)).to(device)
+    runs = {}
+    for capture in (False, True):
+        cache = fm.OffloadedLookaheadCache(model, {"tau": 16, "resident_budget": 0.1, "prefill_progress": False})
+        cache.decode_graph = DecodeGraph(model, cache, capture=capture and device.type == "cuda")
+        with torch.no_grad():
+            out = model.generate(ids, past_key_values=cache, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                                 do_sample=False, pad_token_id=0, prefill_chunk_size=args.chunk, return_dict_in_generate=True)
+        runs[capture] = (out.sequences[0, ids.shape[1]:], cache.trigger_count, cache.decode_graph.replays)
+    same = (runs[False][0] == runs[True][0]).int()
+    return {"context": args.context, "tokens": args.new_tokens, "greedy_tokens_equal": int(same.sum()),
+            "leading_tokens_equal": int(same.cumprod(0).sum()), "triggers": runs[True][1], "replays": runs[True][2]}
+
+
 def run_in_subprocess(argv, timeout) -> dict:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     try:
@@ -274,6 +301,8 @@ def main():
     parser.add_argument("--plot", default=None, help="PNG path for the plot (none by default)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes on the CPU (smoke run)")
     parser.add_argument("--agreement", action="store_true", help="only compare stock and LSA keep-all (bf16) at --contexts[0]")
+    parser.add_argument("--graph-agreement", action="store_true",
+                        help="only compare LSA through its CUDA graph with the same step run eagerly, at --contexts[0]")
     parser.add_argument("--row", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--context", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
@@ -282,9 +311,9 @@ def main():
     if args.row:
         print("ROW " + json.dumps(run_row(args)), flush=True)
         return
-    if args.agreement:
+    if args.agreement or args.graph_agreement:
         args.context = parse_context(args.contexts[0])
-        print(json.dumps(agreement(args)), flush=True)
+        print(json.dumps((graph_agreement if args.graph_agreement else agreement)(args)), flush=True)
         return
     rows, stock_oom = [], set()
     for batch in args.batches:

@@ -161,3 +161,14 @@ def test_the_loss_curve_is_recorded_every_log_interval(train_labels, tmp_path):
     summary = train(small_train_config(train_labels, tmp_path / "out", max_steps=25, log_every=10))
     assert [step for step, _ in summary["loss_curve"]] == [10, 20, 25]
     assert all(math.isfinite(loss) for _, loss in summary["loss_curve"])
+
+
+@pytest.mark.gpu
+def test_the_compiled_step_trains_as_the_eager_one(split_train_labels, tmp_path):
+    curves = {}
+    for compiled in (False, True):
+        config = small_train_config(
+            split_train_labels, tmp_path / f"compile-{compiled}", max_steps=20, log_every=5, cpu=False, compile=compiled
+        )
+        curves[compiled] = [loss for _, loss in train(config)["loss_curve"]]
+    assert curves[True] == pytest.approx(curves[False], rel=1e-3)

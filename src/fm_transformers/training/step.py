@@ -55,8 +55,9 @@ class IndexerLoss(nn.Module):
     """The mean over target layers of each layer's loss on the whole positive set: at inference any one of them
     may select a chunk. One forward per backward, as DDP (several GPUs) requires.
 
-    compile: run `candidate_loss` through torch.compile (it fuses the relu, head weighting and focal loss, which
-    otherwise each write a (batch, heads, candidates) tensor); shapes vary with the candidate count, so dynamic.
+    compile: run the forward (query towers, scoring and loss of every layer) and its backward through
+    torch.compile, which fuses the elementwise work (RMSNorm, rotary, relu, head weighting, focal loss) into a few
+    kernels instead of a few hundred launches a step; candidate counts vary from batch to batch, so dynamic shapes.
     """
 
     def __init__(self, indexer, layers: list[int], kind: str, gamma: float, dtype: torch.dtype, compile: bool = False):
@@ -64,17 +65,18 @@ class IndexerLoss(nn.Module):
         self.indexer = indexer
         self.layers = layers
         self.kind, self.gamma, self.dtype = kind, gamma, dtype
-        self.candidate_loss = torch.compile(candidate_loss, dynamic=True) if compile else candidate_loss
+        self._loss = torch.compile(self._batch_loss, dynamic=True) if compile else self._batch_loss
 
     def forward(self, batch: TriggerBatch) -> torch.Tensor:
+        return self._loss(batch.positions, batch.hidden, batch.keys, batch.targets, batch.mask)
+
+    def _batch_loss(self, positions, hidden: dict, keys: dict, targets, mask) -> torch.Tensor:
         parameter_dtype = next(self.indexer.parameters()).dtype
-        positions = batch.positions.unsqueeze(0)  # the batch is one "sequence" of queries: (1, batch)
+        positions = positions.unsqueeze(0)  # the batch is one "sequence" of queries: (1, batch)
         losses = []
         for layer in self.layers:
-            hidden = batch.hidden[layer].unsqueeze(0).to(parameter_dtype)  # (1, batch, hidden)
-            q, weights = self.indexer.query(layer, hidden, positions)  # (1, batch, heads, head_dim), (1, batch, heads)
-            loss = self.candidate_loss(
-                q[0], weights[0], batch.keys[layer], batch.targets, batch.mask, self.dtype, self.kind, self.gamma
-            )
+            states = hidden[layer].unsqueeze(0).to(parameter_dtype)  # (1, batch, hidden)
+            q, weights = self.indexer.query(layer, states, positions)  # (1, batch, heads, head_dim), (1, batch, heads)
+            loss = candidate_loss(q[0], weights[0], keys[layer], targets, mask, self.dtype, self.kind, self.gamma)
             losses.append(loss)
         return sum(losses) / len(losses)

@@ -89,7 +89,7 @@ class TrainConfig:
     loader: str = "device"  # "host": the per-sample CPU reference (dataset.py), for comparison
     num_workers: int = 0  # DataLoader worker processes of the host loader
     prefetch: int = 2  # parts staged on the device ahead of the one in use
-    compile: bool = False  # torch.compile the candidate scoring and loss
+    compile: bool = False  # torch.compile the step's forward and backward (query towers, scoring, loss)
     log_every: int = 50  # steps between loss reads (each waits for the device)
 
     def __post_init__(self):
