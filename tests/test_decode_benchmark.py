@@ -21,7 +21,7 @@ def load_script():
 def test_quick_run_measures_stock_and_lsa_at_each_batch_size_and_kernels_against_floors(tmp_path):
     out = tmp_path / "decode.json"
     done = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--refresh", "--batch-sizes", "1,2", "--out", str(out)],
+        [sys.executable, str(SCRIPT), "--quick", "--refresh", "--page-recall", "--fp8-pool", "--batch-sizes", "1,2", "--out", str(out)],
         capture_output=True, text=True, timeout=600, check=True,
     )
     results = json.loads(out.read_text())
@@ -30,12 +30,18 @@ def test_quick_run_measures_stock_and_lsa_at_each_batch_size_and_kernels_against
         assert run["stock"]["ms_per_token"] > 0 and run["lsa"]["ms_per_token"] > 0
         assert run["lsa"]["csa_kv_gpu_bytes"] < run["stock"]["csa_kv_gpu_bytes"]
         assert run["lsa_refresh"]["ms_per_token"] > 0 and run["lsa_refresh"]["refreshes"] > 0
+        lsa, fp8 = run["lsa"], run["lsa_fp8"]
+        assert fp8["recall_chunks"] == lsa["recall_chunks"] > 0 and fp8["recall_ranges"] == lsa["recall_ranges"] > 0
+        assert fp8["recall_bytes"] / lsa["recall_bytes"] == (64 + 4) / (2 * 64)  # quick head_dim 64: codes + scale
+        assert 0.5 < fp8["host_stored_bytes"] / lsa["host_stored_bytes"] < 0.55
+        assert run["lsa_pages"]["ms_per_token"] > 0 and run["lsa_pages"]["host_stored_bytes"] == lsa["host_stored_bytes"]
     assert [k["batch"] for k in results["kernels"]] == [1, 2, 4]  # batch 4 is always measured
     for kernel in results["kernels"]:
         assert 0 < kernel["level2_floor_ms"] and 0 < kernel["attention_floor_ms"] < kernel["stock_layer_step_floor_ms"]
     table = done.stdout[done.stdout.index("GPU:") :].splitlines()
-    assert len(table) <= 16 and table[3].startswith("4K | 1 |")
+    assert len(table) <= 26 and table[3].startswith("4K | 1 |")  # 16 lines, 10 more for the variant table
     assert "LSA with every CSA layer a refresh layer" in done.stdout
+    assert "pages, bf16 pool" in done.stdout and "chunks, FP8 pool" in done.stdout
 
 
 def test_a_run_out_of_gpu_memory_is_reported_as_oom():

@@ -88,6 +88,19 @@ def test_random_recalls_and_appends_keep_every_candidate_equal_to_its_pool_entry
             assert chunk_ids[row, valid].tolist() == new_ids[row].tolist() + list(range(horizon, entries.shape[1]))
 
 
+def test_fetched_ranges_count_runs_of_consecutive_chunks_of_one_sequence():
+    """Fetched: 2-4 and 9 of sequence 0, 0-1 of sequence 1: three ranges per kind (9, the last id below the
+    horizon, and 0 of the next sequence are not one range)."""
+    pool = ColdPool(BATCH, DIM, torch.float32, pin_memory=False, slab_chunks=4)
+    hot = HotSet({"kv": DIM, "keys": DIM}, BATCH, torch.device("cpu"), torch.float32, tail_reserve=2)
+    pool.append(torch.randn(BATCH, 10, DIM))
+    fetch = lambda kind, *where: pool.fetch_into(*where)  # noqa: E731
+    assert hot.recall([torch.tensor([2, 3, 4, 9]), torch.tensor([0, 1])], horizon=10, fetch=fetch) == 6
+    assert int(hot.fetched_ranges) == 3 * 2
+    hot.recall([torch.tensor([2, 3, 4, 5, 6]), torch.tensor([0, 1])], horizon=10, fetch=fetch)  # fetches 5-6
+    assert int(hot.fetched_ranges) == 3 * 2 + 1 * 2
+
+
 def test_tail_grows_in_place_within_its_reserve():
     hot, pool, entries, fetch = hot_set_with_pool(6, reserve=3)
     hot.recall([torch.tensor([1]), torch.tensor([4, 5])], horizon=6, fetch=fetch)

@@ -17,6 +17,10 @@ A small LSA run with refresh goes first, untimed, so that no timed step compiles
 With --refresh, a third run per context and batch: LSA with every CSA layer a refresh layer (refresh on a
 miss, LSAConfig.refresh_layers), its ms/token, refreshes and bytes fetched per step. With random weights
 the native top-k wanders from step to step, so this is the refresh's worst case.
+With --page-recall, another LSA run recalls whole pages (LSAConfig.page_chunks, --page-chunks) under a page
+budget of the same 10% instead of the chunk budget; with --fp8-pool, another keeps its cold pool in FP8
+(LSAConfig.pool_dtype="float8_e4m3fn"). A table then sets them beside chunk-granular bf16 LSA: recall bytes
+(host bytes read), contiguous host ranges read (the copies a copy engine would issue), trigger time, host bytes.
 Prints a short table last; writes everything as JSON to --out. `--quick` runs tiny sizes (a CPU smoke run).
 """
 
@@ -109,10 +113,12 @@ def run_stock(model, tokens, batch, steps):
     }
 
 
-def run_lsa(model, tokens, batch, steps, tau, refresh_layers=None):
+def run_lsa(model, tokens, batch, steps, tau, refresh_layers=None, options=None):
+    """One LSA run; `options` replace or add cache options (page recall, pool dtype)."""
     config = {"tau": tau, "threshold": 0.5, "resident_budget": 0.1, "recency_chunks": 64, "sink_chunks": 4}
     if refresh_layers:
         config["refresh_layers"] = refresh_layers
+    config.update(options or {})
     cache = fm.OffloadedLookaheadCache(model, config)
     fill_context(model, cache, tokens, batch, seed=tokens)
     trigger_after_prefill(model, cache, tokens, batch)
@@ -135,6 +141,8 @@ def run_lsa(model, tokens, batch, steps, tau, refresh_layers=None):
         "after_trigger_ms": times[trigger + 1] - steady if trigger is not None else None,
         "recall_chunks": report["chunks_fetched"] - before["chunks_fetched"],
         "recall_bytes": report["bytes_fetched"] - before["bytes_fetched"],
+        "recall_ranges": report["ranges_fetched"] - before["ranges_fetched"],
+        "host_stored_bytes": report["host"]["csa_kv_stored"] + report["host"]["csa_index_keys_stored"],
         "refreshes": report["refreshes"] - before["refreshes"],
         "steps": steps,
         "report": report,
@@ -271,6 +279,9 @@ def main():
     parser.add_argument("--tau", type=int, default=64)
     parser.add_argument("--quick", action="store_true", help="tiny sizes and few steps: a CPU smoke run of this script")
     parser.add_argument("--refresh", action="store_true", help="also LSA with every CSA layer a refresh layer")
+    parser.add_argument("--page-recall", action="store_true", help="also LSA recalling whole pages (10%% page budget)")
+    parser.add_argument("--page-chunks", type=int, default=64, help="chunks per page for --page-recall (release: 64)")
+    parser.add_argument("--fp8-pool", action="store_true", help="also LSA with an FP8 cold pool")
     parser.add_argument("--out", default="decode_long_context.json")
     args = parser.parse_args()
     if args.quick:
@@ -284,6 +295,11 @@ def main():
     csa_layers = [i for i, kind in enumerate(model.config.layer_types) if kind == CSA]
     fm.attach_memory_indexer(model, fm.MemoryIndexerModel.from_backbone(model, layers=csa_layers, num_heads=128, rank=64 if args.quick else 2048))
     results = {"gpu": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "runs": []}
+    variants = {}  # run key -> cache options beside the chunk-granular bf16 LSA run
+    if args.page_recall:
+        variants["lsa_pages"] = {"page_chunks": args.page_chunks, "page_budget": 0.1, "resident_budget": None}
+    if args.fp8_pool:
+        variants["lsa_fp8"] = {"pool_dtype": "float8_e4m3fn"}
     # Compile every kernel (a trigger and a refresh included) before anything is timed.
     run_lsa(model, 16384, 1, args.tau + 2, args.tau, csa_layers)
     free_memory(device)
@@ -296,6 +312,9 @@ def main():
             free_memory(device)
             if args.refresh:
                 run["lsa_refresh"] = measure(run_lsa, model, tokens, batch, args.steps, args.tau, csa_layers)
+                free_memory(device)
+            for key, options in variants.items():
+                run[key] = measure(run_lsa, model, tokens, batch, args.steps, args.tau, None, options)
                 free_memory(device)
             results["runs"].append(run)
             print(json.dumps(summary(run)), flush=True)
@@ -342,6 +361,8 @@ def print_table(results):
         print(" | ".join(cells))
     if any("lsa_refresh" in run for run in results["runs"]):
         print_refresh_table(results["runs"], ms)
+    if any(key in run for run in results["runs"] for key in VARIANT_NAMES):
+        print_variant_table(results["runs"], ms, extra)
     bw = results["bandwidth"]
     print(f"\nHBM copy {bw['hbm_gbps']:.0f} GB/s; pinned H2D {bw['pinned_h2d_gbps']:.1f} GB/s; gather mapped {bw['gather_mapped_gbps']:.1f} GB/s "
           f"({bw['gather_mapped_gbps'] / bw['pinned_h2d_gbps']:.0%} of H2D); gather via staging copy {bw['gather_copy_gbps']:.1f} GB/s")
@@ -350,6 +371,31 @@ def print_table(results):
     for k in results["kernels"]:
         us = lambda name: f"{k[name + '_ms'] * 1e3:.0f} ({k[name + '_floor_ms'] * 1e3:.1f})"  # noqa: E731
         print(f"{k['batch']} | {us('level2')} | {us('attention')} | {us('stock_layer_step')} | {k['stock_layer_step_ms'] / k['lsa_layer_step_ms']:.1f}x")
+
+
+VARIANT_NAMES = {"lsa": "chunks, bf16 pool", "lsa_pages": "pages, bf16 pool", "lsa_fp8": "chunks, FP8 pool"}
+
+
+def print_variant_table(runs, ms, extra):
+    """Chunk- against page-granular recall and a bf16 against an FP8 pool: what one recall moves and costs.
+    Recall MiB and ranges are those of the decode steps measured (one level-1 trigger)."""
+    print("\nRecall granularity and pool dtype (10% budget of chunks or of pages):")
+    print("context | batch | LSA run | ms/tok | trigger / next step, ms over median | recall MiB | host ranges | host GiB stored")
+    for run in runs:
+        for key, name in VARIANT_NAMES.items():
+            if key not in run:
+                continue
+            lsa = run[key]
+            fits = isinstance(lsa, dict)
+            cells = [
+                f"{run['context'] // 1024}K", str(run["batch"]), name,
+                ms(lsa["ms_per_token"]) if fits else OOM,
+                f"{extra(lsa['trigger_ms'])} / {extra(lsa['after_trigger_ms'])}" if fits else "-",
+                f"{lsa['recall_bytes'] / 2**20:.1f}" if fits else "-",
+                str(lsa["recall_ranges"]) if fits else "-",
+                f"{lsa['host_stored_bytes'] / 2**30:.3f}" if fits else "-",
+            ]
+            print(" | ".join(cells))
 
 
 def print_refresh_table(runs, ms):

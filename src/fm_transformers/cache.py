@@ -163,9 +163,7 @@ class LookaheadCSALayer(DeepseekV4CSACache):
         device, fetch the rest from the pool (asynchronously on a GPU, see HotSet). A `refresh` (mid-window,
         see OffloadedLookaheadCache.refresh_on_miss) is counted apart from the level-1 recalls."""
         self.flush_to_pool()
-        fetched = self._hot.recall(chunk_ids, num_chunks, self._fetch)
-        self.chunks_fetched += fetched
-        self.bytes_fetched += fetched * sum(self._hot.kinds.values()) * self._hot.dtype.itemsize
+        self.chunks_fetched += self._hot.recall(chunk_ids, num_chunks, self._fetch)
         self.has_resident_set = True
         if refresh:
             self.refreshes += 1
@@ -230,8 +228,11 @@ class LookaheadCSALayer(DeepseekV4CSACache):
                 start = self._hot.tail_start
                 pool.append(self._hot.tail(kind)[:, pool.length - start : stop - start])
 
-    def _fetch(self, kind, *where):
-        return self.pools[kind].fetch_into(*where)
+    def _fetch(self, kind, rows, chunk_ids, dst, dst_rows):
+        """The hot set's fetch from the pool of `kind`; counts the host bytes it reads (pool entries as stored)."""
+        pool = self.pools[kind]
+        self.bytes_fetched += chunk_ids.numel() * pool.entry_bytes()
+        return pool.fetch_into(rows, chunk_ids, dst, dst_rows)
 
     def memory(self) -> dict:
         """This layer's bytes by place and kind, read off its tensors (see report.py)."""
@@ -243,8 +244,8 @@ class LookaheadCSALayer(DeepseekV4CSACache):
             index_keys, room = self._index_keys.nbytes(), self._index_keys.spare_bytes()
         else:
             index_keys, room = sum(self._hot.device_bytes(INDEX_KEYS)), 0
-        pool_itemsize, model_itemsize = self.pools[KV].dtype.itemsize, self._hot.dtype.itemsize
-        stored = sum(pool.stored_bytes() for pool in self.pools.values())
+        # The stock cache holds the pools' entries at the model's dtype (the pools equal it).
+        stock_bytes = sum(pool.length * pool.batch_size * pool.dim for pool in self.pools.values()) * self._hot.dtype.itemsize
         return {
             "resident_kv": resident_kv,
             "tail_kv": tail_kv,
@@ -255,7 +256,8 @@ class LookaheadCSALayer(DeepseekV4CSACache):
             "host_kv_stored": self.pools[KV].stored_bytes(),
             "host_index_keys_stored": self.pools[INDEX_KEYS].stored_bytes(),
             "host_allocated": sum(pool.allocated_bytes() for pool in self.pools.values()),
-            "full_bytes": stored * model_itemsize // pool_itemsize,  # the pool equals the stock cache
+            "full_bytes": stock_bytes,
+            "ranges_fetched": int(self._hot.fetched_ranges),
             "resident_chunks": self._hot.resident_count(),
             "chunks": self.num_chunks * self._hot.batch_size,
         }

@@ -2,8 +2,9 @@
 
 Every policy answers one question, `priorities(context)`: a (batch, chunks) score where -inf means "not
 wanted" and larger means "keep first under a budget". The shared plumbing (`resident_sets`) adds the
-recency tail and the sink, which are always resident, and applies the per-sequence budget. The cache
-never knows which policy it has; tests and the evaluation pick policies, not flags.
+recency tail and the sink, which are always resident, and applies the per-sequence budget. Page recall
+(`PageRecallPolicy`) wraps any policy and turns its chunks into whole pages. The cache never knows which
+policy it has; tests and the evaluation pick policies, not flags.
 """
 
 from abc import ABC, abstractmethod
@@ -139,6 +140,45 @@ class MemoryIndexerPolicy(ResidentPolicy):
         return torch.where(scores >= self.threshold, scores, NOT_WANTED)
 
 
+class PageRecallPolicy(ResidentPolicy):
+    """Page-granular recall around any policy: the densest pages of `page_chunks` chunks, recalled whole.
+
+    A page's density is the number of its chunks that `inner` wants. Pages holding a recency or sink chunk are
+    always kept whole and count against the budget (as in the release, where they take their share of its
+    K_max pages); the rest of the budget goes to the densest pages with at least one wanted chunk (equal
+    densities: lower page first). Every chunk of a kept page gets its page's density as priority, so a chunk
+    budget after this (LSAConfig.resident_budget) drops the sparsest pages first. A refresh on a miss
+    (`raise_picked_priorities`) adds single chunks: only the level-1 recalls are page-granular.
+    """
+
+    def __init__(self, inner: ResidentPolicy, page_chunks: int, budget_pages, recency_chunks: int, sink_chunks: int):
+        """budget_pages: pages kept per sequence for a history of n pages (LSAConfig.budget_pages)."""
+        self.inner, self.page_chunks, self.budget_pages = inner, page_chunks, budget_pages
+        self.recency_chunks, self.sink_chunks = recency_chunks, sink_chunks
+        self.target_layers = inner.target_layers
+
+    def observe(self, layer_idx, hidden_states, position_ids, index_keys):
+        self.inner.observe(layer_idx, hidden_states, position_ids, index_keys)
+
+    def priorities(self, context):
+        wanted_priorities = self.inner.priorities(context)  # (batch, chunks)
+        size, num_chunks = self.page_chunks, context.num_chunks
+        num_pages = -(-num_chunks // size)
+        wanted = torch.isfinite(wanted_priorities).float()
+        density = torch.nn.functional.pad(wanted, (0, num_pages * size - num_chunks)).view(-1, num_pages, size).sum(-1)
+        pages = torch.arange(num_pages)
+        forced = pages < -(-min(self.sink_chunks, num_chunks) // size)  # (pages,) on the host: no sync
+        if self.recency_chunks:
+            forced |= pages >= max(num_chunks - self.recency_chunks, 0) // size
+        room = max(0, self.budget_pages(num_pages) - int(forced.sum()))
+        forced = forced.to(density.device)
+        candidates = (density > 0) & ~forced  # (batch, pages)
+        order = density.masked_fill(~candidates, -1.0).argsort(dim=1, descending=True, stable=True)
+        kept = (torch.zeros_like(candidates).scatter_(1, order[:, :room], True) & candidates) | forced
+        kept_chunks = kept.repeat_interleave(size, dim=1)[:, :num_chunks]
+        return torch.where(kept_chunks, density.repeat_interleave(size, dim=1)[:, :num_chunks], NOT_WANTED)
+
+
 def resident_sets(priorities: torch.Tensor, context: SelectionContext, config: LSAConfig) -> list[torch.Tensor]:
     """Per sequence, the sorted chunk ids to keep resident: wanted chunks, plus recency tail and sink, capped.
 
@@ -164,7 +204,15 @@ def resident_sets(priorities: torch.Tensor, context: SelectionContext, config: L
 def policy_from_config(model, config: LSAConfig, policy: ResidentPolicy | None = None) -> ResidentPolicy:
     """The policy an LSA cache runs: `policy` when given, else the attached memory indexer configured by
     `config.threshold` / `config.indexer_layers`. Those two configure the default policy only, so giving them
-    beside a policy is an error rather than silently ignored."""
+    beside a policy is an error rather than silently ignored. With `config.page_chunks` either one is wrapped
+    in a PageRecallPolicy."""
+    chosen = _chunk_policy(model, config, policy)
+    if config.page_chunks is None:
+        return chosen
+    return PageRecallPolicy(chosen, config.page_chunks, config.budget_pages, config.recency_chunks, config.sink_chunks)
+
+
+def _chunk_policy(model, config: LSAConfig, policy: ResidentPolicy | None) -> ResidentPolicy:
     if policy is not None:
         given = config.policy_options_set()
         if given:

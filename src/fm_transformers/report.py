@@ -46,7 +46,9 @@ def memory_report(cache) -> dict:
     tail, window and compression state, the other layers' stock cache, and the fixed buffers of CUDA-graph
     decode (decode_graph.py: windows, compressor state, HCA entries; their last values are written back into
     the stock layers when the graph stops, which is why both are counted). host: bytes stored in the cold
-    pools and bytes the pool slabs have allocated (stored + room for the next entries).
+    pools and bytes the pool slabs have allocated (stored + room for the next entries); an FP8 pool's bytes
+    include its scales. Recall counters, summed over CSA layers: chunks fetched, the host bytes they took
+    (pool entries as stored), and the contiguous host ranges they came from (HotSet.fetched_ranges).
     """
     parts = [layer.memory() for layer in cache.lookahead_layers()]
     parts = [part for part in parts if part]
@@ -81,6 +83,7 @@ def memory_report(cache) -> dict:
         "refreshes": max((layer.refreshes for layer in lookahead), default=0),
         "chunks_fetched": sum(layer.chunks_fetched for layer in lookahead),
         "bytes_fetched": sum(layer.bytes_fetched for layer in lookahead),
+        "ranges_fetched": total("ranges_fetched"),
     }
 
 
@@ -101,6 +104,7 @@ def format_memory_report(report: dict) -> str:
     lines.append(f"  resident chunks (all CSA layers, all sequences): {report['resident_chunks']} of {report['chunks_in_history']}")
     lines.append(
         f"  recalls per layer: {report['recalls']} (+{report['refreshes']} refreshes on a miss), "
-        f"chunks fetched from the pool: {report['chunks_fetched']}"
+        f"chunks fetched from the pool: {report['chunks_fetched']} "
+        f"({report['bytes_fetched'] / 2**20:.3f} MiB in {report['ranges_fetched']} contiguous host ranges)"
     )
     return "\n".join(lines)

@@ -140,3 +140,20 @@ def test_gather_slab_chunks_reads_pinned_slabs_at_real_sizes_on_gpu(gen):
     slabs, slab_idx, row_idx, dst, dst_idx = make_slab_inputs(gen, "cuda", 100, 1024, 12_000, 10_000, 512, torch.bfloat16)
     want = reference_from_concatenation(slabs, slab_idx, row_idx, dst.clone(), dst_idx)
     assert torch.equal(gather_slab_chunks(slabs, slab_idx, row_idx, dst, dst_idx), want)
+
+
+@needs_triton
+@pytest.mark.parametrize("width", [24, 1])  # an FP8 pool's planes: e4m3 codes (moved as bytes), one fp32 scale
+def test_gather_slab_chunks_triton_moves_fp8_code_bytes_and_one_wide_scales(gen, device, width):
+    values = [torch.randn(9, width, generator=gen) * 50 for _ in range(4)]
+    if width == 1:
+        slabs = [value.float() for value in values]
+    else:
+        slabs = [value.to(torch.float8_e4m3fn).view(torch.uint8) for value in values]
+    slabs = [slab.pin_memory() for slab in slabs] if device == "cuda" else slabs
+    flat = torch.randperm(36, generator=gen)[:17]
+    slab_idx, row_idx = (flat // 9).to(device), (flat % 9).to(device)
+    dst = torch.zeros(20, width, dtype=slabs[0].dtype, device=device)
+    dst_idx = torch.randperm(20, generator=gen)[:17].to(device)
+    want = reference_from_concatenation(slabs, slab_idx, row_idx, dst.clone(), dst_idx)
+    assert torch.equal(gather_slab_chunks_triton(slabs, slab_idx, row_idx, dst, dst_idx), want)
