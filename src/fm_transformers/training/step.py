@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._pytree import tree_map
 
 from .losses import indexer_loss
 
@@ -35,25 +36,17 @@ class TriggerBatch:
         return TriggerBatch(**{field.name: move(getattr(self, field.name)) for field in fields(self)})
 
 
-def candidate_loss(
-    q: torch.Tensor,
-    weights: torch.Tensor,
-    keys: torch.Tensor,
-    targets: torch.Tensor,
-    mask: torch.Tensor,
-    dtype: torch.dtype,
-    kind: str,
-    gamma: float,
-) -> torch.Tensor:
-    """One layer's loss. q (batch, heads, head_dim), weights (batch, heads) fp32, keys (batch, candidates, head_dim)."""
+def candidate_logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """One layer's logits (batch, candidates), fp32: q (batch, heads, head_dim), weights (batch, heads) fp32, keys
+    (batch, candidates, head_dim); the dot products in `dtype` (bf16: tensor cores, fp32 accumulation)."""
     dots = torch.einsum("bhd,bnd->bhn", q.to(dtype), keys.to(dtype))  # (batch, heads, candidates)
-    logits = (F.relu(dots).float() * weights.unsqueeze(-1)).sum(dim=1)  # (batch, candidates)
-    return indexer_loss(logits, targets, mask, kind, gamma)
+    return (F.relu(dots).float() * weights.unsqueeze(-1)).sum(dim=1)
 
 
 class IndexerLoss(nn.Module):
     """The mean over target layers of each layer's loss on the whole positive set: at inference any one of them
-    may select a chunk. One forward per backward, as DDP (several GPUs) requires.
+    may select a chunk. One forward per backward, as DDP (several GPUs) requires. Every layer has the same
+    candidates, so the mean of the layers' losses is one loss over their stacked logits.
 
     compile: run the forward (query towers, scoring and loss of every layer) and its backward through
     torch.compile, which fuses the elementwise work (RMSNorm, rotary, relu, head weighting, focal loss) into a few
@@ -65,18 +58,24 @@ class IndexerLoss(nn.Module):
         self.indexer = indexer
         self.layers = layers
         self.kind, self.gamma, self.dtype = kind, gamma, dtype
+        self.compiled = compile
         self._loss = torch.compile(self._batch_loss, dynamic=True) if compile else self._batch_loss
 
     def forward(self, batch: TriggerBatch) -> torch.Tensor:
-        return self._loss(batch.positions, batch.hidden, batch.keys, batch.targets, batch.mask)
+        inputs = (batch.positions, batch.hidden, batch.keys, batch.targets, batch.mask)
+        if self.compiled:  # batches are views into a block: fresh copies keep strides and offsets from recompiling
+            inputs = tree_map(lambda tensor: tensor.clone(memory_format=torch.contiguous_format), inputs)
+        return self._loss(*inputs)
 
     def _batch_loss(self, positions, hidden: dict, keys: dict, targets, mask) -> torch.Tensor:
         parameter_dtype = next(self.indexer.parameters()).dtype
         positions = positions.unsqueeze(0)  # the batch is one "sequence" of queries: (1, batch)
-        losses = []
+        states = {layer: hidden[layer].unsqueeze(0).to(parameter_dtype) for layer in self.layers}  # (1, batch, hidden)
+        cos, sin = self.indexer.rotary(states[self.layers[0]], positions)  # the same positions for every layer
+        logits = []
         for layer in self.layers:
-            states = hidden[layer].unsqueeze(0).to(parameter_dtype)  # (1, batch, hidden)
-            q, weights = self.indexer.query(layer, states, positions)  # (1, batch, heads, head_dim), (1, batch, heads)
-            loss = candidate_loss(q[0], weights[0], keys[layer], targets, mask, self.dtype, self.kind, self.gamma)
-            losses.append(loss)
-        return sum(losses) / len(losses)
+            q, weights = self.indexer.indexers[str(layer)].query(states[layer], cos, sin)  # (1, batch, heads, ...)
+            logits.append(candidate_logits(q[0], weights[0], keys[layer], self.dtype))
+        count = len(self.layers)
+        stacked = torch.stack(logits)  # (layers, batch, candidates)
+        return indexer_loss(stacked, targets.expand(count, -1, -1), mask.expand(count, -1, -1), self.kind, self.gamma)
