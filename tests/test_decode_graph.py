@@ -190,3 +190,20 @@ def test_sampling_processors_and_streamer_work_as_in_eager_decode(model):
         runs.append((out, streamer.pieces))
     assert torch.equal(runs[0][0], runs[1][0])
     assert len(runs[1][1]) == 24 + 2 and runs[1][1][-1] is None  # the prompt, 24 tokens, the end
+
+
+def test_keep_all_graph_decode_matches_stock_to_rounding(indexed_model):
+    """Nothing dropped: the fixed-shape step (sliding and HCA layers through the sparse attention kernel, whose
+    sums run in another order than transformers' eager attention) equals stock to fp32 rounding, token for token."""
+    long_prompt, short_prompt = random_prompt(45, seed=1)[0], random_prompt(30, seed=2)[0]
+    input_ids = torch.zeros(2, 45, dtype=torch.long, device=DEVICE)
+    attention_mask = torch.zeros(2, 45, dtype=torch.long, device=DEVICE)
+    input_ids[0], attention_mask[0] = long_prompt, 1
+    input_ids[1, 15:], attention_mask[1, 15:] = short_prompt, 1
+    stock = greedy(indexed_model, input_ids, attention_mask=attention_mask)
+    cache = fm.OffloadedLookaheadCache(indexed_model, {"tau": 8, "threshold": 0.0})
+    cache.decode_graph = DecodeGraph(indexed_model, cache, capture=DEVICE.type == "cuda")
+    lsa = greedy(indexed_model, input_ids, attention_mask=attention_mask, past_key_values=cache)
+    assert cache.decode_graph.state is not None
+    assert torch.equal(lsa.sequences, stock.sequences)
+    assert max_logit_difference(lsa, stock) < 1e-4

@@ -215,7 +215,7 @@ class LookaheadCSALayer(DeepseekV4CSACache):
         if self._index_keys is not None:
             self._index_keys.account(count)
 
-    def flush_to_pool(self) -> None:
+    def flush_to_pool(self, non_blocking: bool = False) -> None:
         """Copy to the cold pool the entries written in place since the last flush, so that it again holds
         every entry made (its invariant); before every recall and every report."""
         for kind, pool in self.pools.items():
@@ -223,10 +223,10 @@ class LookaheadCSALayer(DeepseekV4CSACache):
             if pool.length == stop:
                 continue
             if kind == INDEX_KEYS and self._index_keys is not None:
-                pool.append(self._index_keys.entries[:, pool.length : stop])
+                pool.append(self._index_keys.entries[:, pool.length : stop], non_blocking)
             else:
                 start = self._hot.tail_start
-                pool.append(self._hot.tail(kind)[:, pool.length - start : stop - start])
+                pool.append(self._hot.tail(kind)[:, pool.length - start : stop - start], non_blocking)
 
     def _fetch(self, kind, rows, chunk_ids, dst, dst_rows):
         """The hot set's fetch from the pool of `kind`; counts the host bytes it reads (pool entries as stored)."""

@@ -5,7 +5,7 @@ runs the fixed-shape step of static_decode.py instead: the first step after a (r
 also warms the kernels up; the next one captures it; every later step copies its inputs into fixed buffers
 and replays. What needs the host stays outside the replay, between steps: the level-1 trigger (the memory
 indexer reads the hidden states the step saved), the recall (on the copy stream, as in eager decode), the
-pool's copies of the new entries (flushed before each recall) and the cache's counters.
+pool's copies of each completed entry (queued without waiting) and the cache's counters.
 
 One graph per bucket: batch size, resident capacity (a power of two of chunks per sequence), and room for
 the tokens to come (generate's max_length, or more when exceeded). A recall that needs more resident room,
@@ -180,6 +180,7 @@ class DecodeGraph:
             layer.cumulative_length += 1
             if static.kind == CSA_LAYER_TYPE and (token + 1) % layer.compress_rate == 0:
                 layer.account_in_place_entries(1)
+                layer.flush_to_pool(non_blocking=True)  # queued after the step: the pool keeps every entry made
             elif static.kind == HCA_LAYER_TYPE and (token + 1) % layer.compress_rate == 0:
                 layer.entry_count["compressor"] += 1
         self.tokens = token + 1

@@ -38,9 +38,10 @@ class ColdPool:
         self.length = 0
         self._addresses: dict[str, torch.Tensor] = {}  # see _slab_addresses
 
-    def append(self, entries: torch.Tensor) -> None:
+    def append(self, entries: torch.Tensor, non_blocking: bool = False) -> None:
         """entries: (batch, n, dim) on any device; copied to host, converted to the pool dtype (FP8: quantized
-        where they are, so only codes and scales cross to the host)."""
+        where they are, so only codes and scales cross to the host). `non_blocking` queues a device-to-pinned
+        copy on the current stream instead of waiting for it (host readers then synchronize first)."""
         planes = [(self.slabs, self.dim, self.dtype, entries)]
         if self.quantized:
             codes, scales = quantize_fp8(entries)
@@ -55,7 +56,7 @@ class ColdPool:
                     slabs.append(
                         torch.empty(self.batch_size, self.slab_chunks, width, dtype=dtype, pin_memory=self.pin_memory)
                     )
-                slabs[slab][:, offset : offset + take].copy_(values[:, written : written + take])
+                slabs[slab][:, offset : offset + take].copy_(values[:, written : written + take], non_blocking=non_blocking)
             written += take
             self.length += take
 
@@ -106,6 +107,8 @@ class ColdPool:
     def read(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """(batch, stop - start, dim): a contiguous copy of a range, for every sequence; an FP8 pool gives
         its entries back dequantized, in float32."""
+        if self.pin_memory and torch.cuda.is_initialized():
+            torch.cuda.synchronize()  # copies queued with non_blocking=True must have landed
         stop = self.length if stop is None else stop
         if self.quantized:
             codes, scales = self._read(self.slabs, start, stop), self._read(self.scale_slabs, start, stop)
