@@ -38,6 +38,7 @@ from transformers.models.deepseek_v4.modeling_deepseek_v4 import eager_attention
 
 import fm_transformers as fm
 from fm_transformers.cache import LookaheadCSALayer
+from fm_transformers.decode_graph import DecodeGraph
 from fm_transformers.report import stock_csa_bytes
 
 CSA, HCA, SLIDING = "compressed_sparse_attention", "heavily_compressed_attention", "sliding_attention"
@@ -99,7 +100,17 @@ def decode(model, cache, tokens: int, batch: int, steps: int):
     return times, triggers
 
 
-def run_stock(model, tokens, batch, steps):
+def kernel_ms_per_step(model, cache, tokens: int, batch: int, steps: int = 8) -> float | None:
+    """GPU kernel time of a decode step: `steps` more steps under torch.profiler (CUDA kernels only), the
+    kernels' device time summed over the steps. None off CUDA."""
+    if model.device.type != "cuda":
+        return None
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
+        decode(model, cache, tokens, batch, steps)
+    return sum(event.self_device_time_total for event in profiler.key_averages()) / 1000 / steps
+
+
+def run_stock(model, tokens, batch, steps, kernel_time=False):
     cache = DynamicCache(config=model.config)
     fill_context(model, cache, tokens, batch, seed=tokens)
     reset_peak(model.device)
@@ -110,11 +121,13 @@ def run_stock(model, tokens, batch, steps):
         "csa_kv_gpu_bytes": stock_csa_bytes(cache, layer_types, ("compressor",)),
         "peak_bytes": peak(model.device),
         "ms_per_token": statistics.median(times[2:]),
+        "kernel_ms_per_step": kernel_ms_per_step(model, cache, tokens + steps, batch) if kernel_time else None,
     }
 
 
-def run_lsa(model, tokens, batch, steps, tau, refresh_layers=None, options=None):
-    """One LSA run; `options` replace or add cache options (page recall, pool dtype)."""
+def run_lsa(model, tokens, batch, steps, tau, refresh_layers=None, options=None, graph=False, kernel_time=False):
+    """One LSA run; `options` replace or add cache options (page recall, pool dtype); `graph` decodes through
+    the CUDA graph (decode_graph.py) as generate does on a GPU, else eagerly."""
     config = {"tau": tau, "threshold": 0.5, "resident_budget": 0.1, "recency_chunks": 64, "sink_chunks": 4}
     if refresh_layers:
         config["refresh_layers"] = refresh_layers
@@ -122,6 +135,8 @@ def run_lsa(model, tokens, batch, steps, tau, refresh_layers=None, options=None)
     cache = fm.OffloadedLookaheadCache(model, config)
     fill_context(model, cache, tokens, batch, seed=tokens)
     trigger_after_prefill(model, cache, tokens, batch)
+    if graph:
+        cache.decode_graph = DecodeGraph(model, cache, capture=model.device.type == "cuda")
     decode(model, cache, tokens, batch, 1)  # the first step on the first resident set
     before = cache.memory_report()
     reset_peak(model.device)
@@ -145,6 +160,7 @@ def run_lsa(model, tokens, batch, steps, tau, refresh_layers=None, options=None)
         "host_stored_bytes": report["host"]["csa_kv_stored"] + report["host"]["csa_index_keys_stored"],
         "refreshes": report["refreshes"] - before["refreshes"],
         "steps": steps,
+        "kernel_ms_per_step": kernel_ms_per_step(model, cache, tokens + 1 + steps, batch) if kernel_time else None,
         "report": report,
     }
 
@@ -282,6 +298,8 @@ def main():
     parser.add_argument("--page-recall", action="store_true", help="also LSA recalling whole pages (10%% page budget)")
     parser.add_argument("--page-chunks", type=int, default=64, help="chunks per page for --page-recall (release: 64)")
     parser.add_argument("--fp8-pool", action="store_true", help="also LSA with an FP8 cold pool")
+    parser.add_argument("--graph", action="store_true",
+                        help="also LSA decoding through its CUDA graph; every run adds the GPU kernel time of a step")
     parser.add_argument("--out", default="decode_long_context.json")
     args = parser.parse_args()
     if args.quick:
@@ -306,10 +324,13 @@ def main():
     for tokens in [int(value) for value in args.contexts.split(",")]:
         for batch in batch_sizes:
             run = {"context": tokens, "batch": batch}
-            run["stock"] = measure(run_stock, model, tokens, batch, args.stock_steps)
+            run["stock"] = measure(run_stock, model, tokens, batch, args.stock_steps, args.graph)
             free_memory(device)
-            run["lsa"] = measure(run_lsa, model, tokens, batch, args.steps, args.tau)
+            run["lsa"] = measure(run_lsa, model, tokens, batch, args.steps, args.tau, None, None, False, args.graph)
             free_memory(device)
+            if args.graph:
+                run["lsa_graph"] = measure(run_lsa, model, tokens, batch, args.steps, args.tau, None, None, True, True)
+                free_memory(device)
             if args.refresh:
                 run["lsa_refresh"] = measure(run_lsa, model, tokens, batch, args.steps, args.tau, csa_layers)
                 free_memory(device)
@@ -359,6 +380,8 @@ def print_table(results):
             f"{lsa['recall_bytes'] / 2**20:.1f}" if lsa_fits else "-",
         ]
         print(" | ".join(cells))
+    if any("lsa_graph" in run for run in results["runs"]):
+        print_graph_table(results["runs"], ms)
     if any("lsa_refresh" in run for run in results["runs"]):
         print_refresh_table(results["runs"], ms)
     if any(key in run for run in results["runs"] for key in VARIANT_NAMES):
@@ -396,6 +419,20 @@ def print_variant_table(runs, ms, extra):
                 f"{lsa['host_stored_bytes'] / 2**30:.3f}" if fits else "-",
             ]
             print(" | ".join(cells))
+
+
+def print_graph_table(runs, ms):
+    """Eager against CUDA-graph decode: wall ms per token (mean, triggers included) and GPU kernel ms per step."""
+    print("\nDecode through a CUDA graph (wall ms/token, GPU kernel ms/step in parentheses):")
+    print("context | batch | stock eager | LSA eager | LSA graph | graph/stock | graph/LSA eager | graph wall/kernels")
+    for run in runs:
+        stock, eager, graph = run["stock"], run["lsa"], run["lsa_graph"]
+        cell = lambda r: f"{ms(r['ms_per_token'])} ({ms(r['kernel_ms_per_step'])})" if isinstance(r, dict) else OOM  # noqa: E731
+        fits = isinstance(graph, dict)
+        ratio = lambda other: f"{graph['ms_per_token'] / other['ms_per_token']:.2f}" if fits and isinstance(other, dict) else "-"  # noqa: E731
+        kernels = graph.get("kernel_ms_per_step") if fits else None
+        print(" | ".join([f"{run['context'] // 1024}K", str(run["batch"]), cell(stock), cell(eager), cell(graph), ratio(stock),
+                          ratio(eager), f"{graph['ms_per_token'] / kernels:.2f}" if kernels else "-"]))
 
 
 def print_refresh_table(runs, ms):
