@@ -66,17 +66,23 @@ def device_batches(
             indices = range(first, min(first + block, len(order)))
             batches = [order.batch(index) for index in indices]
             positions = [segment.order_position for segments in batches for segment in segments]
-            while max(resident, default=-1) < max(positions):
-                part = next(staged)
-                part.wait()
-                resident[part.order_position] = part
-            for position in [position for position in resident if position < min(positions)]:
-                del resident[position]
+            _hold(resident, staged, min(positions), max(positions))
             generator.manual_seed(seed_from(order.seed, order.epoch, order.rank, first))
             made = make_batches(batches, resident, layers, negative_ratio, generator)
             yield from (batch for index, batch in zip(indices, made, strict=True) if index >= start)
     finally:
         stager.close()
+
+
+def _hold(resident: dict[int, StagedPart], staged: Iterator[StagedPart], first: int, last: int) -> None:
+    """Keep in `resident` the parts at order positions first..last: drop the earlier ones before taking the next
+    from `staged`, so that no more than one block's parts are ever held."""
+    for position in [position for position in resident if position < first]:
+        del resident[position]
+    while max(resident, default=-1) < last:
+        part = next(staged)
+        part.wait()
+        resident[part.order_position] = part
 
 
 def _jobs(order: EpochOrder, start: int) -> Iterator[tuple[int, int, torch.Tensor]]:

@@ -12,7 +12,6 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._pytree import tree_map
 
 from .losses import indexer_loss
 
@@ -27,13 +26,18 @@ class TriggerBatch:
     targets: torch.Tensor  # (batch, candidates) 1 on positives, 0 on negatives and padding
     mask: torch.Tensor  # (batch, candidates)
 
-    def to(self, device, non_blocking: bool = False) -> "TriggerBatch":
-        def move(value):
-            if isinstance(value, dict):
-                return {key: move(item) for key, item in value.items()}
-            return value.to(device, non_blocking=non_blocking)
+    def to(self, device) -> "TriggerBatch":
+        return self._map(lambda tensor: tensor.to(device))
 
-        return TriggerBatch(**{field.name: move(getattr(self, field.name)) for field in fields(self)})
+    def fresh(self) -> "TriggerBatch":
+        """Contiguous copies that start their storage (the device loader's batches are views into a block)."""
+        return self._map(lambda tensor: tensor.clone(memory_format=torch.contiguous_format))
+
+    def _map(self, function) -> "TriggerBatch":
+        def apply(value):
+            return {key: function(item) for key, item in value.items()} if isinstance(value, dict) else function(value)
+
+        return TriggerBatch(**{field.name: apply(getattr(self, field.name)) for field in fields(self)})
 
 
 def candidate_logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -62,10 +66,9 @@ class IndexerLoss(nn.Module):
         self._loss = torch.compile(self._batch_loss, dynamic=True) if compile else self._batch_loss
 
     def forward(self, batch: TriggerBatch) -> torch.Tensor:
-        inputs = (batch.positions, batch.hidden, batch.keys, batch.targets, batch.mask)
-        if self.compiled:  # batches are views into a block: fresh copies keep strides and offsets from recompiling
-            inputs = tree_map(lambda tensor: tensor.clone(memory_format=torch.contiguous_format), inputs)
-        return self._loss(*inputs)
+        if self.compiled:  # fresh copies: views' strides and offsets would each make the graph recompile
+            batch = batch.fresh()
+        return self._loss(batch.positions, batch.hidden, batch.keys, batch.targets, batch.mask)
 
     def _batch_loss(self, positions, hidden: dict, keys: dict, targets, mask) -> torch.Tensor:
         parameter_dtype = next(self.indexer.parameters()).dtype
