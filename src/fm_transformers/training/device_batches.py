@@ -68,8 +68,7 @@ def device_batches(
             positions = [segment.order_position for segments in batches for segment in segments]
             _hold(resident, staged, min(positions), max(positions))
             generator.manual_seed(seed_from(order.seed, order.epoch, order.rank, first))
-            made = make_batches(batches, resident, layers, negative_ratio, generator)
-            yield from (batch for index, batch in zip(indices, made, strict=True) if index >= start)
+            yield from make_batches(batches, resident, layers, negative_ratio, generator, skip=max(start - first, 0))
     finally:
         stager.close()
 
@@ -101,9 +100,11 @@ def make_batches(
     layers: list[int],
     ratio: float,
     generator: torch.Generator,
-) -> list[TriggerBatch]:
-    """Batches of one block from their segments; each padded to its own longest candidate set, as the host
-    reference pads."""
+    skip: int = 0,
+) -> Iterator[TriggerBatch]:
+    """The batches of one block but the first `skip`, each padded to its own longest candidate set as the host
+    reference pads. The block's candidates are drawn at once; each batch's keys are gathered only when it is
+    asked for, so one batch's keys are held at a time, not a block's."""
     runs = _merge([segment for segments in batches for segment in segments])
     counts = [sample_counts(*_host(parts[run.order_position]), run.rows, ratio) for run in runs]
     totals = torch.cat([count.positives + count.negatives for count in counts])  # (block samples,)
@@ -113,28 +114,30 @@ def make_batches(
         for run, count in zip(runs, counts, strict=True)
     ]
     block = {name: _cat([piece[name] for piece in pieces]) for name in pieces[0]}
-    made, row = [], 0
-    for segments in batches:
+    row = 0
+    for index, segments in enumerate(batches):
         size = sum(segment.end - segment.start for segment in segments)
-        rows = slice(row, row + size)
-        columns = slice(0, max(1, int(totals[rows].max())))
-        keys, offset = {layer: [] for layer in layers}, row
-        for segment in segments:
-            candidates = block["candidates"][offset : offset + segment.end - segment.start, columns]
-            offset += segment.end - segment.start
-            for layer in layers:
-                keys[layer].append(parts[segment.order_position].device[f"keys/{layer}"][candidates])
-        made.append(
-            TriggerBatch(
-                positions=block["positions"][rows],
-                hidden={layer: block[f"hidden/{layer}"][rows] for layer in layers},
-                keys={layer: _cat(pieces) for layer, pieces in keys.items()},  # (batch, width, head_dim)
-                targets=block["targets"][rows, columns],
-                mask=block["mask"][rows, columns],
-            )
-        )
+        if index >= skip:
+            yield _slice(block, segments, parts, layers, row, int(totals[row : row + size].max()))
         row += size
-    return made
+
+
+def _slice(block: dict, segments: list[Segment], parts: dict[int, StagedPart], layers, row: int, width: int):
+    """The batch of `segments`, whose samples are block rows row.., with its keys gathered from their parts."""
+    rows, columns = slice(row, row + sum(segment.end - segment.start for segment in segments)), slice(0, max(1, width))
+    keys = {layer: [] for layer in layers}
+    for segment in segments:
+        candidates = block["candidates"][row : row + segment.end - segment.start, columns]
+        row += segment.end - segment.start
+        for layer in layers:
+            keys[layer].append(parts[segment.order_position].device[f"keys/{layer}"][candidates])
+    return TriggerBatch(
+        positions=block["positions"][rows],
+        hidden={layer: block[f"hidden/{layer}"][rows] for layer in layers},
+        keys={layer: _cat(gathered) for layer, gathered in keys.items()},  # (batch, width, head_dim)
+        targets=block["targets"][rows, columns],
+        mask=block["mask"][rows, columns],
+    )
 
 
 def _merge(segments: list[Segment]) -> list[Segment]:
