@@ -22,7 +22,7 @@ sampled negatives; an optimizer step takes --batch-size samples. Global optimize
 trainer runs unchanged, and the device is synchronized only at the edges of each window (and at the trainer's
 loss reads, every 20 steps):
 - warm-up (--warmup steps, untimed; torch.compile compiles here);
-- timed (--steps): samples/s, and the peak GPU memory (torch.cuda.max_memory_allocated) at its end, with the
+- timed (--steps): samples/s (of all processes together), and the peak GPU memory (torch.cuda.max_memory_allocated) at its end, with the
   NVML utilization (torch.cuda.utilization, the share of the last sample period with a kernel running) if pynvml
   is installed;
 - profiled (--profile-steps under torch.profiler, after one untimed step in which it starts up): GPU kernel time
@@ -257,9 +257,10 @@ def _nvml_utilization() -> int | None:
         return None
 
 
-def timed_training(config: TrainConfig, windows: Windows, cuda: bool, count_flops: bool) -> dict:
-    """Run trainer.train through every window; rates from the timed window. The peak memory is the run's own:
-    the peak over what was allocated before it (an earlier run's leftovers, if the collector left any)."""
+def timed_training(config: TrainConfig, windows: Windows, cuda: bool, count_flops: bool, processes: int) -> dict:
+    """Run trainer.train through every window; rates from the timed window, samples/s of all processes together.
+    The peak memory is this process's and the run's own: the peak over what was allocated before it (an earlier
+    run's leftovers, if the collector left any)."""
     gc.collect()
     before = 0
     if cuda:
@@ -273,7 +274,7 @@ def timed_training(config: TrainConfig, windows: Windows, cuda: bool, count_flop
     step_s = seconds / windows.timed
     return {
         "timed_steps": windows.timed,
-        "samples_per_s": windows.timed * config.batch_size / seconds,
+        "samples_per_s": windows.timed * config.batch_size * processes / seconds,
         "steps_per_s": windows.timed / seconds,
         "step_ms": step_s * 1e3,
         "kernel_ms_per_step": probe.kernel_s * 1e3 if probe.kernel_s is not None else None,
@@ -411,7 +412,7 @@ def run(args, state: PartialState, workdir: Path) -> None:
         loader, compiled = RUNS[name]
         output_dir = str(workdir / f"indexer-{name}")
         config = replace(base, output_dir=output_dir, loader=loader, compile=compiled, max_steps=windows.total)
-        runs[name] = timed_training(config, windows, cuda, count_flops=not compiled)
+        runs[name] = timed_training(config, windows, cuda, not compiled, state.num_processes)
         runs[name]["loader_s_per_sample"] = {
             length: loader_seconds_per_batch(probe, loader, config, args.probe_batches, state.device) / args.batch_size
             for length, probe in sorted(probed.items())
@@ -425,15 +426,16 @@ def run(args, state: PartialState, workdir: Path) -> None:
 def summarize(args, backbone, shards: LabelShards, runs: dict, generation_s: float, cuda: bool) -> dict:
     flops = next((run["flops_per_step"] for run in runs.values() if run["flops_per_step"]), None)
     floor_s = flops / (args.peak_tflops * 1e12) if flops else None
-    tau = shards.manifest["labels"]["tau"]
+    tau, processes = shards.manifest["labels"]["tau"], PartialState().num_processes
     for run in runs.values():
-        loader = run["loader_s_per_sample"]
-        run["loader_share"] = min(1.0, loader[args.tokens] * run["samples_per_s"])
-        run["paper"] = paper_estimate(1 / run["samples_per_s"], loader, args.tokens, tau)
+        loader = run["loader_s_per_sample"]  # one process's loader
+        run["loader_share"] = min(1.0, loader[args.tokens] * args.batch_size / (run["step_ms"] / 1e3))
+        together = {length: seconds / processes for length, seconds in loader.items()}  # processes load at once
+        run["paper"] = paper_estimate(1 / run["samples_per_s"], together, args.tokens, tau)
     label_bytes = sum(path.stat().st_size for path in shards.directory.glob("*.safetensors"))
     return {
         "device": torch.cuda.get_device_name() if cuda else "cpu",
-        "processes": PartialState().num_processes,
+        "processes": processes,
         "sample": "one trigger step: a (document, trigger) pair scored by every target layer against its "
         "positives and sampled negatives",
         "backbone": {"hidden": backbone.hidden_size, "index_head_dim": backbone.index_head_dim,
