@@ -22,9 +22,9 @@ sampled negatives; an optimizer step takes --batch-size samples. Global optimize
 trainer runs unchanged, and the device is synchronized only at the edges of each window (and at the trainer's
 loss reads, every 20 steps):
 - warm-up (--warmup steps, untimed; torch.compile compiles here);
-- timed (--steps): samples/s (of all processes together), and the peak GPU memory (torch.cuda.max_memory_allocated) at its end, with the
-  NVML utilization (torch.cuda.utilization, the share of the last sample period with a kernel running) if pynvml
-  is installed;
+- timed (--steps): samples/s (of all processes together), and at its end the peak GPU memory
+  (torch.cuda.max_memory_allocated) and the NVML utilization (torch.cuda.utilization, the share of the last
+  sample period with a kernel running) if pynvml is installed;
 - profiled (--profile-steps under torch.profiler, after one untimed step in which it starts up): GPU kernel time
   per step (copies and memsets left out); GPU utilisation = that over the wall time per step of the timed window;
 - FLOPs (--flop-steps, under torch.utils.flop_counter.FlopCounterMode, eager runs only): matmul FLOPs per step,
@@ -34,7 +34,8 @@ batch to the device), timed with a synchronization at its end, over the wall tim
 probed on the training documents and on documents of 128K and 512K tokens; the estimate for the paper's data
 (10,000 documents of 16K-512K tokens, log-uniform, tokens / 64 trigger steps each, one epoch, 22.9M trigger
 steps) adds, per document length, the loader's extra cost over the training documents to the measured time per
-sample. Each run's loss curve (the trainer's, every 20 steps) is printed and kept. Prints a table last; writes
+sample. Each run's loss curve (the trainer's, every 20 steps) is printed and kept. A run that fails (say,
+torch.compile on this machine) is reported with its error and the others still run. Prints a table last; writes
 JSON to --output (on the main process).
 """
 
@@ -44,6 +45,7 @@ import json
 import shutil
 import tempfile
 import time
+import traceback
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -407,18 +409,25 @@ def run(args, state: PartialState, workdir: Path) -> None:
     )
     windows = Windows(args.warmup, args.steps, args.profile_steps if cuda else 0, args.flop_steps)
     probed = {length: shards[name] for name, documents in lengths.items() for length in documents[:1]}
-    runs = {}
+    runs, failed = {}, {}
     for name in args.runs:
         loader, compiled = RUNS[name]
         output_dir = str(workdir / f"indexer-{name}")
         config = replace(base, output_dir=output_dir, loader=loader, compile=compiled, max_steps=windows.total)
-        runs[name] = timed_training(config, windows, cuda, not compiled, state.num_processes)
+        try:
+            runs[name] = timed_training(config, windows, cuda, not compiled, state.num_processes)
+        except Exception as error:  # noqa: BLE001 (one variant failing, e.g. torch.compile here, keeps the others)
+            traceback.print_exc()
+            failed[name] = f"{type(error).__name__}: {error}"
+            continue
         runs[name]["loader_s_per_sample"] = {
             length: loader_seconds_per_batch(probe, loader, config, args.probe_batches, state.device) / args.batch_size
             for length, probe in sorted(probed.items())
         }
+    if not runs:
+        raise SystemExit(f"every run failed: {failed}")
     if state.is_main_process:
-        results = summarize(args, backbone, shards["train"], runs, generation_s, cuda)
+        results = {**summarize(args, backbone, shards["train"], runs, generation_s, cuda), "failed_runs": failed}
         Path(args.output).write_text(json.dumps(results, indent=2))
         print_table(results)
 
@@ -481,6 +490,8 @@ def print_table(results: dict) -> None:
         print(f" {name:>16} | {run['samples_per_s']:9.0f} | {run['step_ms']:7.2f} | {util:>8} | {nvml:>6} | "
               f"{run['loader_share']:12.0%} | {peak:>8} | {run['paper']['hours_at_measured_rate']:7.2f} | "
               f"{run['paper']['hours_loader_scaled']:.2f}")
+    for name, error in results["failed_runs"].items():
+        print(f" {name:>16} | failed: {error}")
 
 
 if __name__ == "__main__":
