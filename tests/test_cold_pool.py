@@ -62,7 +62,9 @@ def test_cold_pool_keeps_dropped_chunks_exactly(indexed_model):
     """With chunks dropped, deeper layers see other hidden states than a stock run; the first CSA layer's
     inputs depend on the tokens only, so its pool must still equal the stock cache byte for byte."""
     prompt = random_prompt(43, seed=2)
-    config = {"tau": 4, "threshold": 0.5, "resident_budget": 0.25, "recency_chunks": 1, "sink_chunks": 1}
+    # eager decode: through the CUDA graph the sliding layers' attention sums in another order than stock's
+    # (equal to rounding, tests/test_decode_graph.py), so the first CSA layer's inputs are not byte-identical
+    config = {"tau": 4, "threshold": 0.5, "resident_budget": 0.25, "recency_chunks": 1, "sink_chunks": 1, "cuda_graph": False}
     out = greedy(indexed_model, prompt, max_new_tokens=20, cache_implementation="lsa", cache_config=config)
     assert out.past_key_values.memory_report()["chunks_fetched"] > 0
     stock_cache = stock_generate_following(indexed_model, prompt, out.sequences)

@@ -80,7 +80,7 @@ def teacher_forced_logits(model, prompt, cache, tokens, from_pool=False):
                 layer.recall([everything[0][:0]], layer.num_chunks)
                 layer.recall(everything, layer.num_chunks)
         for token in tokens:
-            logits.append(model(token.view(1, 1), past_key_values=cache).logits[0, -1])
+            logits.append(model(token.view(1, 1).to(prompt.device), past_key_values=cache).logits[0, -1])
     return torch.stack(logits)
 
 

@@ -101,8 +101,8 @@ def test_recall_of_a_page_fetches_exactly_its_chunks_from_the_pool(model):
         assert layer.chunks_fetched == 4 and layer.memory()["ranges_fetched"] == 2
         slots, chunk_ids = layer.level2_candidates()
         resident = chunk_ids[0] < 8
-        pooled = layer.pools["compressor"].read()[0, chunk_ids[0, resident]]
-        assert torch.equal(layer.kv_table()[slots[0, resident]], pooled)
+        pooled = layer.pools["compressor"].read()[0, chunk_ids[0, resident].cpu()]
+        assert torch.equal(layer.kv_table()[slots[0, resident]].cpu(), pooled)
 
 
 @pytest.mark.parametrize(
