@@ -130,3 +130,19 @@ def test_push_uploads_the_repo_folder_with_huggingface_hub(trained, monkeypatch)
     assert main([*command, "--token", "hf_test"]) == 0
     assert uploaded["repo"] == ("someone/fm-indexer-tiny", True) and uploaded["token"] == "hf_test"
     assert uploaded["files"] == ["README.md", "config.json", "model.safetensors", "training_summary.json"]
+
+
+def test_train_compile_flag_reaches_the_trainer(monkeypatch, tmp_path):
+    """`fm-indexer train --compile` is what reaches the benchmarked speed: it must set TrainConfig.compile."""
+    from fm_transformers.training import cli
+
+    seen = {}
+
+    def fake_train(config):
+        seen["compile"] = config.compile
+        return {"steps": 0, "metrics": {}}
+
+    monkeypatch.setattr(cli, "train", fake_train)
+    for flags, expected in (([], False), (["--compile"], True)):
+        assert main(["train", "--data", str(tmp_path), "--output", str(tmp_path / "out"), "--cpu", *flags]) == 0
+        assert seen["compile"] is expected

@@ -97,6 +97,7 @@ def run_train(args) -> None:
         threshold=args.threshold,
         cpu=args.cpu,
         num_workers=args.num_workers,
+        compile=args.compile,
     )
     summary = train(config)
     if PartialState().is_main_process:
