@@ -55,3 +55,15 @@ def test_curriculum_length_grows_to_the_maximum_and_stays_in_bounds():
     assert all(256 <= n <= 2048 and (n - 256) % 64 == 0 for n in lengths)
     assert max(lengths[:10]) <= 256 + 64 * 3
     assert min(lengths[100:]) >= 1024 and max(lengths[100:]) == 2048
+
+
+def test_a_long_mix_batch_supervises_the_answers_given_inside_question_documents():
+    from fm_transformers.eval.batches import LONG_TRAINING_MIX
+    from fm_transformers.eval.vocab import LONG_TASK_TOKENS
+
+    batch = make_batch(seed=0, step=0, context_length=1024, batch_size=len(LONG_TRAINING_MIX), mix=LONG_TRAINING_MIX)
+    for ids, targets in zip(batch.input_ids.tolist(), batch.targets.tolist()):
+        answered = [i for i, target in enumerate(targets) if target != IGNORE]
+        assert answered and all(ids[i + 1] == targets[i] for i in answered[:-1])
+        if ids[1] == LONG_TASK_TOKENS["qa_document"]:  # a question document: answers inside the context are supervised too
+            assert min(answered) < 1023 - 64

@@ -53,3 +53,13 @@ def test_bad_flags_end_with_one_error_line_and_train_nothing(tmp_path, flags, me
     assert done.returncode != 0
     assert message in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "out" / "checkpoint.pt").exists()
+
+
+def test_a_run_stopped_by_max_minutes_exits_75_and_the_same_command_finishes_it(tmp_path):
+    flags = ["--output-dir", str(tmp_path / "out"), "--steps", "2", "--resume"]
+    stopped = run_script(*flags, "--max-minutes", "0")
+    assert stopped.returncode == 75 and "run again to go on" in stopped.stdout
+    assert (tmp_path / "out" / "checkpoint.pt").exists() and not (tmp_path / "out" / "model").exists()
+    finished = run_script(*flags)
+    assert finished.returncode == 0, finished.stderr
+    assert (tmp_path / "out" / "model").is_dir() and (tmp_path / "out" / "eval.json").is_file()

@@ -6,6 +6,7 @@ import torch
 from transformers import DeepseekV4ForCausalLM
 
 from fm_transformers.eval import (
+    TrainingConfig,
     build_eval_backbone,
     eval_backbone_config,
     evaluate_backbone,
@@ -124,3 +125,24 @@ def test_a_checkpoint_of_a_run_with_extra_tasks_resumes(smoke_config, tmp_path):
     config = dataclasses.replace(smoke_config, extra_tasks=("variable_tracking",))
     train_backbone(config, tmp_path, max_minutes=0, progress=False)
     assert train_backbone(config, tmp_path, resume=True, progress=False).finished
+
+
+def test_the_paper_layout_backbone_on_the_long_mix_resumes_to_the_uninterrupted_weights(tmp_path):
+    config = TrainingConfig(
+        size="paper-smoke", mix="long", steps=3, dense_steps=1, min_length=256, max_length=256, ramp_steps=0,
+        tokens_per_step=512, warmup_steps=1, precision="fp32",
+    )
+    straight = train_backbone(config, tmp_path / "straight", progress=False)
+    stopped = train_backbone(config, tmp_path / "resumed", max_minutes=0, progress=False)
+    assert not stopped.finished and len(stopped.history) == 1
+    resumed = train_backbone(config, tmp_path / "resumed", resume=True, progress=False)
+    assert resumed.finished and [m["step"] for m in resumed.history] == [2, 3]
+    expected, actual = straight.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(expected[name], actual[name]) for name in expected)
+
+
+def test_extra_tasks_must_belong_to_the_mix_evaluated(smoke_config):
+    with pytest.raises(ValueError, match="qa_block"):
+        dataclasses.replace(smoke_config, mix="long", extra_tasks=("variable_tracking",))
+    with pytest.raises(ValueError, match="mix must be one of"):
+        dataclasses.replace(smoke_config, mix="unknown")

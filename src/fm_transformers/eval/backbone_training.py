@@ -9,6 +9,8 @@ A run is a function of its TrainingConfig: the batch of step s depends only on (
 rate only on the step, so resuming from a checkpoint (model and optimizer state) continues the run as if it
 had never stopped. A run may start from the weights of an earlier one (`init_from`): a second stage at the
 training length, at a lower learning rate and with the hardest tasks drawn more often (`extra_tasks`).
+`mix` names the training mix and the task set the run is evaluated on: "ruler" (tasks.py) or "long" (the
+long-decoding tasks and question documents of the paper-layout backbone).
 """
 
 import logging
@@ -25,10 +27,11 @@ from tqdm.auto import tqdm
 from transformers import DeepseekV4ForCausalLM
 
 from .backbone import BACKBONE_SIZES, build_eval_backbone, eval_backbone_config
-from .batches import IGNORE, TRAINING_MIX, Batch, curriculum_length, make_batch
+from .batches import IGNORE, MIXES, Batch, curriculum_length, make_batch
+from .catalog import TASK_SETS, evaluation_examples
 from .compare import evaluate_accuracy
 from .distillation import IndexerDistillation, indexer_parameter_names, set_dense_csa
-from .tasks import TASK_NAMES, make_examples
+from .tasks import TASK_NAMES
 
 logger = logging.getLogger(__name__)
 
@@ -58,12 +61,16 @@ class TrainingConfig:
     precision: str = "bf16"
     init_from: str | None = None  # a saved backbone (save_pretrained directory) to start from; None: fresh weights
     extra_tasks: tuple[str, ...] = ()  # evaluation tasks drawn once more per turn of the training mix
+    mix: str = "ruler"  # the training mix (batches.MIXES) and the task set it is evaluated on (catalog.TASK_SETS)
 
     def __post_init__(self):
         object.__setattr__(self, "extra_tasks", tuple(self.extra_tasks))  # a list when read back from a checkpoint
-        unknown = [task for task in self.extra_tasks if task not in TASK_NAMES]
+        if self.mix not in MIXES:
+            raise ValueError(f"mix must be one of {sorted(MIXES)}, got {self.mix!r}")
+        tasks = TASK_SETS[self.mix]
+        unknown = [task for task in self.extra_tasks if task not in tasks]
         if unknown:
-            raise ValueError(f"extra_tasks must be evaluation tasks ({', '.join(TASK_NAMES)}), got {unknown}")
+            raise ValueError(f"extra_tasks must be evaluation tasks ({', '.join(tasks)}), got {unknown}")
         if self.size not in BACKBONE_SIZES:
             raise ValueError(f"size must be one of {sorted(BACKBONE_SIZES)}, got {self.size!r}")
         if self.precision not in PRECISIONS:
@@ -84,7 +91,7 @@ class TrainingConfig:
 
     def batch_for(self, step: int) -> Batch:
         length = curriculum_length(self.seed, step, self.min_length, self.max_length, self.ramp_steps)
-        mix = TRAINING_MIX + tuple((task, {}) for task in self.extra_tasks)
+        mix = MIXES[self.mix] + tuple((task, {}) for task in self.extra_tasks)
         return make_batch(self.seed, step, length, max(1, self.tokens_per_step // length), mix)
 
 
@@ -275,6 +282,7 @@ def evaluate_backbone(
     tokens_per_batch: int = 32768,
     progress: bool = True,
     dense_csa: bool = False,
+    tasks: tuple[str, ...] = TASK_NAMES,
 ) -> dict[int, dict[str, float]]:
     """Per-length, per-task exact-match accuracy with the stock full cache.
 
@@ -287,7 +295,7 @@ def evaluate_backbone(
     results = {}
     try:
         for length in lengths:
-            examples = [ex for task in TASK_NAMES for ex in make_examples(task, length, examples_per_task, seed)]
+            examples = [ex for task in tasks for ex in evaluation_examples(task, length, examples_per_task, seed)]
             with autocast(device, precision):
                 batch_size = max(1, tokens_per_batch // length)
                 results[length] = evaluate_accuracy(model, examples, batch_size=batch_size, progress=progress)

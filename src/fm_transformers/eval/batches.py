@@ -11,7 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .tasks import TASK_NAMES, example_rng, make_example
+from .catalog import training_example
+from .long_tasks import LONG_TASK_NAMES
+from .tasks import TASK_NAMES, example_rng
 from .vocab import PAD, QUERY
 
 # The five evaluation tasks, multi-query associative recall (tens of supervised retrievals a context, see
@@ -27,6 +29,13 @@ TRAINING_MIX: tuple[tuple[str, dict], ...] = (
     ("single_needle", {"value_len": 16}),
     ("multi_key_needle", {"value_len": 8}),
 )
+# The paper-layout backbone's mix: question documents (a question every ~320 tokens, every answer supervised:
+# tens of retrievals a context, as associative recall gives the mix above) and the long tasks at random sizes.
+LONG_TRAINING_MIX: tuple[tuple[str, dict], ...] = (
+    *(("qa_document", {}),) * 3,
+    *((task, {}) for task in LONG_TASK_NAMES),
+)
+MIXES = {"ruler": TRAINING_MIX, "long": LONG_TRAINING_MIX}
 IGNORE = -100  # target of positions whose next token is not an answer token
 LENGTH_STEP = 64  # context lengths are multiples of this (fewer distinct shapes on the GPU)
 
@@ -63,7 +72,7 @@ def make_batch(
     examples = []
     for i in range(batch_size):
         task, options = mix[(offset + i) % len(mix)]
-        examples.append(make_example(task, context_length, example_rng("train", seed, step, i), **options))
+        examples.append(training_example(task, context_length, example_rng("train", seed, step, i), **options))
     width = context_length + max(len(example.answer) for example in examples) - 1
     input_ids = torch.full((batch_size, width), PAD, dtype=torch.long)
     targets = torch.full((batch_size, width), IGNORE, dtype=torch.long)

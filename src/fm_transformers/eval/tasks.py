@@ -64,7 +64,7 @@ def _statement(key: int, value: list[int], marker: int = NEEDLE) -> list[int]:
     return [marker, key, *value]
 
 
-def _scatter(statements: list[list[int]], length: int, rng: random.Random) -> tuple[list[int], list[int]]:
+def scatter(statements: list[list[int]], length: int, rng: random.Random) -> tuple[list[int], list[int]]:
     """`length` tokens of random filler with the statements inserted, in the given order, at uniform depths.
 
     Returns the tokens and the start offset of each statement.
@@ -100,7 +100,7 @@ def _assemble(
     if haystack < needed:
         minimum = needed + len(prefix) + len(suffix)
         raise ValueError(f"{task} needs a context of at least {minimum} tokens, got {length}")
-    tokens, starts = _scatter(statements, haystack, rng)
+    tokens, starts = scatter(statements, haystack, rng)
     offsets = tuple(len(prefix) + starts[index] for index in evidence)
     return Example(task, prefix + tokens + suffix, answer, offsets)
 

@@ -30,3 +30,12 @@ FIRST_CONTENT = 16
 KEYS = range(FIRST_CONTENT, 144)  # needle keys and variable names
 VALUES = range(144, 272)  # needle values and the values that variable chains start from
 FILLER = range(272, VOCAB_SIZE)  # haystack filler, and the words of the aggregation task
+
+# The long-decoding tasks of the paper-layout backbone (long_tasks.py, qa_documents.py). A 130-token answer uses
+# 130 distinct ids and a document asks several questions, so they draw from ranges above VOCAB_SIZE: the tasks
+# above keep their ids, and a backbone of LONG_VOCAB_SIZE serves both.
+ASK = 512  # closes a block of questions: QUERY key key ... ASK
+LONG_TASK_TOKENS = {"long_needle": 513, "qa_block": 514, "long_chain": 515, "qa_document": 516}
+LONG_KEYS = range(528, 1040)  # keys and the tokens of variable names
+LONG_VALUES = range(1040, 2048)  # needle values
+LONG_VOCAB_SIZE = 2048

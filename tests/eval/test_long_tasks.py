@@ -1,0 +1,125 @@
+import random
+from collections import Counter
+
+import pytest
+
+from fm_transformers.eval.long_tasks import (
+    LONG_TASK_NAMES,
+    TokenDraw,
+    expected_triggers,
+    long_example,
+    make_long_examples,
+    random_facts,
+)
+from fm_transformers.eval.qa_documents import qa_document
+from fm_transformers.eval.tasks import exact_match
+from fm_transformers.eval.vocab import ASK, LET, LONG_KEYS, LONG_VALUES, LONG_VOCAB_SIZE, NEEDLE, QUERY
+
+EVALUATED_LENGTHS = (2048, 4096, 8192)
+
+
+def needles(ids):
+    """key -> the value tokens after it, for every `NEEDLE key value` (values run until a non-value token)."""
+    found = {}
+    for start, token in enumerate(ids):
+        if token == NEEDLE:
+            stop = start + 2
+            while stop < len(ids) and ids[stop] in LONG_VALUES:
+                stop += 1
+            found[ids[start + 1]] = ids[start + 2 : stop]
+    return found
+
+
+def solve(example, name_len=5):
+    """The answer worked out from the context alone, as a reader of the task's rules would."""
+    ids = example.input_ids
+    question = ids[len(ids) - ids[::-1].index(QUERY) :]
+    if example.task == "long_needle":
+        return needles(ids)[question[0]]
+    if example.task == "qa_block":
+        values = needles(ids)
+        return [token for key in question[: question.index(ASK)] for token in (key, *values[key])]
+    links = {tuple(ids[i + 1 : i + 1 + name_len]): tuple(ids[i + 1 + name_len : i + 1 + 2 * name_len]) for i, t in enumerate(ids) if t == LET}
+    name, answer = tuple(question), []
+    while name in links:
+        name = links[name]
+        answer += name
+    return answer
+
+
+@pytest.mark.parametrize("task", LONG_TASK_NAMES)
+def test_long_generators_are_deterministic_per_seed(task):
+    assert make_long_examples(task, 1024, 2, seed=3) == make_long_examples(task, 1024, 2, seed=3)
+    assert make_long_examples(task, 1024, 2, seed=3) != make_long_examples(task, 1024, 2, seed=4)
+
+
+@pytest.mark.parametrize("task", LONG_TASK_NAMES)
+@pytest.mark.parametrize("length", (1024, 2048))
+def test_the_answer_follows_from_the_context_and_is_checked_by_exact_match(task, length):
+    for example in make_long_examples(task, length, 3):
+        assert len(example.input_ids) == length
+        assert all(0 <= token < LONG_VOCAB_SIZE for token in example.input_ids + example.answer)
+        assert solve(example) == example.answer and exact_match(example.answer, example.answer)
+        wrong = example.answer[:-1] + [example.answer[-2]]
+        assert not exact_match(wrong, example.answer)
+
+
+@pytest.mark.parametrize("task", LONG_TASK_NAMES)
+def test_ids_never_repeat_with_two_continuations(task):
+    for example in make_long_examples(task, 2048, 3):
+        counts = Counter(example.input_ids)
+        assert max(counts[token] for token in LONG_VALUES) <= 1  # a value is stated once
+        assert max(counts[token] for token in LONG_KEYS) == 2  # a key or name: stated, then asked or followed
+
+
+@pytest.mark.parametrize("task", LONG_TASK_NAMES)
+def test_every_evaluated_length_gets_an_answer_long_enough_for_three_triggers_at_tau_16_and_64(task):
+    for length in EVALUATED_LENGTHS:
+        (example,) = make_long_examples(task, length, 1)
+        assert len(example.answer) == 130
+        assert expected_triggers(len(example.answer), 16) == 9 and expected_triggers(len(example.answer), 64) == 3
+
+
+def test_expected_triggers_counts_the_prompt_trigger_and_one_every_tau_decode_steps():
+    assert [expected_triggers(n, 16) for n in (1, 16, 17, 32, 33)] == [1, 1, 2, 2, 3]
+
+
+def test_a_context_too_short_for_the_facts_is_an_error_that_names_the_task():
+    with pytest.raises(ValueError, match="long_needle needs a context of at least"):
+        long_example("long_needle", 256, random.Random(0))
+
+
+def test_random_facts_fit_their_budget_and_vary_in_size():
+    rng = random.Random(0)
+    sizes = set()
+    for task in LONG_TASK_NAMES * 10:
+        facts = random_facts(task, TokenDraw(rng), rng, budget=160)
+        assert facts.tokens() <= 160
+        sizes.add(len(facts.answer))
+    assert len(sizes) > 5
+
+
+def test_a_question_document_answers_each_question_in_place_and_aligns_every_question_end():
+    document = qa_document(2048, random.Random(5), spacing=320, align=64)
+    ids, questions = document.example.input_ids, document.questions
+    assert len(ids) == 2048 and len(questions) == 6 and questions[-1].end == 2047
+    assert all(q.end % 64 == 2047 % 64 for q in questions)
+    recalled = set(document.example.recalled)
+    for question in questions[:-1]:
+        answer = range(question.end + 1, question.end + 1 + question.answer_tokens)
+        assert set(answer) <= recalled and ids[question.end] in (ASK, *LONG_KEYS)
+    for question in questions:
+        assert all(stop <= question.end - 1 for _, stop in question.evidence)
+        assert all(ids[start] in (NEEDLE, LET) for start, _ in question.evidence)
+    assert document.example.evidence == tuple(sorted(start for start, _ in questions[-1].evidence))
+
+
+def test_question_triggers_are_the_question_end_and_every_tau_steps_of_its_answer():
+    (question, *_) = qa_document(2048, random.Random(5), align=64).questions
+    assert question.trigger_positions(16) == [question.end + 16 * k for k in range(expected_triggers(question.answer_tokens, 16))]
+    assert question.evidence_chunks(4) == sorted({p // 4 for a, b in question.evidence for p in range(a, b)})
+
+
+def test_a_document_too_short_for_its_questions_is_an_error():
+    with pytest.raises(ValueError, match="questions need more than"):
+        qa_document(400, random.Random(0), spacing=100, align=200)  # three questions to align: 597 tokens
