@@ -84,11 +84,11 @@ class DecodeGraph:
             state.position.copy_(position_ids)
         for layer in cache.lookahead_layers():
             layer.kv_table()  # the current stream waits for the last recall's copies
-        logits = self._run()
+        logits = self._run().clone()  # the graph's output buffer is overwritten by the next replay
         self._count_token()
         if cache.schedule.triggering:
             self._trigger()
-        return logits.clone()
+        return logits
 
     def state_bytes(self) -> int:
         """Device bytes of the fixed state (0 when none is built); the graph's own pool of intermediates is
@@ -131,11 +131,9 @@ class DecodeGraph:
         }
 
     def _fits(self, token: int) -> bool:
-        """Whether the bucket holds the step of `token`: every recall kept its resident room, and the token's
-        entries fall inside the buffers."""
-        if token >= self.capacity["room_tokens"]:
-            return False
-        return all(layer.has_fixed_capacity for layer in self.cache.lookahead_layers())
+        """Whether the bucket's buffers hold the entries of `token` (a recall that outgrows the resident room
+        releases the bucket at once, see `_trigger`)."""
+        return token < self.capacity["room_tokens"]
 
     # Steps.
 
@@ -190,6 +188,11 @@ class DecodeGraph:
         cache, state = self.cache, self.state
         observed = {index: state.layers[index].observed for index in cache.policy.target_layers}
         cache.trigger_recall(observed, state.position[:, 0].clone())
+        width = self.capacity["resident_chunks"]
+        for layer in cache.lookahead_layers():
+            if not layer.has_fixed_capacity or max(ids.numel() for ids in layer.resident_ids()) > width:
+                self.release()  # the recall outgrew this bucket: the next step builds a larger one
+                return
         for static in state.layers:
-            if static.kind == CSA_LAYER_TYPE and static.layer.has_fixed_capacity:
+            if static.kind == CSA_LAYER_TYPE:
                 static.refresh_candidates()
