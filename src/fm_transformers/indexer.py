@@ -216,9 +216,9 @@ class MemoryIndexerModel(PreTrainedModel):
         `backbone` (a DeepSeek-V4 model, config, Hub id or directory). `checkpoint`: a .pt/.pth/.safetensors file,
         a loaded state dict, or a directory / Hub repo in the release's layout (`filename` inside it, by default
         checkpoints/top3_R930_joint.pt). See fm_transformers.official for the format and the mapping."""
-        from .official import load_official  # official.py builds on this module
+        from .official import load_official  # imported here: it loads safetensors and the Hub client
 
-        return load_official(checkpoint, backbone, filename)
+        return load_official(cls, checkpoint, backbone, filename)
 
     @torch.no_grad()
     def _init_weights(self, module):

@@ -29,7 +29,6 @@ from huggingface_hub.errors import EntryNotFoundError, HFValidationError
 from safetensors.torch import load_file
 from transformers import AutoConfig, PreTrainedConfig
 
-from .indexer import MemoryIndexerModel
 from .layout import csa_layers
 from .locate import locate_pretrained
 
@@ -62,12 +61,13 @@ class OfficialLayout:
     state_dict: dict[str, torch.Tensor]
 
 
-def load_official(checkpoint, backbone, filename: str | None = None) -> MemoryIndexerModel:
-    """See MemoryIndexerModel.from_official."""
+def load_official(model_class, checkpoint, backbone, filename: str | None = None):
+    """See MemoryIndexerModel.from_official; `model_class` is MemoryIndexerModel (passed in: indexer.py imports this
+    module, not the other way round)."""
     config, name = resolve_backbone(backbone)
     state_dict = checkpoint if isinstance(checkpoint, Mapping) else read_checkpoint(checkpoint, filename)
     layout = official_layout(state_dict, config)
-    model = MemoryIndexerModel.from_backbone(
+    model = model_class.from_backbone(
         config, layers=layout.layers, num_heads=layout.num_heads, rank=layout.rank, base_model_name_or_path=name
     )
     model.config.tau = OFFICIAL_TAU

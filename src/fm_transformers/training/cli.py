@@ -1,8 +1,6 @@
 """The subcommands of `fm-indexer`. The stdlib-only front end (the `fm_indexer` package) parses the arguments and
 only then imports this module, so torch and transformers load for a command that runs, not for `--help`.
-Each `run_*` takes the argparse namespace of its subcommand.
-
-`python -m fm_transformers.training.cli` runs the command as well, through the same front end.
+Each `run_*` takes the argparse namespace of its subcommand; `fm-indexer` or `python -m fm_indexer` runs them.
 """
 
 import json
@@ -13,7 +11,6 @@ from pathlib import Path
 from accelerate import PartialState
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from fm_indexer import main
 
 from ..indexer import MemoryIndexerModel, default_target_layers
 from ..locate import locate_pretrained
@@ -144,5 +141,3 @@ COMMANDS = {
     "convert": run_convert,
 }
 
-if __name__ == "__main__":
-    sys.exit(main())
