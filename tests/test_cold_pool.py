@@ -4,7 +4,7 @@ import torch
 from transformers import DynamicCache
 
 import fm_transformers as fm
-from fm_transformers.pool import ColdPool
+from fm_transformers.cold_pool import ColdPool
 from tests.conftest import greedy, random_prompt
 
 

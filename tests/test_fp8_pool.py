@@ -8,7 +8,8 @@ import fm_transformers as fm
 from fm_transformers.config import LSAConfig
 from fm_transformers.decode_graph import DecodeGraph
 from fm_transformers.fp8 import FP8_DTYPE, dequantize_fp8, quantize_fp8
-from fm_transformers.pool import ColdPool, HotSet
+from fm_transformers.cold_pool import ColdPool
+from fm_transformers.pool import HotSet
 from tests.conftest import greedy, max_logit_difference, random_prompt
 
 

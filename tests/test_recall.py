@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import fm_transformers as fm
-from fm_transformers.pool import ColdPool, HotSet
+from fm_transformers.cold_pool import ColdPool
+from fm_transformers.pool import HotSet
 from tests.conftest import random_prompt
 
 DIM, BATCH = 6, 2

@@ -29,7 +29,8 @@ from .policies import (
     resident_sets,
     same_sets,
 )
-from .pool import ColdPool, DeviceHistory, HotSet
+from .cold_pool import ColdPool
+from .pool import DeviceHistory, HotSet
 from .report import memory_report, stock_layer_bytes
 
 KV, INDEX_KEYS = "compressor", "indexer"
