@@ -16,7 +16,7 @@ import fm_transformers as fm
 from fm_indexer import main
 from fm_transformers import locate
 from fm_transformers.tiny import tiny_deepseek_v4, tiny_deepseek_v4_config
-from tests.conftest import random_prompt
+from tests.conftest import greedy, random_prompt
 
 
 @pytest.fixture(scope="module")
@@ -283,3 +283,8 @@ def test_an_indexer_trained_for_another_tau_warns(indexed_model, caplog):
     finally:
         fm.attached_memory_indexer(indexed_model).config.tau = None
     assert "trained for tau=16, the cache runs tau=8" in caplog.text
+
+
+def test_cuda_graph_option_that_is_not_a_bool_is_refused(model):
+    with pytest.raises(ValueError, match="cuda_graph must be True or False"):
+        greedy(model, random_prompt(8), max_new_tokens=2, cache_implementation="lsa", cache_config={"cuda_graph": "yes", "policy": fm.KeepAllPolicy()})

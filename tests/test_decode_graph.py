@@ -109,11 +109,6 @@ def test_refresh_layers_decode_eagerly(model):
         DecodeGraph(model, cache)
 
 
-def test_cuda_graph_option_must_be_a_bool():
-    with pytest.raises(ValueError, match="cuda_graph must be True or False"):
-        fm.LSAConfig(cuda_graph="yes")
-
-
 @pytest.mark.gpu
 def test_graph_replay_equals_the_same_step_run_eagerly(model):
     if DEVICE.type != "cuda":
