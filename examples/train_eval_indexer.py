@@ -1,21 +1,21 @@
-"""Train the memory indexer of the evaluation backbone with the project's own pipeline (dump labels from the
-frozen backbone, backbone-free training, held-out evaluation), then print its held-out metrics next to a recency
-selector of the same size.
+"""Train the memory indexer of the paper-layout backbone with the project's own pipeline, choose its settings on a
+validation split, and gate it on a test split, per task.
 
-    python examples/train_eval_indexer.py --backbone runs/eval-bf16 --workdir runs/eval-indexer
+    python examples/train_eval_indexer.py --backbone runs/paper-bf16 --workdir runs/paper-indexer --stage dump
+    python examples/train_eval_indexer.py --backbone runs/paper-bf16 --workdir runs/paper-indexer --stage train --tau 16
+    python examples/train_eval_indexer.py --backbone runs/paper-bf16 --workdir runs/paper-indexer --stage train --tau 64
 
-About 3 minutes on 2 CPU cores (the dump of 230 documents of ~1K tokens is most of it). One single-layer indexer
-is trained per candidate layer (one layer keeps LSA's device bytes low: the target layer's index keys stay on
-the device in full) and the one with the best held-out F1 is kept.
+dump: question documents (a question every ~320 tokens, answered in place; fm_transformers.eval.indexer_data) for
+three splits, labelled by the frozen backbone every --dump-tau tokens in blocks (dump_blocks.py). With
+--max-minutes it stops between blocks and exits with status 75: the same command goes on.
+train: for --tau, the triggers that carry meaning (each question's end, every tau steps of each answer) and their
+labels, widened from the dump's tau (label_selection.py); one indexer per candidate learning rate on the three
+target layers, trained with fm_transformers.training; the one with the best validation gate score is kept in
+WORKDIR/tau<TAU>/indexer and gated on the test split (gate.py). Written: WORKDIR/tau<TAU>/gate.json.
 
-Labels: a chunk is golden when the nuclei of at least --vote CSA layers hold it. The default is 2, not the
-paper's 3: in this backbone retrieval runs through CSA layers 2 and 7 (their nuclei hold the needle at every
-answer token) while layers 4 and 6 spread their picks over ~20 chunks, so a vote of 3 left the needles out of
-the labels, and LSA with that indexer scored 23% where the full cache scored 95%.
-
-The documents are the evaluation tasks (other seeds than the evaluation's), each with its answer, laid out so
-that a trigger falls on the question's last token (fm_transformers.eval.indexer_data). The indexer is saved
-with save_pretrained to WORKDIR/indexer, ready for examples/compare_methods.py --indexer.
+Labels follow the paper's recipe (nucleus 0.6 of the native top-k, lookahead union over tau) with the vote scaled
+to the backbone's CSA layers (3 of 21 -> 1 of 7). Every split is seeded apart from the others and from the
+comparison's examples.
 """
 
 import argparse
@@ -27,73 +27,122 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from fm_transformers.eval.indexer_data import indexer_documents, question_trigger_warmup
-from fm_transformers.indexer import MemoryIndexerModel
-from fm_transformers.training import DumpConfig, LabelConfig, LabelShards, TrainConfig, dump_labels, evaluate, train
-from fm_transformers.training.evaluate import format_metrics
+from fm_transformers.eval.dump_blocks import block_directories, dump_in_blocks, is_complete
+from fm_transformers.eval.gate import gate_metrics, selection_score
+from fm_transformers.eval.indexer_data import question_documents, question_trigger_warmup, scaled_vote
+from fm_transformers.eval.label_selection import select_labels
+from fm_transformers.indexer import MemoryIndexerModel, default_target_layers
+from fm_transformers.layout import csa_layers
+from fm_transformers.training import DumpConfig, LabelConfig, TrainConfig, train
+
+STOPPED_EARLY = 75
+SPLITS = ("train", "validation", "test")
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backbone", required=True, help="the trained evaluation backbone (save_pretrained dir)")
-    parser.add_argument("--workdir", required=True, help="documents' labels and the indexer go here (replaced)")
+    parser.add_argument("--backbone", required=True, help="the trained paper-layout backbone (save_pretrained dir)")
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--stage", choices=["dump", "train"], required=True)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--candidate-layers", type=int, nargs="+", default=[2], help="CSA layers to try")
-    parser.add_argument("--context-length", type=int, default=1024, help="context length of the documents")
-    parser.add_argument("--tau", type=int, default=16, help="decode steps between triggers (as in the comparison)")
-    parser.add_argument(
-        "--vote", type=int, default=2, help="CSA layers whose nuclei must agree for a golden chunk (labels)"
-    )
-    parser.add_argument("--train-docs", type=int, default=200)
-    parser.add_argument("--heldout-docs", type=int, default=30)
+    parser.add_argument("--length", type=int, default=2048, help="tokens of a document before its last answer")
+    parser.add_argument("--spacing", type=int, default=320, help="tokens between questions, on average")
+    parser.add_argument("--align", type=int, default=64, help="question ends are aligned to this (every tau divides it)")
+    parser.add_argument("--train-docs", type=int, default=5000)
+    parser.add_argument("--validation-docs", type=int, default=300)
+    parser.add_argument("--test-docs", type=int, default=300)
+    parser.add_argument("--seed", type=int, default=0, help="seeds the documents of every split")
+    parser.add_argument("--dump-tau", type=int, default=16, help="the dump's tau; every trained tau is a multiple")
+    parser.add_argument("--block-size", type=int, default=250, help="documents per dump block")
+    parser.add_argument("--max-minutes", type=float, default=None, help="dump: start no block after this")
+    parser.add_argument("--tau", type=int, default=16, help="train: decode steps between recalls")
+    parser.add_argument("--lrs", default="1e-3,3e-3", help="train: candidate learning rates (chosen on validation)")
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--num-heads", type=int, default=16)
     parser.add_argument("--rank", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=800)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--budget", type=float, default=0.1, help="gate: the comparison's resident budget")
+    parser.add_argument("--recency-chunks", type=int, default=16, help="gate: newest chunks always resident")
+    parser.add_argument("--sink-chunks", type=int, default=1, help="gate: first chunks always resident")
     return parser.parse_args()
+
+
+def split_documents(args, split: str):
+    count = {"train": args.train_docs, "validation": args.validation_docs, "test": args.test_docs}[split]
+    return question_documents(count, args.length, split, args.seed, args.spacing, args.align)
+
+
+def dump(args, workdir: Path) -> bool:
+    backbone = AutoModelForCausalLM.from_pretrained(args.backbone).to(args.device).eval()
+    labels = LabelConfig(
+        tau=args.dump_tau, warmup=question_trigger_warmup(args.length, args.dump_tau), vote=scaled_vote(len(csa_layers(backbone.config)))
+    )
+    config = DumpConfig(target_layers=tuple(default_target_layers(backbone.config)), labels=labels, chunk_size=512)
+    for split in SPLITS:
+        documents = [document for document, _ in split_documents(args, split)]
+        if not dump_in_blocks(backbone, documents, workdir / "raw" / split, config, args.backbone, args.block_size, args.max_minutes):
+            return False
+    return True
+
+
+def train_tau(args, workdir: Path) -> dict:
+    out = workdir / f"tau{args.tau}"
+    for split in SPLITS:
+        documents = split_documents(args, split)
+        blocks = block_directories(workdir / "raw" / split, len(documents), args.block_size)
+        if not all(is_complete(block) for block in blocks):
+            raise SystemExit(f"error: the {split} dump in {workdir / 'raw'} is not complete: run --stage dump first")
+        questions = {document.doc_id: asked for document, asked in documents}
+        select_labels(blocks, out / split, questions, args.tau)
+    gate = dict(budget=args.budget, recency_chunks=args.recency_chunks, sink_chunks=args.sink_chunks)
+    validation = {}
+    for lr in [float(value) for value in args.lrs.split(",")]:
+        run_dir = out / f"lr{lr:g}"
+        if not (run_dir / "training_summary.json").is_file():
+            checkpoints = (run_dir / "checkpoints").is_dir()
+            train(TrainConfig(
+                data=str(out / "train"), eval_data=str(out / "validation"), output_dir=str(run_dir),
+                num_heads=args.num_heads, rank=args.rank, max_steps=args.steps, batch_size=args.batch_size,
+                learning_rate=lr, warmup_steps=min(100, args.steps // 10), cpu=args.device == "cpu",
+                bf16=args.device == "cuda", save_every=500, resume=checkpoints,
+            ))
+        indexer = MemoryIndexerModel.from_pretrained(run_dir).to(args.device)
+        validation[f"{lr:g}"] = gate_metrics(indexer, out / "validation", **gate)
+    chosen = max(validation, key=lambda lr: selection_score(validation[lr]))
+    shutil.rmtree(out / "indexer", ignore_errors=True)
+    shutil.copytree(out / f"lr{chosen}", out / "indexer", ignore=shutil.ignore_patterns("checkpoints"))
+    test = gate_metrics(MemoryIndexerModel.from_pretrained(out / "indexer").to(args.device), out / "test", **gate)
+    report = {
+        "tau": args.tau, "chosen_lr": chosen, "chosen_on": "validation", "selection_score": selection_score(validation[chosen]),
+        "gate_settings": gate, "validation": validation, "test": test, "documents": {s: getattr(args, f"{s}_docs") for s in SPLITS},
+    }
+    (out / "gate.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def print_gate(report: dict) -> None:
+    print(f"\ntau {report['tau']}: lr {report['chosen_lr']} chosen on validation; test split, per task:")
+    print(f"{'task':<12}{'questions':>10}{'evid. paper':>12}{'evid. budget':>13}{'used paper':>11}{'used budget':>12}{'resident paper':>15}")
+    for task in sorted(report["test"], key=lambda name: (name == "all", name)):
+        m = report["test"][task]
+        print(
+            f"{task:<12}{m['question_triggers']:>10}{m['paper_evidence_recall']:>12.3f}{m['budget_evidence_recall']:>13.3f}"
+            f"{m['paper_used_recall']:>11.3f}{m['budget_used_recall']:>12.3f}{m['paper_resident_fraction']:>15.3f}"
+        )
 
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args()
     workdir = Path(args.workdir)
-    shutil.rmtree(workdir, ignore_errors=True)
-    backbone = AutoModelForCausalLM.from_pretrained(args.backbone).to(args.device).eval()
-    warmup = question_trigger_warmup(args.context_length, args.tau)
-    dump = DumpConfig(
-        target_layers=tuple(args.candidate_layers),
-        labels=LabelConfig(tau=args.tau, warmup=warmup, vote=args.vote),
-        chunk_size=512,
-    )
-    for split, count in (("train", args.train_docs), ("heldout", args.heldout_docs)):
-        documents = indexer_documents(count, args.context_length, args.tau, split)
-        with torch.no_grad():
-            dump_labels(backbone, documents, workdir / "labels" / split, dump, str(args.backbone))
-    del backbone
-    heldout = LabelShards(workdir / "labels" / "heldout")
-    results = {}
-    for layer in args.candidate_layers:
-        config = TrainConfig(
-            data=str(workdir / "labels" / "train"),
-            eval_data=str(workdir / "labels" / "heldout"),
-            output_dir=str(workdir / f"indexer-layer{layer}"),
-            layers=[layer],
-            num_heads=args.num_heads,
-            rank=args.rank,
-            max_steps=args.steps,
-            batch_size=args.batch_size,
-            learning_rate=args.lr,
-            warmup_steps=50,
-            cpu=args.device == "cpu",
-        )
-        train(config)
-        results[layer] = evaluate(MemoryIndexerModel.from_pretrained(config.output_dir), heldout)
-        print(f"\nlayer {layer} " + format_metrics(results[layer]))
-    best = max(results, key=lambda layer: results[layer]["f1"])
-    shutil.copytree(workdir / f"indexer-layer{best}", workdir / "indexer", ignore=shutil.ignore_patterns("checkpoints"))
-    (workdir / "heldout_metrics.json").write_text(json.dumps({"best_layer": best, "layers": results}, indent=2))
-    print(f"kept the layer-{best} indexer in {workdir / 'indexer'}")
+    if args.stage == "dump":
+        if not dump(args, workdir):
+            print("stopped by --max-minutes between dump blocks: run again to go on")
+            raise SystemExit(STOPPED_EARLY)
+        return
+    if args.tau % args.dump_tau or args.align % args.tau:
+        raise SystemExit(f"error: --tau {args.tau} must be a multiple of --dump-tau {args.dump_tau} and divide --align {args.align}")
+    print_gate(train_tau(args, workdir))
 
 
 if __name__ == "__main__":

@@ -1,26 +1,111 @@
-from fm_transformers.eval.indexer_data import indexer_documents, question_trigger_warmup
-from fm_transformers.eval.tasks import TASK_NAMES, make_examples
-from fm_transformers.eval.vocab import QUERY
-from fm_transformers.training.labels import trigger_positions
+"""The memory indexer's data for the paper-layout backbone: question documents, a dump in blocks, the triggers
+kept (question ends and every tau steps of answers), a coarser tau made from the same dump, and the gate."""
+
+import pytest
+import torch
+
+from fm_transformers.eval import build_eval_backbone, eval_backbone_config
+from fm_transformers.eval.dump_blocks import block_directories, dump_in_blocks, is_complete
+from fm_transformers.eval.gate import gate_metrics, selection_score
+from fm_transformers.eval.indexer_data import question_documents, question_trigger_warmup, scaled_vote
+from fm_transformers.eval.label_selection import read_questions, select_labels
+from fm_transformers.indexer import MemoryIndexerModel, default_target_layers
+from fm_transformers.training import DumpConfig, LabelConfig, LabelShards, dump_labels
+
+LENGTH, ALIGN = 384, 8
 
 
-def test_a_trigger_falls_on_the_last_question_token_with_the_answer_in_its_window():
-    length, tau = 200, 16
-    warmup = question_trigger_warmup(length, tau)
-    for document in indexer_documents(2 * len(TASK_NAMES), length, tau, split="train"):
-        assert len(document.input_ids) == length + tau - 1
-        assert length - 1 in trigger_positions(len(document.input_ids), warmup, tau).tolist()
-        assert QUERY in document.input_ids[length - 2 : length]
+@pytest.fixture(scope="module")
+def model():
+    return build_eval_backbone(eval_backbone_config("paper-smoke"), seed=0).eval()
 
 
-def test_documents_continue_with_the_answer_and_differ_from_the_evaluation_examples():
-    length, tau = 200, 16
-    documents = indexer_documents(len(TASK_NAMES), length, tau, split="train")
-    single = documents[TASK_NAMES.index("single_needle")].input_ids
-    key = single[length - 1]
-    needle = single.index(key)  # the key occurs in the needle first, then in the question
-    assert single[length : length + 3] == single[needle + 1 : needle + 4]
-    evaluation = {tuple(e.input_ids) for task in TASK_NAMES for e in make_examples(task, length, 3)}
-    assert all(tuple(document.input_ids[:length]) not in evaluation for document in documents)
-    heldout = indexer_documents(len(TASK_NAMES), length, tau, split="heldout")
-    assert all(a.input_ids != b.input_ids for a, b in zip(documents, heldout))
+@pytest.fixture(scope="module")
+def documents():
+    return question_documents(3, LENGTH, "train", spacing=128, align=ALIGN)
+
+
+def dump_config(model, tau):
+    labels = LabelConfig(tau=tau, warmup=question_trigger_warmup(LENGTH, tau), vote=scaled_vote(7))
+    return DumpConfig(target_layers=tuple(default_target_layers(model.config)), labels=labels, chunk_size=128)
+
+
+@pytest.fixture(scope="module")
+def raw(model, documents, tmp_path_factory):
+    """Raw dumps at tau 4 (in blocks of two documents) and at tau 8, of the same documents."""
+    root = tmp_path_factory.mktemp("labels")
+    plain = [document for document, _ in documents]
+    assert dump_in_blocks(model, plain, root / "tau4", dump_config(model, 4), "smoke", block_size=2)
+    with torch.no_grad():
+        dump_labels(model, plain, root / "tau8", dump_config(model, 8), "smoke")
+    return root, {document.doc_id: questions for document, questions in documents}
+
+
+def test_the_vote_is_the_papers_share_of_the_csa_layers():
+    assert [scaled_vote(n) for n in (21, 7, 14, 4, 1)] == [3, 1, 2, 1, 1]
+    with pytest.raises(ValueError, match="no CSA layer"):
+        scaled_vote(0)
+
+
+def test_question_documents_are_seeded_and_end_with_room_for_the_last_window(documents):
+    again = question_documents(3, LENGTH, "train", spacing=128, align=ALIGN)
+    assert [d.input_ids for d, _ in again] == [d.input_ids for d, _ in documents]
+    other = question_documents(3, LENGTH, "validation", spacing=128, align=ALIGN)
+    assert all(a.input_ids != b.input_ids for (a, _), (b, _) in zip(documents, other))
+    for document, questions in documents:
+        last = questions[-1]
+        assert len(document.input_ids) == LENGTH + last.answer_tokens + ALIGN and last.end == LENGTH - 1
+        assert len(questions) == 3 and all(q.end % ALIGN == (LENGTH - 1) % ALIGN for q in questions)
+
+
+def test_a_dump_in_blocks_stops_at_its_deadline_and_resumes(model, documents, tmp_path):
+    plain = [document for document, _ in documents]
+    config = dump_config(model, 4)
+    assert not dump_in_blocks(model, plain, tmp_path, config, "smoke", block_size=2, max_minutes=0)
+    blocks = block_directories(tmp_path, len(plain), 2)
+    assert len(blocks) == 2 and not any(is_complete(block) for block in blocks)
+    assert dump_in_blocks(model, plain, tmp_path, config, "smoke", block_size=2)
+    assert all(is_complete(block) for block in blocks)
+    assert sum(len(LabelShards(block).documents) for block in blocks) == 3
+
+
+def test_only_question_and_answer_triggers_are_kept(raw, tmp_path):
+    root, questions = raw
+    select_labels(block_directories(root / "tau4", 3, 2), tmp_path, questions, tau=4)
+    shards = LabelShards(tmp_path)
+    assert shards.manifest["labels"]["tau"] == 4 and len(shards.documents) == 3
+    for index, document in enumerate(shards.documents):
+        expected = [p for q in questions[document.doc_id] for p in q.trigger_positions(4)]
+        assert shards.load(index)["positions"].tolist() == expected
+    assert read_questions(tmp_path) == {doc_id: list(asked) for doc_id, asked in questions.items()}
+
+
+def test_labels_widened_from_a_finer_dump_equal_a_dump_at_that_tau(raw, tmp_path):
+    root, questions = raw
+    select_labels(block_directories(root / "tau4", 3, 2), tmp_path / "widened", questions, tau=8)
+    select_labels([root / "tau8"], tmp_path / "direct", questions, tau=8)
+    widened, direct = LabelShards(tmp_path / "widened"), LabelShards(tmp_path / "direct")
+    for index in range(3):
+        a, b = widened.load(index), direct.load(index)
+        assert sorted(a) == sorted(b)
+        assert all(torch.equal(a[name], b[name]) for name in a), [n for n in a if not torch.equal(a[n], b[n])]
+        assert a["labels/indices"].numel() > 0
+
+
+def test_a_tau_the_dump_cannot_make_is_an_error(raw, tmp_path):
+    root, questions = raw
+    with pytest.raises(ValueError, match="not a multiple"):
+        select_labels([root / "tau8"], tmp_path, questions, tau=12)
+
+
+def test_the_gate_selects_everything_at_threshold_zero_and_holds_the_budget(raw, model, tmp_path):
+    root, questions = raw
+    select_labels(block_directories(root / "tau4", 3, 2), tmp_path, questions, tau=4)
+    indexer = MemoryIndexerModel.from_backbone(model, num_heads=2, rank=8)
+    everything = gate_metrics(indexer, tmp_path, budget=1.0, threshold=0.0, recency_chunks=0, sink_chunks=0)
+    assert everything["all"]["paper_evidence_recall"] == 1.0 and everything["all"]["paper_used_recall"] == 1.0
+    assert everything["all"]["paper_resident_fraction"] == 1.0
+    capped = gate_metrics(indexer, tmp_path, budget=0.1, threshold=0.0, recency_chunks=2, sink_chunks=1)
+    assert set(capped) == {"all", *(q.task for asked in questions.values() for q in asked)}
+    assert 0.05 < capped["all"]["budget_resident_fraction"] <= 0.1 + 1e-9
+    assert capped["all"]["question_triggers"] == 9 and 0.0 <= selection_score(capped) <= 1.0

@@ -1,31 +1,50 @@
-"""Documents for training the evaluation backbone's memory indexer with the project's own pipeline
-(`fm_transformers.training`): task examples, each continued by its answer.
+"""The memory indexer's training data for the paper-layout backbone: question documents (qa_documents.py) and the
+label settings of the paper's recipe, the vote scaled to the backbone.
 
-LSA's decisive trigger in the evaluation is the one right after prefill, at the question's last token: its
-lookahead window is the answer. The dump triggers every `tau` tokens from `warmup`, so every document here has
-the same context length, `warmup = (context_length - 1) % tau` puts a trigger on that last token, and filler
-after the answer gives the trigger its whole window. Earlier triggers (inside the haystack) are trained too,
-as in any document.
+Every question of a document ends at a position aligned to ALIGN, and so does the document's last question; the
+dump triggers every tau tokens from `question_trigger_warmup`, which puts a trigger on every question end and
+every tau steps of every answer for any tau dividing ALIGN. Those triggers carry meaning (what the answer will
+read); the others fall in filler and are dropped afterwards (label_selection.py). After the last answer the
+document goes on for ALIGN filler tokens, so its last triggers have a whole lookahead window.
 """
 
+import math
+
 from ..document import Document
-from .tasks import TASK_NAMES, example_rng, make_example
+from ..indexer import PAPER_CSA_LAYER_COUNT
+from .qa_documents import AskedQuestion, qa_document
+from .tasks import example_rng
 from .vocab import FILLER
+
+PAPER_VOTE = 3  # of the 21 CSA layers of V4-Flash
+ALIGN = 64  # the largest tau evaluated
+SPACING = 320  # tokens between questions, on average
+
+
+def scaled_vote(num_csa_layers: int) -> int:
+    """The paper's vote (3 of 21 CSA layers) at the same share of another backbone's CSA layers, rounded half up,
+    at least 1: 1 of 7, 2 of 14."""
+    if num_csa_layers < 1:
+        raise ValueError("the backbone has no CSA layer: labels are voted by CSA layers")
+    return max(1, math.floor(PAPER_VOTE * num_csa_layers / PAPER_CSA_LAYER_COUNT + 0.5))
 
 
 def question_trigger_warmup(context_length: int, tau: int) -> int:
-    """The dump's first trigger step such that the question's last token (position context_length - 1) is one."""
+    """The dump's first trigger step such that position context_length - 1 (where every question of a document
+    of that length ends, modulo ALIGN) is one."""
     return (context_length - 1) % tau
 
 
-def indexer_documents(count: int, context_length: int, tau: int, split: str, seed: int = 0) -> list[Document]:
-    """`count` documents of `context_length + tau - 1` tokens, the evaluation tasks in turn; `split` keeps the
-    training and held-out sets apart (and apart from the evaluation's own examples, seeded by "eval")."""
+def question_documents(
+    count: int, length: int, split: str, seed: int = 0, spacing: int = SPACING, align: int = ALIGN
+) -> list[tuple[Document, tuple[AskedQuestion, ...]]]:
+    """`count` question documents of `length` tokens plus the last answer and `align` filler tokens, each with
+    its questions; `split` keeps the training, validation and test sets apart (and apart from the evaluation's
+    examples, seeded otherwise)."""
     documents = []
     for index in range(count):
-        task = TASK_NAMES[index % len(TASK_NAMES)]
-        rng = example_rng("indexer", split, seed, index)
-        example = make_example(task, context_length, rng)
-        tail = rng.choices(FILLER, k=tau - 1 - len(example.answer))
-        documents.append(Document(f"{split}-{index}", example.input_ids + example.answer + tail))
+        rng = example_rng("indexer", split, seed, length, index)
+        document = qa_document(length, rng, spacing=spacing, align=align)
+        tokens = document.example.input_ids + document.example.answer + rng.choices(FILLER, k=align)
+        documents.append((Document(f"{split}-{index}", tokens), document.questions))
     return documents

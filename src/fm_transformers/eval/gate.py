@@ -1,0 +1,113 @@
+"""The gate before the comparison: does the memory indexer select, on held-out question documents, what the answers
+will need, at the resident sets LSA will really use?
+
+Per task, at the triggers of a selected label set (label_selection.py):
+- evidence_recall: at each question's own trigger, the share of its evidence chunks (those holding a statement
+  that carries the answer, already made at the trigger) in the resident set;
+- used_recall: at every trigger (question and answer), the share of the native top-k picks of the next tau steps
+  (every CSA layer, every token: the dump's "used" counts) that fall in the resident set: level 2 reproduces the
+  full cache where this is 1;
+- resident_fraction: the resident set's share of the chunks that exist at the trigger.
+Two resident sets, built by the cache's own rule (policies.resident_sets, with recency tail and sink): "paper",
+chunks scoring at least the threshold in any target layer, uncapped; "budget", the same under the budget.
+"""
+
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from ..config import LSAConfig
+from ..policies import NOT_WANTED, SelectionContext, resident_sets
+from ..training import LabelShards
+from .label_selection import read_questions
+
+SELECTIONS = ("paper", "budget")
+
+
+def trigger_scores(indexer, data: dict, rows: torch.Tensor) -> torch.Tensor:
+    """(triggers, chunks) max over the indexer's layers of its scores at the dumped triggers `rows`."""
+    positions = data["positions"][rows].unsqueeze(0).to(indexer.device)
+    best = None
+    for layer in indexer.config.layers:
+        hidden = data[f"hidden/{layer}"][rows].unsqueeze(0).to(indexer.device, indexer.dtype)
+        keys = data[f"keys/{layer}"].unsqueeze(0).to(indexer.device, indexer.dtype)
+        scores = indexer.scores(layer, hidden, positions, keys)[0].float().cpu()
+        best = scores if best is None else torch.maximum(best, scores)
+    return best
+
+
+def resident_set(scores: torch.Tensor, visible: int, threshold: float, config: LSAConfig) -> set[int]:
+    """The chunks an LSA cache with `config` keeps for one trigger's scores (chunks, ) over `visible` chunks."""
+    wanted = torch.where(scores[:visible] >= threshold, scores[:visible], NOT_WANTED).unsqueeze(0)
+    context = SelectionContext(visible, torch.tensor([visible]), 0, torch.device("cpu"))
+    return set(resident_sets(wanted, context, config)[0].tolist())
+
+
+@torch.no_grad()
+def gate_metrics(
+    indexer, directory: Path, budget: float, threshold: float = 0.5, budget_threshold: float = 0.0,
+    recency_chunks: int = 16, sink_chunks: int = 1,
+) -> dict[str, dict[str, float]]:
+    """{task: {"<selection>_<metric>": value, "question_triggers": n, "answer_triggers": n}} and an "all" entry
+    pooling the tasks (micro averages)."""
+    shards, questions = LabelShards(directory), read_questions(directory)
+    configs = {
+        "paper": (threshold, LSAConfig(recency_chunks=recency_chunks, sink_chunks=sink_chunks)),
+        "budget": (budget_threshold, LSAConfig(recency_chunks=recency_chunks, sink_chunks=sink_chunks, resident_budget=budget)),
+    }
+    sums: dict[str, defaultdict] = defaultdict(lambda: defaultdict(float))
+    rate = shards.compress_rate
+    was_training = indexer.training
+    indexer.eval()
+    for index, document in enumerate(shards.documents):
+        data = shards.load(index)
+        rows = torch.arange(data["positions"].numel())
+        scores = trigger_scores(indexer, data, rows)
+        asked = {p: (q, p == q.end) for q in questions[document.doc_id] for p in q.trigger_positions(_tau(shards))}
+        for row, position in enumerate(data["positions"].tolist()):
+            question, at_question = asked[position]
+            visible = (position + 1) // rate
+            used = _csr_row(data, "used", row)
+            evidence = [chunk for chunk in question.evidence_chunks(rate) if chunk < visible]
+            for name, (cut, config) in configs.items():
+                kept = resident_set(scores[row], visible, cut, config)
+                for task in (question.task, "all"):
+                    _add(sums[task], name, kept, visible, used, evidence if at_question else None)
+    indexer.train(was_training)
+    return {task: _means(total) for task, total in sums.items()}
+
+
+def _tau(shards: LabelShards) -> int:
+    return shards.manifest["labels"]["tau"]
+
+
+def _csr_row(data: dict, kind: str, row: int) -> dict[int, int]:
+    span = slice(int(data[f"{kind}/indptr"][row]), int(data[f"{kind}/indptr"][row + 1]))
+    return dict(zip(data[f"{kind}/indices"][span].tolist(), data[f"{kind}/counts"][span].tolist()))
+
+
+def _add(total, name: str, kept: set[int], visible: int, used: dict[int, int], evidence: list[int] | None) -> None:
+    total[f"{name}_used_hit"] += sum(count for chunk, count in used.items() if chunk in kept)
+    total[f"{name}_used"] += sum(used.values())
+    total[f"{name}_fraction"] += len(kept) / max(visible, 1)
+    total[f"{name}_triggers"] += 1
+    if evidence is not None:
+        total[f"{name}_evidence_recall"] += sum(chunk in kept for chunk in evidence) / max(len(evidence), 1)
+        total[f"{name}_questions"] += 1
+
+
+def _means(total) -> dict[str, float]:
+    means = {"question_triggers": int(total["paper_questions"]), "triggers": int(total["paper_triggers"])}
+    for name in SELECTIONS:
+        means[f"{name}_evidence_recall"] = total[f"{name}_evidence_recall"] / max(total[f"{name}_questions"], 1)
+        means[f"{name}_used_recall"] = total[f"{name}_used_hit"] / max(total[f"{name}_used"], 1)
+        means[f"{name}_resident_fraction"] = total[f"{name}_fraction"] / max(total[f"{name}_triggers"], 1)
+    return means
+
+
+def selection_score(metrics: dict[str, dict[str, float]]) -> float:
+    """What validation maximizes: over the tasks, the mean of evidence recall at questions and used recall at
+    every trigger, both under the budget (the resident sets whose size is fixed, so they compare fairly)."""
+    tasks = [task for task in metrics if task != "all"]
+    return sum((metrics[t]["budget_evidence_recall"] + metrics[t]["budget_used_recall"]) / 2 for t in tasks) / len(tasks)

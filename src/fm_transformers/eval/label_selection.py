@@ -1,0 +1,117 @@
+"""From a raw label dump (every tau_raw tokens of every document) to the label set an indexer trains on: only the
+triggers that carry meaning, at the tau the indexer is made for.
+
+The dump (fm_transformers.training) triggers on a regular grid, most of it in filler. Kept here: each question's
+end and every tau steps of its answer (AskedQuestion.trigger_positions), all on the grid (indexer_data.py).
+A coarser tau is made from the same dump: the lookahead window [t, t + tau) of a trigger t is the union of the
+raw windows starting at t, t + tau_raw, ..., so its golden chunks are the union of theirs and its native picks
+the sum of theirs, each cut to the chunks that exist at t (the dump's own causality rule). That equals a dump
+made at tau directly (tested), for the cost of one dump for every tau.
+
+The selected set is a normal label directory (manifest, shards) with the questions of its documents beside it
+(QUESTIONS, read by gate.py).
+"""
+
+import json
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from ..training import LabelShards
+from ..training.labels import visible_chunks
+from ..training.shard_writer import ShardWriter
+from ..training.shards import MANIFEST, atomic_write_json
+from .qa_documents import AskedQuestion
+
+QUESTIONS = "questions.json"
+
+
+def select_labels(sources: list[Path], target: Path, questions: dict[str, tuple[AskedQuestion, ...]], tau: int) -> dict:
+    """Write to `target` (replacing it) the labels at the question triggers for `tau`, from the raw dumps in
+    `sources` (one or more directories of one backbone and label settings). Returns the manifest."""
+    raw = [LabelShards(source) for source in sources]
+    first = raw[0]
+    for other in raw[1:]:
+        first.check_same_backbone(other)
+        if other.manifest["labels"] != first.manifest["labels"] or other.target_layers != first.target_layers:
+            raise ValueError(f"{other.directory} was dumped with other labels or layers than {first.directory}")
+    raw_tau = first.manifest["labels"]["tau"]
+    if tau % raw_tau:
+        raise ValueError(f"tau {tau} is not a multiple of the dump's tau {raw_tau}: dump at a tau dividing it")
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir(parents=True)
+    manifest = {
+        **{key: value for key, value in first.manifest.items() if key not in ("shards", "documents")},
+        "labels": {**first.manifest["labels"], "tau": tau},
+        "selected": {"from_tau": raw_tau, "triggers": "each question's end and every tau steps of its answer"},
+        "documents": [],
+        "shards": [],
+        "complete": False,
+    }
+    writer = ShardWriter(target, manifest, manifest["shard_bytes"], manifest["docs_per_shard"])
+    kept = {}
+    for shards in raw:
+        for index, document in enumerate(shards.documents):
+            positions = [p for q in questions[document.doc_id] for p in q.trigger_positions(tau)]
+            data = shards.load(index)
+            writer.add(document.doc_id, document.tokens, select_triggers(data, positions, raw_tau, tau, shards.compress_rate))
+            manifest["documents"].append(document.doc_id)
+            kept[document.doc_id] = [asdict(q) for q in questions[document.doc_id]]
+    writer.close()
+    manifest["complete"] = True
+    atomic_write_json(target / MANIFEST, manifest)
+    (target / QUESTIONS).write_text(json.dumps(kept))
+    return manifest
+
+
+def read_questions(directory: Path) -> dict[str, list[AskedQuestion]]:
+    """The questions of a selected label set's documents, by document id."""
+    stored = json.loads((Path(directory) / QUESTIONS).read_text())
+    return {
+        doc_id: [AskedQuestion(q["task"], q["end"], q["answer_tokens"], tuple(map(tuple, q["evidence"]))) for q in listed]
+        for doc_id, listed in stored.items()
+    }
+
+
+def select_triggers(data: dict, positions: list[int], raw_tau: int, tau: int, compress_rate: int) -> dict:
+    """One document's tensors (LabelShards.load) at the triggers `positions`, each widened to a window of tau."""
+    row_of = {position: row for row, position in enumerate(data["positions"].tolist())}
+    steps = range(0, tau, raw_tau)
+    missing = [p + step for p in positions for step in steps if p + step not in row_of]
+    if missing:
+        raise ValueError(f"the dump has no trigger at positions {missing[:5]}: dump with the warm-up of the questions")
+    rows = torch.tensor([row_of[p] for p in positions], dtype=torch.long)
+    limits = visible_chunks(torch.tensor(positions, dtype=torch.long), compress_rate)
+    selected = {"positions": data["positions"][rows]}
+    for name, tensor in data.items():
+        if name.startswith(("hidden/", "keys/")):
+            selected[name] = tensor[rows] if name.startswith("hidden/") else tensor
+    for kind in ("labels", "used"):
+        groups = [[row_of[p + step] for step in steps] for p in positions]
+        selected.update(_union_rows(data, kind, groups, limits))
+    return selected
+
+
+def _union_rows(data: dict, kind: str, groups: list[list[int]], limits: torch.Tensor) -> dict:
+    """CSR rows that are the union of each group of `kind`'s rows (counts summed), cut below each limit."""
+    indptr, indices = data[f"{kind}/indptr"], data[f"{kind}/indices"]
+    counts = data.get(f"{kind}/counts")
+    out_indices, out_counts, lengths = [], [], []
+    for group, limit in zip(groups, limits.tolist()):
+        spans = [slice(int(indptr[row]), int(indptr[row + 1])) for row in group]
+        chunks = torch.cat([indices[span] for span in spans])
+        weights = torch.cat([counts[span] for span in spans]) if counts is not None else torch.ones_like(chunks)
+        keep = chunks < limit
+        unique, inverse = torch.unique(chunks[keep], return_inverse=True)
+        out_indices.append(unique)
+        out_counts.append(torch.zeros_like(unique).index_add_(0, inverse, weights[keep]))
+        lengths.append(unique.numel())
+    result = {
+        f"{kind}/indptr": torch.cat([torch.zeros(1, dtype=torch.long), torch.tensor(lengths, dtype=torch.long).cumsum(0)]),
+        f"{kind}/indices": torch.cat(out_indices) if out_indices else indices[:0],
+    }
+    if counts is not None:
+        result[f"{kind}/counts"] = torch.cat(out_counts) if out_counts else counts[:0]
+    return result
