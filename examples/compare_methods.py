@@ -1,203 +1,203 @@
-"""Full cache / LSA / recency-only / random at the same GPU budget on the synthetic tasks (REFERENCE.md section 4).
+"""The comparison of issue 16: full cache, LSA as the paper runs it, recency and random at LSA's bytes, LSA under a
+fixed budget, the oracle lookahead, and native-indexer paging, on the same backbone and examples, with paired
+bootstrap 95% intervals against full (rows: fm_transformers.eval.methods).
 
-    python examples/compare_methods.py --backbone DIR --indexer DIR --lengths 512,1024,2048,4096 --out compare.json \
-        --plot compare.png
+Choose the open settings on a validation draw (never reported), then evaluate on other draws:
+    python examples/compare_methods.py --backbone runs/paper-bf16 --indexer runs/paper-indexer/tau64/indexer \\
+        --tau 64 --tune --seed 0 --lengths 2048 --examples 40 --out tuned64.json
+    python examples/compare_methods.py --backbone runs/paper-bf16 --indexer runs/paper-indexer/tau64/indexer \\
+        --tau 64 --settings tuned64.json --seed 1 --lengths 2048 --examples 200 --out tau64-2048.json
+A comparison can run in parts (--lengths, --tasks, --first/--examples select examples) and be joined:
+    python examples/compare_methods.py --merge tau64-*.json --out tau64.json --plot tau64.png
+--smoke runs everything on an untrained paper-layout backbone of smoke size and a fresh indexer: that checks the
+machinery, not accuracy.
 
-Lengths run one after another; to spread them over GPUs or processes, run one length per command (its own
---out) and join the results: `python examples/compare_methods.py --merge a.json b.json --out all.json --plot all.png`.
-Runs of the same lengths on other example draws (--seed) pool into one table of their mean: `--pool s0.json
-s1.json s2.json` (each draw has as many examples, so the mean accuracy is the accuracy over all of them).
-
---backbone: the evaluation backbone trained by examples/train_eval_backbone.py; --indexer: its memory indexer
-trained with `fm-indexer`. Without them (--smoke) it runs on an untrained smoke-size backbone and a fresh indexer:
-that checks the machinery, not accuracy. Prints exact-match accuracy per task and method, the measured CSA
-bytes on the device per method and the chunks each fetched from the pool per token; writes JSON and a plot.
-
-With --refresh-layers (default 2,7) two more rows run: LSA with those CSA layers refreshing the resident set on
-a miss (LSAConfig.refresh_layers), and the same refresh without the memory indexer ("refresh only").
+Every generation writes exactly as many tokens as the answer (EOS cannot end it early). Memory per row: CSA bytes
+on the device at the end, the allocator's peaks during prefill and during decode (CUDA; None elsewhere); and per
+generation: level-1 triggers, chunks fetched from the host pool, host syncs per token (CUDA), and for the paging
+rows their refreshes and whole-history scoring. Prints the table and writes JSON (records per example, summary,
+settings and how they were chosen) and a plot.
 """
 
 import argparse
 import json
+from dataclasses import asdict
 
 import torch
 from transformers import AutoModelForCausalLM
 
 import fm_transformers as fm
-from fm_transformers.eval import TASK_NAMES, build_eval_backbone, eval_backbone_config, evaluate_accuracy, make_examples
-from fm_transformers.eval.methods import comparison_methods
+from fm_transformers.eval import build_eval_backbone, eval_backbone_config
+from fm_transformers.eval.catalog import TASK_SETS, evaluation_examples
+from fm_transformers.eval.comparison import run_comparison
+from fm_transformers.eval.methods import RowSettings, paper_rows
+from fm_transformers.eval.paper_layout import check_paper_layout
+from fm_transformers.eval.summary import format_table, format_tasks, join_records, summarize
+from fm_transformers.eval.tuning import tune
+
+# Fields of a run that must agree for parts to be joined.
+RUN_FIELDS = ("backbone", "indexer", "tau", "seed", "answer_tokens", "settings", "tuning", "dtype")
 
 
-def main():
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backbone", help="trained evaluation backbone (a save_pretrained dir)")
-    parser.add_argument("--indexer", help="its memory indexer (a save_pretrained dir or Hub id)")
-    parser.add_argument("--smoke", action="store_true", help="untrained smoke-size backbone and fresh indexer")
-    parser.add_argument("--merge", nargs="+", metavar="JSON", help="join the results of earlier runs, run nothing")
-    parser.add_argument("--pool", nargs="+", metavar="JSON", help="average runs of other draws (--seed), run nothing")
-    parser.add_argument("--lengths", default="512,1024,2048,4096", help="context lengths in tokens")
+    parser.add_argument("--backbone", help="the paper-layout backbone (a save_pretrained dir)")
+    parser.add_argument("--indexer", help="its memory indexer, trained for --tau")
+    parser.add_argument("--smoke", action="store_true", help="untrained smoke-size backbone and a fresh indexer")
+    parser.add_argument("--merge", nargs="+", metavar="JSON", help="join parts of one comparison, run nothing")
+    parser.add_argument("--tune", action="store_true", help="choose the open settings on this draw (--seed)")
+    parser.add_argument("--settings", help="settings chosen by a --tune run (its --out)")
+    parser.add_argument("--tasks", default="long", help="a task set (long, ruler) or comma-separated tasks")
+    parser.add_argument("--lengths", default="2048,4096,8192")
+    parser.add_argument("--examples", type=int, default=200, help="examples per task and length")
+    parser.add_argument("--first", type=int, default=0, help="index of the first example (a part of a draw)")
+    parser.add_argument("--seed", type=int, default=1, help="the draw of examples; the tuning draw must differ")
+    parser.add_argument("--answer-tokens", type=int, default=None, help="answer length of the long tasks (default 130)")
+    parser.add_argument("--tau", type=int, default=64)
+    parser.add_argument("--threshold", type=float, default=0.5, help="LSA's threshold (the paper's)")
+    parser.add_argument("--budget", type=float, default=0.1, help="resident budget of the budgeted rows")
+    parser.add_argument("--recency-chunks", type=int, default=16, help="without --settings: the recency tail")
+    parser.add_argument("--sink-chunks", type=int, default=1)
+    parser.add_argument("--budget-threshold", type=float, default=0.0, help="without --settings: lsa (budget)'s")
+    parser.add_argument("--tails", default="4,16,32", help="--tune: candidate recency tails")
+    parser.add_argument("--thresholds", default="0,0.3,0.5", help="--tune: candidate budget thresholds")
+    parser.add_argument("--paging-layers", default="", help="refresh layers of the paging rows (default: target layers)")
+    parser.add_argument("--no-paging", action="store_true", help="leave the native-paging rows out")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument(
-        "--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="backbone dtype (auto: as saved)"
-    )
-    parser.add_argument("--examples", type=int, default=20, help="examples per task and length")
-    parser.add_argument("--seed", type=int, default=0, help="examples of length N are drawn with seed N + 1000003 * SEED")
-    parser.add_argument("--budget", type=float, default=0.1, help="resident budget, a fraction of the history")
-    parser.add_argument("--tau", type=int, default=16)
-    # Under a budget, a low threshold lets LSA fill the budget by score, as recency and random fill it; the
-    # 64-token sliding window already covers the newest tokens, so two newest chunks are enough of a tail.
-    parser.add_argument("--threshold", type=float, default=0.1, help="LSA keeps chunks scoring at least this")
-    parser.add_argument("--recency-chunks", type=int, default=2, help="newest chunks always resident (in the budget)")
-    # Retrieval in the evaluation backbone runs through CSA layers 2 and 7 (see the README). Their indexer keys on
-    # the device cost 10% of the full CSA bytes here, so the refresh rows get a smaller budget for the same bytes,
-    # and no recency tail or sink: a refresh fetches what the sliding window does not cover when it is used.
-    parser.add_argument(
-        "--refresh-layers", default="2,7", help="CSA layers of the lsa+refresh and refresh-only rows ('' leaves them out)"
-    )
-    parser.add_argument("--refresh-budget", type=float, default=0.05, help="resident budget of the refresh rows")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="auto: as saved")
     parser.add_argument("--out", default="compare.json")
-    parser.add_argument("--plot", default="compare.png")
-    args = parser.parse_args()
-    if args.merge and args.pool:
-        parser.error("pass --merge or --pool, not both")
-    if args.merge:
-        results = merge(args.merge)
-    elif args.pool:
-        results = pool(args.pool)
-    elif args.smoke or (args.backbone and args.indexer):
-        results = run(args)
+    parser.add_argument("--plot", default=None, help="a PNG of accuracy against length, intervals against full")
+    return parser.parse_args()
+
+
+def load(args):
+    if args.smoke:
+        model = build_eval_backbone(eval_backbone_config("paper-smoke"), seed=0)
+        indexer = fm.MemoryIndexerModel.from_backbone(model, num_heads=2, rank=8)
     else:
-        parser.error("pass --backbone and --indexer, --smoke, --merge or --pool")
-    with open(args.out, "w") as handle:
-        json.dump(results, handle, indent=1)
-    plot(results, args.plot)
-    print_table(results)
+        if not (args.backbone and args.indexer):
+            raise SystemExit("error: pass --backbone and --indexer, --smoke, or --merge")
+        dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+        model = AutoModelForCausalLM.from_pretrained(args.backbone, dtype=dtype)
+        indexer = args.indexer
+    model = model.to(args.device).eval()
+    fm.enable_bounded_prefill(model)  # full prefills as LSA does: the rows differ in decode only
+    return model, fm.attach_memory_indexer(model, indexer)
+
+
+def settings_from(args) -> tuple[RowSettings, dict | None]:
+    paging = tuple(int(layer) for layer in args.paging_layers.split(",") if layer) or None
+    base = RowSettings(
+        tau=args.tau, threshold=args.threshold, recency_chunks=args.recency_chunks, sink_chunks=args.sink_chunks,
+        budget=args.budget, budget_threshold=args.budget_threshold, paging_layers=paging, seed=args.seed,
+    )
+    if not args.settings:
+        return base, None
+    with open(args.settings) as handle:
+        tuned = json.load(handle)
+    if tuned["seed"] == args.seed:
+        raise SystemExit(f"error: seed {args.seed} chose the settings in {args.settings}: evaluate on another draw")
+    if tuned["tau"] != args.tau:
+        raise SystemExit(f"error: {args.settings} was tuned at tau {tuned['tau']}, this run is at tau {args.tau}")
+    chosen = {name: tuned["settings"][name] for name in tuned["tuning"]["chosen"]}
+    return RowSettings(**{**asdict(base), **chosen}), {"seed": tuned["seed"], **tuned["tuning"]}
+
+
+def examples_for(args, length: int) -> list:
+    tasks = TASK_SETS.get(args.tasks) or tuple(args.tasks.split(","))
+    found = []
+    for task in tasks:
+        drawn = evaluation_examples(task, length, args.first + args.examples, args.seed, args.answer_tokens)
+        found += [(args.first + offset, example) for offset, example in enumerate(drawn[args.first :])]
+    return found
 
 
 def run(args) -> dict:
-    if args.smoke:
-        model = build_eval_backbone(eval_backbone_config("smoke"), seed=0).to(args.device).eval()
-        indexer = fm.MemoryIndexerModel.from_backbone(model, layers=[2, 4], num_heads=4, rank=16)
-    else:
-        dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
-        model = AutoModelForCausalLM.from_pretrained(args.backbone, dtype=dtype).to(args.device).eval()
-        indexer = fm.MemoryIndexerModel.from_pretrained(args.indexer)
-    fm.attach_memory_indexer(model, indexer)
-    lsa_config = {
-        "tau": args.tau,
-        "threshold": args.threshold,
-        "resident_budget": args.budget,
-        "recency_chunks": args.recency_chunks,
-        "sink_chunks": 1,
+    model, indexer = load(args)
+    lengths = [int(length) for length in args.lengths.split(",")]
+    layout = check_paper_layout(model.config, lengths, args.budget)
+    settings, tuning = settings_from(args)
+    head = {
+        "kind": "tuning" if args.tune else "comparison", "backbone": args.backbone or "smoke", "indexer": args.indexer or "fresh",
+        "tau": args.tau, "seed": args.seed, "answer_tokens": args.answer_tokens, "dtype": str(model.dtype),
+        "device": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else args.device,
+        "layout": layout,
     }
-    refresh_config = None
-    if args.refresh_layers:
-        layers = [int(value) for value in args.refresh_layers.split(",")]
-        refresh_config = {
-            "refresh_layers": layers, "resident_budget": args.refresh_budget, "recency_chunks": 0, "sink_chunks": 0
+    if args.tune:
+        examples = [example for length in lengths for _, example in examples_for(args, length)]
+        tails = [int(value) for value in args.tails.split(",")]
+        thresholds = [float(value) for value in args.thresholds.split(",")]
+        chosen, report = tune(model, indexer, examples, settings, tails, thresholds, args.batch_size)
+        return {**head, "settings": asdict(chosen), "tuning": report}
+    rows = paper_rows(indexer, settings, paging=not args.no_paging)
+    records = {}
+    for length in lengths:
+        indexed = examples_for(args, length)
+        found = run_comparison(model, [example for _, example in indexed], rows, args.batch_size)
+        records[str(length)] = {
+            row: [{**record, "index": index} for (index, _), record in zip(indexed, listed)] for row, listed in found.items()
         }
-    results = {}
-    for length in [int(value) for value in args.lengths.split(",")]:
-        seed = length + 1_000_003 * args.seed
-        examples = [ex for task in TASK_NAMES for ex in make_examples(task, length, args.examples, seed=seed)]
-        methods = comparison_methods(fm.attached_memory_indexer(model), lsa_config, refresh_config=refresh_config)
-        results[length] = {}
-        for method in methods:
-            accuracy = evaluate_accuracy(model, examples, method.generate)
-            results[length][method.name] = {
-                "accuracy": accuracy,
-                "csa_device_bytes": method.mean_csa_bytes(),
-                "fetched_per_token": method.fetched_per_token(),
-            }
-    return results
+    return {**head, "settings": asdict(settings), "tuning": tuning, "records": records}
 
 
 def merge(paths: list[str]) -> dict:
-    """Results of several runs by context length (JSON keys are strings); a length found twice is an error."""
-    results = {}
+    runs = []
     for path in paths:
-        for length, methods in load_results(path).items():
-            if length in results:
-                raise SystemExit(f"context length {length} appears in more than one of {paths}")
-            results[length] = methods
-    return dict(sorted(results.items()))
+        with open(path) as handle:
+            runs.append(json.load(handle))
+    for path, other in zip(paths[1:], runs[1:]):
+        differing = [name for name in RUN_FIELDS if other.get(name) != runs[0].get(name)]
+        if differing:
+            raise SystemExit(f"error: {path} differs from {paths[0]} in {', '.join(differing)}: not parts of one comparison")
+    try:
+        records = join_records([run["records"] for run in runs])
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
+    return {**runs[0], "records": records, "merged_from": paths}
 
 
-def load_results(path: str) -> dict:
-    """A results JSON by context length (its keys are strings there)."""
-    with open(path) as handle:
-        return {int(length): methods for length, methods in json.load(handle).items()}
-
-
-def pool(paths: list[str]) -> dict:
-    """The mean of runs over other example draws: every run must hold the same lengths, methods, tasks and
-    measures (a missing one would bias the mean); accuracy, CSA bytes and fetches are averaged entry by entry."""
-    runs = [load_results(path) for path in paths]
-
-    def shape(run):
-        return {n: {m: (sorted(e), sorted(e["accuracy"])) for m, e in methods.items()} for n, methods in run.items()}
-
-    for path, run in zip(paths[1:], runs[1:]):
-        if shape(run) != shape(runs[0]):
-            raise SystemExit(f"{path} has other lengths, methods, tasks or measures than {paths[0]}: cannot pool them")
-
-    def mean(values):
-        return sum(values) / len(values)
-
-    pooled = {}
-    for length in sorted(runs[0]):
-        pooled[length] = {}
-        for name, first in runs[0][length].items():
-            entries = [run[length][name] for run in runs]
-            entry = {
-                "accuracy": {task: mean([e["accuracy"][task] for e in entries]) for task in first["accuracy"]},
-                "csa_device_bytes": mean([e["csa_device_bytes"] for e in entries]),
-            }
-            if "fetched_per_token" in first:
-                entry["fetched_per_token"] = mean([e["fetched_per_token"] for e in entries])
-            pooled[length][name] = entry
-    return pooled
-
-
-def mean_accuracy(entry) -> float:
-    return 100 * sum(entry["accuracy"].values()) / len(entry["accuracy"])
-
-
-def plot(results, path):
+def plot(summary: dict, path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lengths = sorted(results)
-    figure, axis = plt.subplots(figsize=(7.5, 4))
-    markers = "osD^vx"
-    for index, name in enumerate(results[lengths[0]]):
-        axis.plot(
-            lengths, [mean_accuracy(results[n][name]) for n in lengths], label=name, marker=markers[index % len(markers)],
-            linestyle="--" if name == "refresh only" else "-", fillstyle="none" if name == "refresh only" else "full",
-        )  # "refresh only" often lies on "lsa+refresh": dashed and hollow, it stays visible on top
+    lengths = sorted(summary, key=int)
+    figure, axis = plt.subplots(figsize=(8, 4.5))
+    for name in summary[lengths[0]]:
+        full = [100 * summary[n]["full"]["mean_accuracy"] for n in lengths]
+        means = [100 * summary[n][name]["mean_accuracy"] for n in lengths]
+        intervals = [summary[n][name]["vs_full"] for n in lengths]
+        below = [0 if i is None else m - (f + 100 * i["low"]) for m, f, i in zip(means, full, intervals)]
+        above = [0 if i is None else (f + 100 * i["high"]) - m for m, f, i in zip(means, full, intervals)]
+        axis.errorbar([int(n) for n in lengths], means, yerr=[below, above], label=name, marker="o", capsize=3)
     axis.set_xscale("log", base=2)
-    axis.set_xticks(lengths, [str(n) for n in lengths])
+    axis.set_xticks([int(n) for n in lengths], lengths)
     axis.set_xlabel("context length (tokens)")
     axis.set_ylabel("mean exact match (%)")
-    axis.set_title("Full / LSA / recency / random at the same GPU bytes")
-    axis.legend(loc="center left", bbox_to_anchor=(1.0, 0.5))
+    axis.set_title("Rows against full (bars: paired bootstrap 95% interval of the difference)")
+    axis.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
 
 
-def print_table(results):
-    """One row per length and method; 'fetched' is chunks fetched from the pool per generated token and CSA layer."""
-    print("length | method       | mean EM % | CSA device KiB | vs full | fetched | per task EM %")
-    for length, methods in results.items():
-        full_bytes = methods["full"]["csa_device_bytes"]
-        for name, entry in methods.items():
-            tasks = " ".join(f"{task}={100 * value:.0f}" for task, value in entry["accuracy"].items())
-            share = entry["csa_device_bytes"] / full_bytes if full_bytes else float("nan")
-            kib = entry["csa_device_bytes"] / 1024
-            fetched = f"{entry['fetched_per_token']:7.2f}" if "fetched_per_token" in entry else f"{'-':>7}"
-            print(f"{length:6d} | {name:12s} | {mean_accuracy(entry):9.1f} | {kib:14.1f} | {share:7.2f} | {fetched} | {tasks}")
+def main() -> None:
+    args = parse_args()
+    result = merge(args.merge) if args.merge else run(args)
+    if result["kind"] == "comparison":
+        result["summary"] = summarize(result["records"], args.bootstrap, seed=result["seed"])
+    with open(args.out, "w") as handle:
+        json.dump(result, handle, indent=1)
+    if result["kind"] == "tuning":
+        print(json.dumps(result["tuning"], indent=1))
+        return
+    print(format_table(result["summary"]))
+    print()
+    print(format_tasks(result["summary"]))
+    if args.plot:
+        plot(result["summary"], args.plot)
 
 
 if __name__ == "__main__":

@@ -1,139 +1,134 @@
-"""The Full / LSA / recency / random comparison runs end to end on the CPU at short context (the CI version)."""
+"""The comparison's rows on the CPU, on an untrained paper-layout backbone of smoke size: properties that hold for
+any weights, so each of these tests fails when the machinery is wrong (not an accuracy of an untrained model)."""
 
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
 import fm_transformers as fm
-from fm_transformers.eval import TASK_NAMES, build_eval_backbone, eval_backbone_config, evaluate_accuracy, make_examples
-from fm_transformers.eval.methods import comparison_methods
+from fm_transformers.eval import build_eval_backbone, eval_backbone_config
+from fm_transformers.eval.catalog import evaluation_examples
+from fm_transformers.eval.comparison import decode_batch, run_comparison
+from fm_transformers.eval.long_tasks import expected_triggers
+from fm_transformers.eval.methods import Row, RowSettings, paper_rows
+from fm_transformers.layout import csa_layers
+
+LENGTH, ANSWER, TAU = 192, 16, 4
+SETTINGS = RowSettings(tau=TAU, recency_chunks=2, sink_chunks=1, budget=0.2)
 
 
 @pytest.fixture(scope="module")
-def backbone_and_indexer():
-    """The smoke backbone, its stock-cache prefill the bounded one LSA runs (`enable_bounded_prefill`): "full"
-    and the LSA methods then compute the prompt alike and differ only in decode."""
-    model = build_eval_backbone(eval_backbone_config("smoke"), seed=0).eval()
-    fm.enable_bounded_prefill(model)
-    return model, fm.MemoryIndexerModel.from_backbone(model, layers=[2, 4], num_heads=4, rank=16)
+def model_and_indexer():
+    torch.manual_seed(0)
+    model = build_eval_backbone(eval_backbone_config("paper-smoke"), seed=0).eval()
+    fm.enable_bounded_prefill(model)  # full prefills as LSA does
+    indexer = fm.attach_memory_indexer(model, fm.MemoryIndexerModel.from_backbone(model, num_heads=2, rank=8))
+    return model, indexer
 
 
-def run(model, indexer, config, length=128, refresh_config=None):
-    fm.attach_memory_indexer(model, indexer)
-    examples = [example for task in TASK_NAMES[:2] for example in make_examples(task, length, 1, seed=1)]
-    methods = comparison_methods(indexer, config, refresh_config=refresh_config)
-    return {
-        method.name: (evaluate_accuracy(model, examples, method.generate, progress=False), method.mean_csa_bytes(), method)
-        for method in methods
-    }
+def examples(count=1, tasks=("long_needle", "qa_block")):
+    return [e for task in tasks for e in evaluation_examples(task, LENGTH, count, seed=1, answer_tokens=ANSWER)]
 
 
-def test_lsa_keeping_everything_generates_the_tokens_of_full(backbone_and_indexer):
-    """At threshold 0.0 every chunk reaches the threshold (a memory-indexer score is a sigmoid), so LSA keeps the
-    whole history resident and must decode token for token as the stock cache, across several recalls."""
-    model, indexer = backbone_and_indexer
-    fm.attach_memory_indexer(model, indexer)
-    methods = {method.name: method for method in comparison_methods(indexer, {"tau": 4, "threshold": 0.0})}
-    for task in TASK_NAMES[:2]:
-        input_ids = torch.tensor([make_examples(task, 128, 1, seed=1)[0].input_ids])
-        with torch.no_grad():
-            full = methods["full"].generate(model, input_ids, 16)
-            lsa = methods["lsa"].generate(model, input_ids, 16)
-        assert full.shape[1] > 4  # decoding went past the first lookahead window
+def rows_named(indexer, settings=SETTINGS, paging=True):
+    return {row.name: row for row in paper_rows(indexer, settings, paging=paging)}
+
+
+def generate_rows(model, names, rows, example):
+    shared, out = {"batch": 0}, {}
+    input_ids = torch.tensor([example.input_ids])
+    with torch.no_grad():
+        for name in names:
+            out[name] = decode_batch(model, rows[name], input_ids, len(example.answer), shared)
+    return out
+
+
+def test_lsa_keeping_every_chunk_generates_the_tokens_of_full_across_several_recalls(model_and_indexer):
+    model, indexer = model_and_indexer
+    rows = rows_named(indexer, replace(SETTINGS, threshold=0.0))  # a sigmoid score is always >= 0
+    for example in examples():
+        out = generate_rows(model, ["full", "lsa"], rows, example)
+        (full, _), (lsa, measures) = out["full"], out["lsa"]
+        assert measures["triggers"] == expected_triggers(ANSWER, TAU) == 4
         assert lsa.tolist() == full.tolist()
 
 
-def test_budgeted_methods_hold_less_than_full_and_the_same_budget(backbone_and_indexer):
-    results = run(*backbone_and_indexer, {"tau": 4, "threshold": 0.5, "resident_budget": 0.15, "recency_chunks": 2, "sink_chunks": 1})
-    full_bytes = results["full"][1]
-    assert all(0 < results[name][1] < full_bytes for name in ("lsa", "recency", "random"))
-    assert results["recency"][1] == results["random"][1]
+def test_the_oracle_lookahead_without_a_budget_generates_the_tokens_of_full(model_and_indexer):
+    """Its sets hold every chunk the stock top-k picks in each window: level 2 then picks what full picks. A set
+    taken from the wrong window would leave picks out and change the tokens."""
+    model, indexer = model_and_indexer
+    rows = rows_named(indexer, replace(SETTINGS, recency_chunks=0, sink_chunks=0, budget=1.0))
+    for example in examples(2):
+        out = generate_rows(model, ["full", "oracle lookahead"], rows, example)
+        (full, _), (oracle, measures) = out["full"], out["oracle lookahead"]
+        assert oracle.tolist() == full.tolist()
+        assert measures["csa_device_bytes"] < measures["full_csa_bytes"]  # it did leave chunks out
 
 
-def test_refresh_rows_fetch_inside_the_window_and_hold_less_than_full(backbone_and_indexer):
-    config = {"tau": 16, "threshold": 0.5, "resident_budget": 0.15, "recency_chunks": 2, "sink_chunks": 1}
-    results = run(*backbone_and_indexer, config, length=256, refresh_config={"refresh_layers": [2, 7], "resident_budget": 0.1})
-    assert list(results) == ["full", "lsa", "lsa+refresh", "refresh only", "recency", "random"]
-    full_bytes = results["full"][1]
-    # answers are shorter than tau: LSA's only recall (after prefill) finds its chunks still on the device,
-    # so whatever the refresh rows fetched, refreshes inside the window fetched it
-    assert results["lsa"][2].fetched_per_token() == 0
-    for name in ("lsa+refresh", "refresh only"):
-        assert 0 < results[name][1] < full_bytes
-        assert results[name][2].fetched_per_token() > 0
-    assert results["lsa"][2].tokens_generated == results["lsa+refresh"][2].tokens_generated > 0
+def test_matched_baselines_hold_lsas_bytes_within_one_chunk_example_by_example(model_and_indexer):
+    model, indexer = model_and_indexer
+    rows = [row for row in paper_rows(indexer, SETTINGS, paging=False) if row.name != "oracle lookahead"]
+    records = run_comparison(model, examples(2), rows, batch_size=1, progress=False)
+    config = model.config
+    chunk_bytes = len(csa_layers(config)) * (config.head_dim + config.index_head_dim) * 4  # fp32
+    for lsa, recency, random in zip(records["lsa"], records["recency (matched)"], records["random (matched)"]):
+        assert 0 <= lsa["csa_device_bytes"] - recency["csa_device_bytes"] < chunk_bytes
+        assert recency["csa_device_bytes"] == random["csa_device_bytes"]
+        assert lsa["triggers"] == recency["triggers"] == expected_triggers(ANSWER, TAU)
+    assert {r["csa_device_bytes"] for r in records["lsa"]} != {r["csa_device_bytes"] for r in records["lsa (budget)"]}
+
+
+def test_budgeted_rows_keep_the_budget_and_the_stock_row_reports_no_lsa_counters(model_and_indexer):
+    model, indexer = model_and_indexer
+    rows = rows_named(indexer)
+    out = generate_rows(model, ["full", "lsa (budget)"], rows, examples()[0])
+    (_, full), (_, budgeted) = out["full"], out["lsa (budget)"]
+    assert full["triggers"] is None and full["csa_device_bytes"] == full["full_csa_bytes"] > 0
+    assert full["prefill_peak_bytes"] is None and full["host_syncs"] is None  # measured on CUDA only
+    assert budgeted["csa_device_bytes"] < 0.4 * budgeted["full_csa_bytes"]
+
+
+def test_native_paging_scores_its_whole_history_at_every_step_of_every_refresh_layer(model_and_indexer):
+    model, indexer = model_and_indexer
+    rows = rows_named(indexer)
+    out = generate_rows(model, ["full", "native paging"], rows, examples()[0])
+    _, paging = out["native paging"]
+    layers = len(indexer.config.layers)
+    assert paging["refresh_checks"] == (ANSWER - 1) * layers  # every decode step, every refresh layer
+    assert paging["refresh_scored_chunks"] >= paging["refresh_checks"] * (LENGTH // 4)
+    assert paging["chunks_fetched"] > 0
 
 
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "compare_methods.py"
+SMOKE = ["--smoke", "--device", "cpu", "--examples", "1", "--answer-tokens", "8", "--tau", "4", "--batch-size", "1", "--tasks", "long_needle"]
 
 
-def _entry(accuracy: float, kib: int) -> dict:
-    return {"accuracy": {"single_needle": accuracy}, "csa_device_bytes": kib * 1024}
-
-
-def test_the_script_joins_runs_of_separate_lengths_into_one_table_and_plot(tmp_path):
-    for length, accuracy in ((2048, 0.5), (512, 1.0)):
-        part = {str(length): {"full": _entry(accuracy, 8), "lsa": _entry(accuracy / 2, 1)}}
-        (tmp_path / f"{length}.json").write_text(json.dumps(part))
-    out, plot = tmp_path / "all.json", tmp_path / "all.png"
-    done = subprocess.run(
-        [sys.executable, str(SCRIPT), "--merge", str(tmp_path / "2048.json"), str(tmp_path / "512.json"),
-         "--out", str(out), "--plot", str(plot)],
-        capture_output=True, text=True, timeout=120, check=True,
+def run_script(*flags, check=True):
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *flags], capture_output=True, text=True, timeout=600, check=check,
+        env={"OMP_NUM_THREADS": "1", "PATH": ""},
     )
-    assert list(json.loads(out.read_text())) == ["512", "2048"]
-    assert plot.stat().st_size > 0
-    assert "   512 | lsa          |      50.0 |            1.0 |    0.12 |       - |" in done.stdout
 
 
-def test_the_script_refuses_to_join_two_runs_of_the_same_length(tmp_path):
-    part = tmp_path / "512.json"
-    part.write_text(json.dumps({"512": {"full": _entry(1.0, 8)}}))
-    done = subprocess.run(
-        [sys.executable, str(SCRIPT), "--merge", str(part), str(part), "--out", str(tmp_path / "o.json")],
-        capture_output=True, text=True, timeout=120,
-    )
-    assert done.returncode != 0 and "appears in more than one" in done.stderr
-    assert not (tmp_path / "o.json").exists()
-
-
-def test_the_script_pools_draws_of_the_same_lengths_into_their_mean(tmp_path):
-    draws = []
-    for seed, (accuracy, kib) in enumerate(((1.0, 2), (0.5, 4))):
-        draw = {"512": {"full": _entry(1.0, 8), "lsa": {**_entry(accuracy, kib), "fetched_per_token": 2.0 * seed}}}
-        draws.append(tmp_path / f"s{seed}.json")
-        draws[-1].write_text(json.dumps(draw))
-    out = tmp_path / "pooled.json"
-    subprocess.run(
-        [sys.executable, str(SCRIPT), "--pool", *map(str, draws), "--out", str(out), "--plot", str(tmp_path / "p.png")],
-        capture_output=True, text=True, timeout=120, check=True,
-    )
-    lsa = json.loads(out.read_text())["512"]["lsa"]
-    assert lsa == {"accuracy": {"single_needle": 0.75}, "csa_device_bytes": 3 * 1024, "fetched_per_token": 1.0}
-
-
-def test_the_script_refuses_to_pool_draws_of_other_methods(tmp_path):
-    (tmp_path / "a.json").write_text(json.dumps({"512": {"full": _entry(1.0, 8), "lsa": _entry(0.5, 1)}}))
-    (tmp_path / "b.json").write_text(json.dumps({"512": {"full": _entry(1.0, 8)}}))
-    done = subprocess.run(
-        [sys.executable, str(SCRIPT), "--pool", str(tmp_path / "a.json"), str(tmp_path / "b.json"),
-         "--out", str(tmp_path / "o.json")],
-        capture_output=True, text=True, timeout=120,
-    )
-    assert done.returncode != 0 and "cannot pool them" in done.stderr
-    assert not (tmp_path / "o.json").exists()
-
-
-def test_the_script_refuses_to_pool_a_draw_without_a_measure_the_others_have(tmp_path):
-    (tmp_path / "a.json").write_text(json.dumps({"512": {"full": {**_entry(1.0, 8), "fetched_per_token": 0.0}}}))
-    (tmp_path / "b.json").write_text(json.dumps({"512": {"full": _entry(1.0, 8)}}))
-    done = subprocess.run(
-        [sys.executable, str(SCRIPT), "--pool", str(tmp_path / "a.json"), str(tmp_path / "b.json"),
-         "--out", str(tmp_path / "o.json")],
-        capture_output=True, text=True, timeout=120,
-    )
-    assert done.returncode != 0 and "cannot pool them" in done.stderr and "Traceback" not in done.stderr
+def test_the_script_tunes_on_one_draw_evaluates_another_in_parts_and_joins_them(tmp_path):
+    tuned = tmp_path / "tuned.json"
+    run_script(*SMOKE, "--tune", "--seed", "0", "--lengths", "384", "--tails", "2,4", "--thresholds", "0", "--out", str(tuned))
+    assert json.loads(tuned.read_text())["tuning"]["chosen"]["recency_chunks"] in (2, 4)
+    refused = run_script(*SMOKE, "--settings", str(tuned), "--seed", "0", "--lengths", "384", "--out", str(tmp_path / "x.json"), check=False)
+    assert refused.returncode != 0 and "evaluate on another draw" in refused.stderr
+    for first in (0, 1):
+        run_script(*SMOKE, "--settings", str(tuned), "--seed", "1", "--lengths", "384", "--first", str(first), "--no-paging",
+                   "--out", str(tmp_path / f"part{first}.json"))
+    joined = tmp_path / "joined.json"
+    done = run_script("--merge", str(tmp_path / "part0.json"), str(tmp_path / "part1.json"), "--out", str(joined), "--plot", str(tmp_path / "p.png"))
+    result = json.loads(joined.read_text())
+    assert [r["index"] for r in result["records"]["384"]["lsa"]] == [0, 1]
+    assert result["summary"]["384"]["lsa"]["examples"] == 2 and result["tuning"]["seed"] == 0
+    assert "recency (matched)" in done.stdout and (tmp_path / "p.png").stat().st_size > 0
+    again = run_script("--merge", str(tmp_path / "part0.json"), str(tmp_path / "part0.json"), "--out", str(joined), check=False)
+    assert again.returncode != 0 and "appears in more than one part" in again.stderr

@@ -32,7 +32,8 @@ def full_cache_generate(model: torch.nn.Module, input_ids: torch.Tensor, max_new
     return output[:, input_ids.shape[1] :]
 
 
-def _batches(examples: Sequence[Example], batch_size: int) -> list[list[Example]]:
+def example_batches(examples: Sequence[Example], batch_size: int) -> list[list[Example]]:
+    """Batches of examples that share task, context length and answer length (no padding), in order."""
     groups: dict[tuple[str, int, int], list[Example]] = {}
     for example in examples:
         groups.setdefault((example.task, len(example.input_ids), len(example.answer)), []).append(example)
@@ -52,7 +53,7 @@ def evaluate_accuracy(
     device = next(model.parameters()).device
     correct: Counter[str] = Counter()
     total: Counter[str] = Counter()
-    for batch in tqdm(_batches(examples, batch_size), desc="evaluate", disable=not progress, leave=False):
+    for batch in tqdm(example_batches(examples, batch_size), desc="evaluate", disable=not progress, leave=False):
         input_ids = torch.tensor([example.input_ids for example in batch], device=device)
         with torch.no_grad():
             generated = generate_fn(model, input_ids, len(batch[0].answer)).tolist()

@@ -1,102 +1,128 @@
-"""The four methods of the paper's comparison (REFERENCE.md section 4), each a generate function that decodes
-with its own cache and records the CSA bytes that cache held on the device.
+"""The rows of the comparison: one backbone, the same examples, decoded with different caches.
 
-Full is the stock cache. LSA, recency-only and random share one LSAConfig, so they run under the same
-per-sequence resident budget and differ only in the policy that fills it: the memory indexer, the newest
-chunks, or chunks drawn at random. Bytes are read off the cache tensors after each generation.
+- "full": the stock cache (DynamicCache): the reference. Its run also records the native top-k picks at every
+  decode step (oracle.NativePicks) for the oracle row.
+- "lsa": LSA as the paper runs it: the memory indexer's OR over its target layers at threshold 0.5, no cap on
+  the resident set, a recency tail and a sink.
+- "recency (matched)", "random (matched)": the newest or random chunks, holding the bytes "lsa" held, example by
+  example and recall by recall (matched.py).
+- "lsa (budget)": the memory indexer under a fixed budget (chunks scoring at least `budget_threshold` compete,
+  best first).
+- "oracle lookahead": the union of the native top-k over the next tau steps of the "full" run, at the same
+  budget (oracle.py, policies.OraclePolicy): the ceiling of any tau-step predictor.
+- "native paging", "lsa + native paging": the refresh of LSAConfig.refresh_layers, without level-1 prediction
+  and with the memory indexer: per-step demand paging by the native indexer over the whole history of its layers,
+  a different algorithm from the paper's, with its own costs (whole-history scoring and a host sync at every
+  step, fetches inside the window), which `PagingCache` counts.
 
-Two more rows when a refresh config is given (see LSAConfig.refresh_layers): "lsa+refresh", the memory
-indexer with refresh layers, and "refresh only", the same refresh with no level-1 prediction at all, which
-shows what the memory indexer adds to it (fewer chunks fetched inside the window, or accuracy).
+Rows that need an earlier row's run (matched rows need "lsa", the oracle needs "full") read it from `shared`,
+which the comparison fills batch by batch in row order.
 """
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from ..cache import OffloadedLookaheadCache
-from ..config import POLICY_OPTIONS
-from ..policies import MemoryIndexerPolicy, RandomPolicy, RecencyPolicy, ResidentPolicy
-from ..report import stock_csa_bytes
-from .vocab import EOS, PAD
+from ..config import LSAConfig
+from ..layout import csa_compress_rate, csa_layers
+from ..policies import MemoryIndexerPolicy, OraclePolicy, RecencyPolicy, ResidentPolicy
+from .matched import MatchedPolicy, RecordingPolicy, matched_counts
+from .oracle import lookahead_sets
 
-METHODS = ("full", "lsa", "recency", "random")
+PolicyFactory = Callable[[torch.nn.Module, dict], ResidentPolicy]
 
 
-@dataclass
-class Method:
-    """A named generate function, the CSA device bytes of each generation it ran, and the chunks it fetched
-    from the pool per generated token and CSA layer."""
+@dataclass(frozen=True)
+class RowSettings:
+    """The settings every row shares; `recency_chunks`, `budget_threshold` and `tau` are the ones a validation
+    run may choose (compare_methods.py --tune)."""
+
+    tau: int = 64
+    threshold: float = 0.5
+    recency_chunks: int = 16
+    sink_chunks: int = 1
+    budget: float = 0.1
+    budget_threshold: float = 0.0
+    paging_layers: tuple[int, ...] | None = None  # None: the memory indexer's target layers
+    seed: int = 0
+
+    def cache_config(self, budget: bool = False, **extra) -> dict:
+        config = {"tau": self.tau, "recency_chunks": self.recency_chunks, "sink_chunks": self.sink_chunks, **extra}
+        return {**config, "resident_budget": self.budget} if budget else config
+
+
+@dataclass(frozen=True)
+class Row:
+    """A row: its name, and the cache options and policy of its LSA cache (None for both: the stock cache)."""
 
     name: str
-    generate: Callable = None
-    csa_device_bytes: list[int] = field(default_factory=list)
-    chunks_fetched: int = 0
-    tokens_generated: int = 0
+    config: dict | None = None
+    policy: PolicyFactory | None = None
 
-    def mean_csa_bytes(self) -> float:
-        return sum(self.csa_device_bytes) / max(len(self.csa_device_bytes), 1)
-
-    def fetched_per_token(self) -> float:
-        return self.chunks_fetched / max(self.tokens_generated, 1)
+    def make_cache(self, model, shared: dict) -> OffloadedLookaheadCache | None:
+        if self.config is None:
+            return None
+        cache_class = PagingCache if self.config.get("refresh_layers") else OffloadedLookaheadCache
+        return cache_class(model, self.config, policy=self.policy(model, shared))
 
 
-def _generate(model, input_ids, max_new_tokens, cache=None):
-    output = model.generate(
-        input_ids=input_ids, attention_mask=torch.ones_like(input_ids), past_key_values=cache,
-        max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=PAD, eos_token_id=EOS, return_dict_in_generate=True,
-    )
-    return output.sequences[:, input_ids.shape[1] :], output.past_key_values
+class PagingCache(OffloadedLookaheadCache):
+    """An LSA cache that counts its refresh checks: at each, one refresh layer scored its whole history (and the
+    host waited for the device, to know whether anything was missing)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.refresh_checks = 0
+        self.refresh_scored_chunks = 0
+
+    def refresh_on_miss(self, layer_idx, picks):
+        self.refresh_checks += 1
+        self.refresh_scored_chunks += self.layers[layer_idx].num_chunks * picks.shape[0]
+        super().refresh_on_miss(layer_idx, picks)
+
+    def reset(self):
+        super().reset()
+        self.refresh_checks = self.refresh_scored_chunks = 0
 
 
-def full_method() -> Method:
-    method = Method("full")
+def paper_rows(indexer, settings: RowSettings, paging: bool = True) -> list[Row]:
+    """Every row, in the order the comparison runs them (each after the rows it reads)."""
+    paper = LSAConfig(**settings.cache_config())
+    budgeted = LSAConfig(**settings.cache_config(budget=True))
 
-    def generate(model, input_ids, max_new_tokens):
-        tokens, cache = _generate(model, input_ids, max_new_tokens)
-        method.csa_device_bytes.append(stock_csa_bytes(cache, model.config.layer_types))
-        return tokens
+    def lsa(model, shared):
+        shared["lsa"] = RecordingPolicy(MemoryIndexerPolicy(indexer, threshold=settings.threshold), paper)
+        return shared["lsa"]
 
-    method.generate = generate
-    return method
+    def matched(kind):
+        def policy(model, shared):
+            config = model.config
+            counts = matched_counts(
+                shared["lsa"].recorded, len(csa_layers(config)), len(indexer.config.layers), config.head_dim, config.index_head_dim
+            )
+            return MatchedPolicy(kind, counts, paper, seed=settings.seed + shared["batch"])
 
+        return policy
 
-def policy_method(name: str, make_policy: Callable[[torch.nn.Module], ResidentPolicy], lsa_config: dict) -> Method:
-    method = Method(name)
+    def oracle(model, shared):
+        rate = csa_compress_rate(model.config)
+        return OraclePolicy(lookahead_sets(shared["native_steps"], settings.tau, shared["prompt_length"], rate, budgeted))
 
-    def generate(model, input_ids, max_new_tokens):
-        cache = OffloadedLookaheadCache(model, lsa_config, policy=make_policy(model))
-        tokens, cache = _generate(model, input_ids, max_new_tokens, cache)
-        report = cache.memory_report()
-        method.csa_device_bytes.append(report["csa_device_bytes"])
-        method.chunks_fetched += report["chunks_fetched"] / len(cache.csa_layers)
-        method.tokens_generated += tokens.numel()
-        return tokens
-
-    method.generate = generate
-    return method
-
-
-def comparison_methods(indexer, lsa_config: dict, seed: int = 0, refresh_config: dict | None = None) -> list[Method]:
-    """Full, LSA (the given memory indexer), recency-only and random, the last three under `lsa_config`'s budget;
-    with `refresh_config` (options that override `lsa_config`, refresh_layers among them) also LSA with refresh
-    and refresh only. `lsa_config`'s policy options (threshold, indexer_layers) configure the memory indexer's
-    policy; the other methods have no use for them."""
-    cache_config = {name: value for name, value in lsa_config.items() if name not in POLICY_OPTIONS}
-
-    def memory_indexer(model):
-        threshold, layers = lsa_config.get("threshold"), lsa_config.get("indexer_layers")
-        return MemoryIndexerPolicy(indexer, threshold=threshold, layers=layers)
-
-    methods = [full_method(), policy_method("lsa", memory_indexer, cache_config)]
-    if refresh_config is not None:
-        refreshing = {**cache_config, **refresh_config}
-        methods += [
-            policy_method("lsa+refresh", memory_indexer, refreshing),
-            policy_method("refresh only", lambda model: RecencyPolicy(window=0), refreshing),
-        ]
-    return methods + [
-        policy_method("recency", lambda model: RecencyPolicy(window=1 << 40), cache_config),
-        policy_method("random", lambda model: RandomPolicy(fraction=1.0, seed=seed), cache_config),
+    rows = [
+        Row("full"),
+        Row("lsa", settings.cache_config(), lsa),
+        Row("recency (matched)", settings.cache_config(), matched("recency")),
+        Row("random (matched)", settings.cache_config(), matched("random")),
+        Row("lsa (budget)", settings.cache_config(budget=True), lambda m, s: MemoryIndexerPolicy(indexer, threshold=settings.budget_threshold)),
+        Row("oracle lookahead", settings.cache_config(budget=True), oracle),
     ]
+    if paging:
+        layers = list(settings.paging_layers or indexer.config.layers)
+        config = settings.cache_config(budget=True, refresh_layers=layers)
+        rows += [
+            Row("native paging", config, lambda m, s: RecencyPolicy(window=0)),
+            Row("lsa + native paging", config, lambda m, s: MemoryIndexerPolicy(indexer, threshold=settings.budget_threshold)),
+        ]
+    return rows

@@ -1,0 +1,119 @@
+"""From the comparison's per-example records to the table: accuracy per task with paired bootstrap intervals
+against full, memory and recall costs per row; and the joining of runs made in parts.
+
+A run's records are {length: {row: [record, ...]}}, each record naming its task and its example index (the
+example's place among that task's examples of that length and seed). Parts of one comparison (other lengths,
+tasks or example ranges, same settings) join into one set of records; an example found twice is an error.
+"""
+
+from collections import defaultdict
+
+from .statistics import paired_bootstrap
+
+REFERENCE = "full"
+
+
+def join_records(parts: list[dict]) -> dict:
+    """One {length: {row: [records]}} from parts; records sorted by (task, index)."""
+    joined: dict = defaultdict(lambda: defaultdict(dict))
+    for part in parts:
+        for length, rows in part.items():
+            for row, records in rows.items():
+                for record in records:
+                    key = (record["task"], record["index"])
+                    if key in joined[length][row]:
+                        raise ValueError(f"example {key} of row {row!r} at length {length} appears in more than one part")
+                    joined[length][row][key] = record
+    return {
+        length: {row: [records[key] for key in sorted(records)] for row, records in rows.items()}
+        for length, rows in sorted(joined.items(), key=lambda item: int(item[0]))
+    }
+
+
+def _by_task(records: list[dict]) -> dict[str, list[bool]]:
+    tasks: dict[str, list[bool]] = defaultdict(list)
+    for record in records:
+        tasks[record["task"]].append(record["correct"])
+    return dict(tasks)
+
+
+def _mean(records: list[dict], name: str) -> float | None:
+    values = [record[name] for record in records if record.get(name) is not None]
+    return sum(values) / len(values) if values else None
+
+
+def _max(records: list[dict], name: str) -> float | None:
+    values = [record[name] for record in records if record.get(name) is not None]
+    return max(values) if values else None
+
+
+def summarize_row(records: list[dict], reference: list[dict], samples: int = 2000, seed: int = 0) -> dict:
+    """One row at one length: accuracy per task and its mean over tasks, the bootstrap of the difference to the
+    reference (None for the reference itself), and the mean costs per generation."""
+    tasks = _by_task(records)
+    accuracy = {task: sum(answers) / len(answers) for task, answers in tasks.items()}
+    full_bytes = _mean(reference, "csa_device_bytes")
+    device_bytes = _mean(records, "csa_device_bytes")
+    tokens = _mean(records, "tokens")
+    syncs = _mean(records, "host_syncs")
+    return {
+        "examples": len(records),
+        "accuracy": accuracy,
+        "mean_accuracy": sum(accuracy.values()) / len(accuracy),
+        "vs_full": None if records is reference else paired_bootstrap(tasks, _by_task(reference), samples, seed=seed),
+        "csa_device_bytes": device_bytes,
+        "csa_device_ratio": device_bytes / full_bytes if full_bytes else None,
+        "triggers": _mean(records, "triggers"),
+        "chunks_fetched": _mean(records, "chunks_fetched"),
+        "refreshes": _mean(records, "refreshes"),
+        "refresh_scored_chunks_per_token": None if _mean(records, "refresh_scored_chunks") is None else _mean(records, "refresh_scored_chunks") / tokens,
+        "host_syncs_per_token": None if syncs is None else syncs / tokens,
+        "prefill_peak_bytes": _max(records, "prefill_peak_bytes"),
+        "decode_peak_bytes": _max(records, "decode_peak_bytes"),
+        "seconds_per_example": _mean(records, "seconds"),
+    }
+
+
+def summarize(records: dict, samples: int = 2000, seed: int = 0) -> dict:
+    """{length: {row: summarize_row(...)}} against the "full" row of the same length."""
+    return {
+        length: {row: summarize_row(found, rows[REFERENCE], samples, seed) for row, found in rows.items()}
+        for length, rows in records.items()
+    }
+
+
+def _cell(value, scale: float = 1.0, digits: int = 1) -> str:
+    return "-" if value is None else f"{value * scale:.{digits}f}"
+
+
+def format_table(summary: dict) -> str:
+    """Mean exact match % with its 95% interval against full, CSA bytes on the device over full's, triggers and
+    chunks fetched per generation, peak device MiB in prefill / decode, host syncs per token."""
+    header = (
+        f"{'length':>6} | {'row':<20} | {'EM %':>5} | {'vs full (95% CI), points':<26} | {'CSA/full':>8} | "
+        f"{'triggers':>8} | {'fetched':>8} | {'prefill/decode peak MiB':>23} | {'syncs/tok':>9}"
+    )
+    lines = [header, "-" * len(header)]
+    for length, rows in summary.items():
+        for row, entry in rows.items():
+            interval = entry["vs_full"]
+            versus = "-" if interval is None else (
+                f"{100 * interval['difference']:+.1f} ({100 * interval['low']:+.1f}, {100 * interval['high']:+.1f})"
+            )
+            peaks = f"{_cell(entry['prefill_peak_bytes'], 2**-20)} / {_cell(entry['decode_peak_bytes'], 2**-20)}"
+            lines.append(
+                f"{length:>6} | {row:<20} | {100 * entry['mean_accuracy']:>5.1f} | {versus:<26} | "
+                f"{_cell(entry['csa_device_ratio'], digits=3):>8} | {_cell(entry['triggers']):>8} | "
+                f"{_cell(entry['chunks_fetched']):>8} | {peaks:>23} | {_cell(entry['host_syncs_per_token'], digits=2):>9}"
+            )
+    return "\n".join(lines)
+
+
+def format_tasks(summary: dict) -> str:
+    """Exact match % per task, one line per length and row."""
+    lines = []
+    for length, rows in summary.items():
+        for row, entry in rows.items():
+            tasks = "  ".join(f"{task} {100 * value:5.1f}" for task, value in entry["accuracy"].items())
+            lines.append(f"{length:>6} | {row:<20} | {tasks}")
+    return "\n".join(lines)
