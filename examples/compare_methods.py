@@ -12,7 +12,8 @@ A comparison can run in parts (--lengths, --tasks, --first/--examples select exa
 --smoke runs everything on an untrained paper-layout backbone of smoke size and a fresh indexer: that checks the
 machinery, not accuracy.
 
-Every generation writes exactly as many tokens as the answer (EOS cannot end it early). Memory per row: CSA bytes
+Every generation writes exactly as many tokens as the answer (EOS cannot end it early); on CUDA, LSA rows
+without refresh layers decode through a CUDA graph (--eager: not), as generate(cache_implementation="lsa") does. Memory per row: CSA bytes
 on the device at the end, the allocator's peaks during prefill and during decode (CUDA; None elsewhere); and per
 generation: level-1 triggers, chunks fetched from the host pool, host syncs per token (CUDA), and for the paging
 rows their refreshes and whole-history scoring. Prints the table and writes JSON (records per example, summary,
@@ -63,7 +64,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--thresholds", default="0,0.3,0.5", help="--tune: candidate budget thresholds")
     parser.add_argument("--paging-layers", default="", help="refresh layers of the paging rows (default: target layers)")
     parser.add_argument("--no-paging", action="store_true", help="leave the native-paging rows out")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--eager", action="store_true", help="decode LSA eagerly on CUDA too (default: a CUDA graph)")
     parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="auto: as saved")
@@ -119,6 +121,7 @@ def run(args) -> dict:
     lengths = [int(length) for length in args.lengths.split(",")]
     layout = check_paper_layout(model.config, lengths, args.budget)
     settings, tuning = settings_from(args)
+    graph = False if args.eager else None
     head = {
         "kind": "tuning" if args.tune else "comparison", "backbone": args.backbone or "smoke", "indexer": args.indexer or "fresh",
         "tau": args.tau, "seed": args.seed, "answer_tokens": args.answer_tokens, "dtype": str(model.dtype),
@@ -129,13 +132,13 @@ def run(args) -> dict:
         examples = [example for length in lengths for _, example in examples_for(args, length)]
         tails = [int(value) for value in args.tails.split(",")]
         thresholds = [float(value) for value in args.thresholds.split(",")]
-        chosen, report = tune(model, indexer, examples, settings, tails, thresholds, args.batch_size)
+        chosen, report = tune(model, indexer, examples, settings, tails, thresholds, args.batch_size, graph=graph)
         return {**head, "settings": asdict(chosen), "tuning": report}
     rows = paper_rows(indexer, settings, paging=not args.no_paging)
     records = {}
     for length in lengths:
         indexed = examples_for(args, length)
-        found = run_comparison(model, [example for _, example in indexed], rows, args.batch_size)
+        found = run_comparison(model, [example for _, example in indexed], rows, args.batch_size, graph=graph)
         records[str(length)] = {
             row: [{**record, "index": index} for (index, _), record in zip(indexed, listed)] for row, listed in found.items()
         }

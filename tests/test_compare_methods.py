@@ -39,41 +39,45 @@ def rows_named(indexer, settings=SETTINGS, paging=True):
     return {row.name: row for row in paper_rows(indexer, settings, paging=paging)}
 
 
-def generate_rows(model, names, rows, example):
+def generate_rows(model, names, rows, example, graph=False):
     shared, out = {"batch": 0}, {}
     input_ids = torch.tensor([example.input_ids])
     with torch.no_grad():
         for name in names:
-            out[name] = decode_batch(model, rows[name], input_ids, len(example.answer), shared)
+            out[name] = decode_batch(model, rows[name], input_ids, len(example.answer), shared, graph)
     return out
 
 
-def test_lsa_keeping_every_chunk_generates_the_tokens_of_full_across_several_recalls(model_and_indexer):
+# graph=True: the fixed-shape step of decode_graph.py, which CUDA captures and replays, run eagerly here
+@pytest.mark.parametrize("graph", [False, True])
+def test_lsa_keeping_every_chunk_generates_the_tokens_of_full_across_several_recalls(model_and_indexer, graph):
     model, indexer = model_and_indexer
     rows = rows_named(indexer, replace(SETTINGS, threshold=0.0))  # a sigmoid score is always >= 0
     for example in examples():
-        out = generate_rows(model, ["full", "lsa"], rows, example)
+        out = generate_rows(model, ["full", "lsa"], rows, example, graph)
         (full, _), (lsa, measures) = out["full"], out["lsa"]
         assert measures["triggers"] == expected_triggers(ANSWER, TAU) == 4
         assert lsa.tolist() == full.tolist()
 
 
-def test_the_oracle_lookahead_without_a_budget_generates_the_tokens_of_full(model_and_indexer):
+@pytest.mark.parametrize("graph", [False, True])
+def test_the_oracle_lookahead_without_a_budget_generates_the_tokens_of_full(model_and_indexer, graph):
     """Its sets hold every chunk the stock top-k picks in each window: level 2 then picks what full picks. A set
     taken from the wrong window would leave picks out and change the tokens."""
     model, indexer = model_and_indexer
     rows = rows_named(indexer, replace(SETTINGS, recency_chunks=0, sink_chunks=0, budget=1.0))
     for example in examples(2):
-        out = generate_rows(model, ["full", "oracle lookahead"], rows, example)
+        out = generate_rows(model, ["full", "oracle lookahead"], rows, example, graph)
         (full, _), (oracle, measures) = out["full"], out["oracle lookahead"]
         assert oracle.tolist() == full.tolist()
         assert measures["csa_device_bytes"] < measures["full_csa_bytes"]  # it did leave chunks out
 
 
-def test_matched_baselines_hold_lsas_bytes_within_one_chunk_example_by_example(model_and_indexer):
+@pytest.mark.parametrize("graph", [False, True])
+def test_matched_baselines_hold_lsas_bytes_within_one_chunk_example_by_example(model_and_indexer, graph):
     model, indexer = model_and_indexer
     rows = [row for row in paper_rows(indexer, SETTINGS, paging=False) if row.name != "oracle lookahead"]
-    records = run_comparison(model, examples(2), rows, batch_size=1, progress=False)
+    records = run_comparison(model, examples(2), rows, batch_size=1, progress=False, graph=graph)
     config = model.config
     chunk_bytes = len(csa_layers(config)) * (config.head_dim + config.index_head_dim) * 4  # fp32
     for lsa, recency, random in zip(records["lsa"], records["recency (matched)"], records["random (matched)"]):

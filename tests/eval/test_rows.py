@@ -5,7 +5,7 @@ import torch
 
 from fm_transformers.config import LSAConfig
 from fm_transformers.eval.matched import MatchedPolicy, matched_counts
-from fm_transformers.eval.measures import PhasePeaks, host_syncs
+from fm_transformers.eval.measures import PhasePeaks, host_syncs, phase_peaks
 from fm_transformers.eval.oracle import lookahead_sets
 from fm_transformers.policies import SelectionContext, resident_sets
 
@@ -79,3 +79,18 @@ def test_off_cuda_peaks_and_syncs_are_none_not_estimates():
     with PhasePeaks(torch.nn.Linear(1, 1), None) as peaks, host_syncs(torch.device("cpu")) as syncs:
         pass
     assert (peaks.prefill, peaks.decode, syncs[0]) == (None, None, None)
+
+
+@pytest.mark.gpu
+def test_on_cuda_a_host_read_counts_as_a_sync_and_peaks_are_measured():
+    device = torch.device("cuda")
+    with host_syncs(device) as syncs:
+        torch.ones(4, device=device).sum().item()
+    assert syncs[0] >= 1
+    model = torch.nn.Module()
+    model.forward = lambda input_ids: torch.empty(input_ids.shape[1] * 2**20, device=device)
+    model.weight = torch.nn.Parameter(torch.zeros(1, device=device))
+    with phase_peaks(model) as peaks:
+        model(input_ids=torch.zeros(1, 8))
+        model(input_ids=torch.zeros(1, 1))
+    assert peaks.prefill >= 8 * 2**22 > peaks.decode >= 2**22

@@ -23,6 +23,7 @@ from contextlib import nullcontext
 import torch
 from tqdm.auto import tqdm
 
+from ..decode_graph import DecodeGraph
 from ..report import stock_csa_bytes
 from .compare import example_batches
 from .measures import host_syncs, phase_peaks
@@ -47,11 +48,19 @@ def generate(model, input_ids: torch.Tensor, new_tokens: int, cache=None) -> tup
     return output.sequences[:, input_ids.shape[1] :], output.past_key_values
 
 
-def decode_batch(model, row: Row, input_ids: torch.Tensor, new_tokens: int, shared: dict) -> tuple[torch.Tensor, dict]:
-    """One row's generation of one batch: the tokens and the batch's measures (totals over the batch)."""
-    cache = row.make_cache(model, shared)
-    picks = NativePicks(model) if cache is None else None
+def decode_batch(
+    model, row: Row, input_ids: torch.Tensor, new_tokens: int, shared: dict, graph: bool | None = None
+) -> tuple[torch.Tensor, dict]:
+    """One row's generation of one batch: the tokens and the batch's measures (totals over the batch).
+
+    graph: decode LSA caches without refresh layers through decode_graph.DecodeGraph, captured on CUDA (as
+    `generate(cache_implementation="lsa")` does there), its fixed-shape step run eagerly elsewhere; None: on
+    CUDA only."""
     device = input_ids.device
+    cache = row.make_cache(model, shared)
+    if cache is not None and not cache.refresh_layers and (device.type == "cuda" if graph is None else graph):
+        cache.decode_graph = DecodeGraph(model, cache, capture=device.type == "cuda", max_length=input_ids.shape[1] + new_tokens)
+    picks = NativePicks(model) if cache is None else None
     start = time.perf_counter()
     with phase_peaks(model) as peaks, host_syncs(device) as syncs, picks or nullcontext():
         tokens, cache = generate(model, input_ids, new_tokens, cache)
@@ -75,8 +84,10 @@ def decode_batch(model, row: Row, input_ids: torch.Tensor, new_tokens: int, shar
     return tokens, measures
 
 
-def run_comparison(model, examples: list[Example], rows: list[Row], batch_size: int = 16, progress: bool = True) -> dict[str, list[dict]]:
-    """{row name: one record per example, in the order of `examples`}."""
+def run_comparison(
+    model, examples: list[Example], rows: list[Row], batch_size: int = 16, progress: bool = True, graph: bool | None = None
+) -> dict[str, list[dict]]:
+    """{row name: one record per example, in the order of `examples`}; `graph` as in decode_batch."""
     device = next(model.parameters()).device
     position = {id(example): index for index, example in enumerate(examples)}
     records: dict[str, list[dict | None]] = {row.name: [None] * len(examples) for row in rows}
@@ -86,7 +97,7 @@ def run_comparison(model, examples: list[Example], rows: list[Row], batch_size: 
         shared = {"batch": number}
         for row in rows:
             with torch.no_grad():
-                tokens, measures = decode_batch(model, row, input_ids, len(batch[0].answer), shared)
+                tokens, measures = decode_batch(model, row, input_ids, len(batch[0].answer), shared, graph)
             for example, generated in zip(batch, tokens.tolist()):
                 record = {"task": example.task, "correct": exact_match(generated, example.answer), "tokens": len(example.answer)}
                 record.update({name: None if value is None else value / len(batch) for name, value in measures.items()})

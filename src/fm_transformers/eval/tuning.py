@@ -21,7 +21,7 @@ def _row(indexer, settings: RowSettings, name: str, label: str) -> Row:
 
 def tune(
     model, indexer, examples: list[Example], base: RowSettings, tails: list[int], thresholds: list[float],
-    batch_size: int = 16, progress: bool = True,
+    batch_size: int = 16, progress: bool = True, graph: bool | None = None,
 ) -> tuple[RowSettings, dict]:
     """(the chosen settings, a report of every candidate's mean accuracy)."""
     rows, lsa, budgeted = [Row("full")], {}, {}
@@ -32,7 +32,7 @@ def tune(
             budgeted[tail, threshold] = f"lsa (budget) | tail {tail} threshold {threshold:g}"
             settings = replace(base, recency_chunks=tail, budget_threshold=threshold)
             rows.append(_row(indexer, settings, "lsa (budget)", budgeted[tail, threshold]))
-    records = run_comparison(model, examples, rows, batch_size, progress)
+    records = run_comparison(model, examples, rows, batch_size, progress, graph)
     accuracy = {name: _mean_accuracy(found) for name, found in records.items()}
     tail = min(tails, key=lambda t: (-accuracy[lsa[t]], t))
     threshold = min(thresholds, key=lambda h: (-accuracy[budgeted[tail, h]], h))
