@@ -1,18 +1,116 @@
 #!/usr/bin/env bash
-# The whole evaluation, fixed seeds: train the evaluation backbone in two stages (one GPU, about 15 + 5 minutes on
-# an H100 or H200), train its memory indexer with the project's pipeline (about 5 minutes, CPU or GPU), then compare
-# Full / LSA / LSA + refresh / refresh only / recency / random at 512 to 4096 tokens (20 examples per task and length).
-# Usage: bash examples/run_evaluation.sh [WORKDIR]   (default runs/evaluation)
+# Issue 16's evaluation on one GPU, fixed seeds, one command per stage; docs/evaluation.md says what each does.
+#
+#   bash examples/run_evaluation.sh STAGE [WORKDIR]        (WORKDIR: runs/paper)
+#
+# Stages, in order (expected times on one H200 are estimates, not measurements: see docs/evaluation.md):
+#   backbone  train the paper-layout backbone (16 layers, 7 CSA) at 2K on the long mix      ~25 min in 9-min runs
+#   dump      label 5,600 question documents with the frozen backbone (train/validation/test) ~10 min in 8-min runs
+#   indexer   per tau (64, 16): select the labels, train two candidate indexers, choose on
+#             validation, gate on test                                                       ~3 min per tau
+#   tune      per tau: recency tail and budget threshold chosen on a validation draw (seed 0) ~3 min per tau
+#   compare   per tau, length (2048, 4096, 8192) and task: 200 examples on draw seed 1       ~3-8 min a part, 18 parts
+#   report    join the parts per tau: WORKDIR/tau{64,16}.json, .png, and the printed table   seconds
+# A stage that stops at its time limit exits with status 75: run the same command again (finished work is kept
+# and skipped). `all` runs every stage to its end. SMOKE=1 runs them all at CPU sizes (one tau, one length), about
+# a minute for `SMOKE=1 bash examples/run_evaluation.sh all /tmp/smoke` on 2 cores.
 set -euo pipefail
-work=${1:-runs/evaluation}
-# Stage 1: from scratch, a length curriculum up to 512 tokens with a dense-CSA warm-up.
-python examples/train_eval_backbone.py --device cuda --output-dir "$work/backbone" --export-bf16 "$work/backbone-bf16" \
-    --eval-lengths 512,1024 --eval-examples 20
-# Stage 2: from stage 1's bf16 export, every context at the training length, lr 3e-4, the two weakest tasks twice
-# as often.
-python examples/train_eval_backbone.py --device cuda --init-from "$work/backbone-bf16" --steps 1500 --dense-steps 0 \
-    --ramp-steps 0 --min-length 512 --lr 3e-4 --extra-tasks variable_tracking,common_words \
-    --output-dir "$work/backbone2" --export-bf16 "$work/backbone2-bf16" --eval-lengths 512,1024 --eval-examples 60
-python examples/train_eval_indexer.py --backbone "$work/backbone2-bf16" --workdir "$work/indexer"
-python examples/compare_methods.py --backbone "$work/backbone2-bf16" --indexer "$work/indexer/indexer" \
-    --out "$work/compare.json" --plot "$work/compare.png"
+stage=${1:?usage: bash examples/run_evaluation.sh backbone|dump|indexer|tune|compare|report|all [WORKDIR]}
+work=${2:-runs/paper}
+STOPPED=75
+mkdir -p "$work"
+
+if [[ "${SMOKE:-0}" == 1 ]]; then
+    device=cpu
+    export OMP_NUM_THREADS=1
+    taus="4"; lengths="320"; parts="long"
+    backbone_flags=(--size paper-smoke --steps 2 --dense-steps 1 --min-length 320 --max-length 320 --ramp-steps 0
+                    --tokens-per-step 640 --eval-lengths 320 --eval-examples 1 --answer-tokens 16)
+    data_flags=(--length 320 --spacing 128 --align 8 --train-docs 6 --validation-docs 3 --test-docs 3 --dump-tau 4
+                --block-size 6 --recency-chunks 2)
+    indexer_flags=(--steps 20 --batch-size 8 --num-heads 2 --rank 8 --lrs 1e-3,3e-3)
+    compare_flags=(--answer-tokens 16 --batch-size 4 --no-paging)
+    tune_flags=(--lengths 320 --examples 1 --tails 2,4 --thresholds 0)
+    examples=1; minutes=1
+else
+    device=cuda
+    taus="64 16"; lengths="2048 4096 8192"; parts="long_needle qa_block long_chain"
+    backbone_flags=(--size paper --mix long --min-length 256 --max-length 2048 --steps 2000 --dense-steps 600
+                    --ramp-steps 1200 --tokens-per-step 16384 --eval-lengths 2048,4096 --eval-examples 50)
+    data_flags=(--length 2048 --train-docs 5000 --validation-docs 300 --test-docs 300 --dump-tau 16)
+    indexer_flags=(--steps 3000 --batch-size 256 --num-heads 16 --rank 256 --lrs 1e-3,3e-3)
+    compare_flags=()
+    tune_flags=(--lengths 2048 --examples 40)
+    examples=200; minutes=8
+fi
+backbone="$work/backbone-bf16"
+indexer_args=(--backbone "$backbone" --workdir "$work/indexer" --device "$device" "${data_flags[@]}")
+
+repeat_until_done() {  # `all`: run a resumable stage again while it stops at its time limit
+    local status=0
+    while true; do SECONDS=0; "$@" && return 0 || status=$?; [[ $status == "$STOPPED" ]] || return "$status"; done
+}
+
+run_backbone() {
+    [[ -f "$backbone/config.json" ]] && return 0
+    python examples/train_eval_backbone.py --device "$device" --mix long --seed 0 --output-dir "$work/backbone" \
+        --export-bf16 "$backbone" --resume --max-minutes "$minutes" "${backbone_flags[@]}"
+}
+
+run_dump() {
+    python examples/train_eval_indexer.py "${indexer_args[@]}" --stage dump --max-minutes "$minutes"
+}
+
+run_indexer() {
+    for tau in $taus; do
+        [[ -f "$work/indexer/tau$tau/gate.json" ]] && continue
+        python examples/train_eval_indexer.py "${indexer_args[@]}" --stage train --tau "$tau" "${indexer_flags[@]}"
+    done
+}
+
+compare() {  # compare TAU OUT FLAGS...: one run of compare_methods.py with the tau's indexer
+    local tau=$1 out=$2; shift 2
+    python examples/compare_methods.py --backbone "$backbone" --indexer "$work/indexer/tau$tau/indexer" --device "$device" \
+        --tau "$tau" "${compare_flags[@]}" --out "$out" "$@"
+}
+
+run_tune() {
+    for tau in $taus; do
+        [[ -f "$work/tuned$tau.json" ]] && continue
+        compare "$tau" "$work/tuned$tau.json" --tune --seed 0 "${tune_flags[@]}"
+    done
+}
+
+run_compare() {
+    mkdir -p "$work/compare"
+    for tau in $taus; do for length in $lengths; do for tasks in $parts; do
+        local out="$work/compare/tau$tau-$length-$tasks.json"
+        [[ -f "$out" ]] && continue
+        if (( SECONDS > 60 * minutes )); then echo "time limit: run again to go on"; return "$STOPPED"; fi
+        compare "$tau" "$out.tmp" --settings "$work/tuned$tau.json" --seed 1 --lengths "$length" --tasks "$tasks" --examples "$examples"
+        mv "$out.tmp" "$out"
+    done; done; done
+}
+
+run_report() {
+    for tau in $taus; do
+        python examples/compare_methods.py --merge "$work"/compare/tau"$tau"-*.json --out "$work/tau$tau.json" --plot "$work/tau$tau.png"
+    done
+}
+
+case "$stage" in
+    backbone) run_backbone ;;
+    dump) run_dump ;;
+    indexer) run_indexer ;;
+    tune) run_tune ;;
+    compare) run_compare ;;
+    report) run_report ;;
+    all)
+        repeat_until_done run_backbone
+        repeat_until_done run_dump
+        run_indexer
+        run_tune
+        repeat_until_done run_compare
+        run_report ;;
+    *) echo "unknown stage $stage" >&2; exit 2 ;;
+esac

@@ -73,6 +73,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-minutes", type=float, default=None, help="stop training (with a checkpoint) after this")
     parser.add_argument("--eval-lengths", default=None, help="comma-separated; default: max-length and twice it")
     parser.add_argument("--eval-examples", type=int, default=50, help="per task and length")
+    parser.add_argument("--answer-tokens", type=int, default=None, help="answer length of the long tasks (default 130)")
     parser.add_argument("--export-bf16", default=None, help="also save the trained model here in bf16 (small shards)")
     return parser.parse_args()
 
@@ -114,10 +115,9 @@ def main() -> None:
     else:
         lengths = [int(length) for length in args.eval_lengths.split(",")]
     tasks = TASK_SETS[config.mix]
-    results = evaluate_backbone(run.model, lengths, args.eval_examples, seed=config.seed, precision=precision, tasks=tasks)
-    dense = evaluate_backbone(
-        run.model, lengths, args.eval_examples, seed=config.seed, precision=precision, dense_csa=True, tasks=tasks
-    )
+    sizes = dict(seed=config.seed, precision=precision, tasks=tasks, answer_tokens=args.answer_tokens)
+    results = evaluate_backbone(run.model, lengths, args.eval_examples, **sizes)
+    dense = evaluate_backbone(run.model, lengths, args.eval_examples, dense_csa=True, **sizes)
     print(f"\nexact-match accuracy (%), stock full cache, {args.eval_examples} examples per cell")
     print(format_accuracy_table(results))
     print("\nthe same with every compressed entry visible to CSA (no native top-k): the indexer's cost is the gap")

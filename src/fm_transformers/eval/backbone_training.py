@@ -283,11 +283,13 @@ def evaluate_backbone(
     progress: bool = True,
     dense_csa: bool = False,
     tasks: tuple[str, ...] = TASK_NAMES,
+    answer_tokens: int | None = None,
 ) -> dict[int, dict[str, float]]:
     """Per-length, per-task exact-match accuracy with the stock full cache.
 
     dense_csa=False is the model as served (each CSA query sees its native indexer's top-k); True lets every
     query see all compressed entries. The gap between the two is what the native indexer's choice costs.
+    answer_tokens sizes the long tasks' answers (catalog.evaluation_examples).
     """
     device = next(model.parameters()).device
     set_dense_csa(model, dense_csa)
@@ -295,7 +297,7 @@ def evaluate_backbone(
     results = {}
     try:
         for length in lengths:
-            examples = [ex for task in tasks for ex in evaluation_examples(task, length, examples_per_task, seed)]
+            examples = [ex for task in tasks for ex in evaluation_examples(task, length, examples_per_task, seed, answer_tokens)]
             with autocast(device, precision):
                 batch_size = max(1, tokens_per_batch // length)
                 results[length] = evaluate_accuracy(model, examples, batch_size=batch_size, progress=progress)

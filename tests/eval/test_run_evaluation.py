@@ -1,0 +1,30 @@
+"""The GPU recipe (examples/run_evaluation.sh) end to end at CPU sizes: every stage, its outputs, and a rerun
+that finds everything done."""
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run(*args, work):
+    env = {**os.environ, "SMOKE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        ["bash", "examples/run_evaluation.sh", *args, str(work)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
+    )
+
+
+def test_the_smoke_recipe_runs_every_stage_and_a_rerun_skips_what_is_done(tmp_path):
+    done = run("all", work=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "backbone-bf16" / "config.json").is_file()
+    gate = json.loads((tmp_path / "indexer" / "tau4" / "gate.json").read_text())
+    assert gate["chosen_on"] == "validation" and "all" in gate["test"]
+    assert json.loads((tmp_path / "tuned4.json").read_text())["seed"] == 0
+    result = json.loads((tmp_path / "tau4.json").read_text())
+    assert result["seed"] == 1 and result["tuning"]["seed"] == 0
+    assert list(result["summary"]["320"]) == ["full", "lsa", "recency (matched)", "random (matched)", "lsa (budget)", "oracle lookahead"]
+    again = run("compare", work=tmp_path)
+    assert again.returncode == 0 and "compare" not in again.stderr
