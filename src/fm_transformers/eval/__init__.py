@@ -1,5 +1,8 @@
-"""Evaluation on synthetic long-context tasks: RULER-style generators, a small DeepSeek-V4 trained on them
-(its native indexer distilled from its attention), and exact-match accuracy through a pluggable generation."""
+"""Evaluation on synthetic long-context tasks: RULER-style generators (tasks.py) and long-decoding ones
+(long_tasks.py, qa_documents.py), small DeepSeek-V4 backbones trained on them (backbone.py, the paper's layout
+checked in paper_layout.py; native indexer distilled from the attention), the memory indexer's data (indexer_data,
+dump_blocks, label_selection, gate), and the comparison of full cache, LSA and its baselines (methods, matched,
+oracle, comparison, measures, statistics, summary, tuning). docs/evaluation.md says how they fit together."""
 
 from .backbone import BACKBONE_SIZES, build_eval_backbone, eval_backbone_config
 from .backbone_training import (

@@ -92,7 +92,7 @@ def _add(total, name: str, kept: set[int], visible: int, used: dict[int, int], e
     total[f"{name}_used"] += sum(used.values())
     total[f"{name}_fraction"] += len(kept) / max(visible, 1)
     total[f"{name}_triggers"] += 1
-    if evidence is not None:
+    if evidence:  # a question trigger with evidence already made (a chunk still open is in the window)
         total[f"{name}_evidence_recall"] += sum(chunk in kept for chunk in evidence) / max(len(evidence), 1)
         total[f"{name}_questions"] += 1
 
