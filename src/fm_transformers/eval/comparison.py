@@ -70,7 +70,7 @@ def decode_batch(
     measures = dict.fromkeys(MEASURES)
     measures.update(seconds=seconds, prefill_peak_bytes=peaks.prefill, decode_peak_bytes=peaks.decode, host_syncs=syncs[0])
     if picks is not None:
-        shared["native_steps"], shared["prompt_length"] = picks.steps, input_ids.shape[1]
+        shared["native_steps"], shared["prompt_length"] = picks.host_steps(), input_ids.shape[1]
         measures["csa_device_bytes"] = measures["full_csa_bytes"] = stock_csa_bytes(cache, model.config.layer_types)
         return tokens, measures
     report = cache.memory_report()

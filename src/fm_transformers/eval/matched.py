@@ -21,21 +21,28 @@ MATCHED_KINDS = ("recency", "random")
 
 
 class RecordingPolicy(ResidentPolicy):
-    """`inner` unchanged; `recorded[trigger] = (chunks made, resident chunks of each sequence)`."""
+    """`inner` unchanged; `recorded[trigger] = (chunks made, resident chunks of each sequence)`. The priorities
+    are kept as they are and sized after the run, so the recording adds no host wait to the run it records."""
 
     def __init__(self, inner: ResidentPolicy, config: LSAConfig):
         self.inner, self.config = inner, config
         self.target_layers = inner.target_layers
-        self.recorded: dict[int, tuple[int, list[int]]] = {}
+        self._seen: dict[int, tuple[torch.Tensor, SelectionContext]] = {}
 
     def observe(self, layer_idx, hidden_states, position_ids, index_keys):
         self.inner.observe(layer_idx, hidden_states, position_ids, index_keys)
 
     def priorities(self, context):
         priorities = self.inner.priorities(context)
-        sizes = [ids.numel() for ids in resident_sets(priorities, context, self.config)]
-        self.recorded[context.trigger_index] = (context.num_chunks, sizes)  # a later prefill forward overwrites
+        self._seen[context.trigger_index] = (priorities, context)  # a later prefill forward overwrites
         return priorities
+
+    @property
+    def recorded(self) -> dict[int, tuple[int, list[int]]]:
+        return {
+            trigger: (context.num_chunks, [ids.numel() for ids in resident_sets(priorities, context, self.config)])
+            for trigger, (priorities, context) in self._seen.items()
+        }
 
 
 def matched_counts(

@@ -18,7 +18,9 @@ from ..layout import csa_layers
 
 class NativePicks:
     """Context manager: the native indexer's top-k of every CSA layer at each one-token forward.
-    `steps[f]`: (batch, CSA layers x k) chunk ids of decode forward f + 1, -1 for empty slots."""
+    `steps[f]`: (batch, CSA layers x k) chunk ids of decode forward f + 1, -1 for empty slots, kept on the model's
+    device (a copy to the host each step would make the reference run wait for the device); `host_steps()`
+    brings them over once the run is over."""
 
     def __init__(self, model):
         self.indexers = [model.model.layers[i].self_attn.compressor.indexer for i in csa_layers(model.config)]
@@ -36,7 +38,7 @@ class NativePicks:
     def _hook(self, module, args, top_k):  # top_k: (batch, seq, k)
         if top_k.shape[1] != 1:
             return
-        self._current.append(top_k[:, 0].detach().cpu())
+        self._current.append(top_k[:, 0].detach())
         if len(self._current) == len(self.indexers):
             self.steps.append(torch.cat(self._current, dim=1))
             self._current = []
@@ -45,6 +47,9 @@ class NativePicks:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+    def host_steps(self) -> list[torch.Tensor]:
+        return [step.cpu() for step in self.steps]
 
 
 def lookahead_sets(
