@@ -290,3 +290,14 @@ def test_convert_for_the_tiny_backbone_attaches_to_it(tiny_config, tmp_path):
     assert main([*command, "--output", str(tmp_path / "indexer")]) == 0
     model = tiny_deepseek_v4(seed=0)
     assert fm.attach_memory_indexer(model, str(tmp_path / "indexer")).config.layers == [4, 7]
+
+
+def test_push_after_convert_keeps_the_release_card(tiny_config, tmp_path):
+    """A converted release pushed on keeps its card (source, MIT licence), not the training card of this project."""
+    torch.save(release_checkpoint(tiny_config), tmp_path / "indexer.pt")
+    command = ["convert", "--official-checkpoint", str(tmp_path / "indexer.pt"), "--backbone", "tiny"]
+    assert main([*command, "--output", str(tmp_path / "indexer")]) == 0
+    assert main(["push", "--indexer", str(tmp_path / "indexer"), "--repo-id", "me/flashmemory", "--local-dir", str(tmp_path / "repo")]) == 0
+    card = (tmp_path / "repo" / "README.md").read_text()
+    assert card == (tmp_path / "indexer" / "README.md").read_text()
+    assert "\nlicense: mit\n" in card and (tmp_path / "repo" / "conversion.json").is_file()

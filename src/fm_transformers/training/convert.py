@@ -6,6 +6,7 @@ a trained one, with a card of its own (model_cards/official_indexer_card.md): th
 to report, and its licence is not this project's.
 """
 
+import json
 from importlib import resources
 from pathlib import Path
 from string import Template
@@ -13,16 +14,18 @@ from string import Template
 from ..indexer import MemoryIndexerModel
 from ..layout import csa_layers
 from ..official import OFFICIAL_REPO
-from .push import TEMPLATE_PACKAGE, _usage
+from .push import CONVERSION, TEMPLATE_PACKAGE, _usage
 
 TEMPLATE_NAME = "official_indexer_card.md"
 
 
 def write_official_indexer(model: MemoryIndexerModel, output: str | Path, checkpoint: str) -> Path:
-    """save_pretrained into `output`, with README.md saying where the weights come from; returns `output`."""
+    """save_pretrained into `output`, with README.md saying where the weights come from and conversion.json marking
+    the directory as a converted release (so `fm-indexer push` keeps that card); returns `output`."""
     output = Path(output)
     model.save_pretrained(output)
     (output / "README.md").write_text(render_official_card(model, checkpoint))
+    (output / CONVERSION).write_text(json.dumps({"source": OFFICIAL_REPO, "checkpoint": checkpoint}, indent=2) + "\n")
     return output
 
 

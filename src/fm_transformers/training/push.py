@@ -27,6 +27,8 @@ from .trainer import SUMMARY
 logger = logging.getLogger(__name__)
 
 TEMPLATE_PACKAGE, TEMPLATE_NAME = "fm_transformers.model_cards", "indexer_card.md"
+# Written by `fm-indexer convert` beside a converted release: its card (source, MIT licence) is pushed as it is.
+CONVERSION = "conversion.json"
 NOT_RECORDED = "not recorded"
 
 
@@ -133,17 +135,20 @@ def _metrics_table(metrics: dict | None) -> str:
 def build_repo_folder(indexer_dir: str | Path, repo_id: str, folder: str | Path, template_path=None) -> Path:
     """Write config, weights, summary and README.md of the indexer in `indexer_dir` to `folder`."""
     location, folder = locate_pretrained(indexer_dir), Path(folder)
-    template = _read_template(template_path)
     model = MemoryIndexerModel.from_pretrained(location)
-    summary_path = Path(location) / SUMMARY  # written by fm-indexer train; a Hub repo id has none here
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
-    if summary is None:
-        logger.warning("%s has no %s: the card will say 'not recorded' for data and metrics", location, SUMMARY)
-    card = render_card(model, summary, repo_id, template)
+    converted = Path(location) / CONVERSION
+    if converted.is_file() and template_path is None:  # the release's weights: keep the card naming them
+        card, copied = (Path(location) / "README.md").read_text(), converted
+    else:
+        summary_path = Path(location) / SUMMARY  # written by fm-indexer train; a Hub repo id has none here
+        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
+        if summary is None:
+            logger.warning("%s has no %s: the card will say 'not recorded' for data and metrics", location, SUMMARY)
+        card, copied = render_card(model, summary, repo_id, _read_template(template_path)), summary_path if summary else None
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
-    if summary is not None:
-        shutil.copyfile(summary_path, folder / SUMMARY)
+    if copied is not None:
+        shutil.copyfile(copied, folder / copied.name)
     (folder / "README.md").write_text(card)
     return folder
 
