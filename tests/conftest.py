@@ -55,6 +55,16 @@ def random_prompt(length: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
     return torch.randint(4, TINY_VOCAB_SIZE, (batch, length), generator=generator).to(DEVICE)
 
 
+def left_padded_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) (2, 45): a 45-token prompt beside a 30-token one left-padded with 15 zeros."""
+    long_prompt, short_prompt = random_prompt(45, seed=1)[0], random_prompt(30, seed=2)[0]
+    input_ids = torch.zeros(2, 45, dtype=torch.long, device=DEVICE)
+    attention_mask = torch.zeros(2, 45, dtype=torch.long, device=DEVICE)
+    input_ids[0], attention_mask[0] = long_prompt, 1
+    input_ids[1, 15:], attention_mask[1, 15:] = short_prompt, 1
+    return input_ids, attention_mask
+
+
 def greedy(model, input_ids, max_new_tokens=24, **kwargs):
     return model.generate(
         input_ids,

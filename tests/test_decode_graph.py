@@ -9,7 +9,7 @@ from fm_transformers import decode_graph
 from fm_transformers.decode_graph import DecodeGraph, graph_safe_experts
 from fm_transformers.policies import KeepAllPolicy, RandomPolicy
 
-from tests.conftest import DEVICE, greedy, max_logit_difference, random_prompt
+from tests.conftest import DEVICE, greedy, left_padded_batch, max_logit_difference, random_prompt
 
 LSA_OPTIONS = {"tau": 8, "sink_chunks": 1, "recency_chunks": 1}
 
@@ -190,11 +190,7 @@ def test_sampling_processors_and_streamer_work_as_in_eager_decode(model):
 def test_keep_all_graph_decode_matches_stock_to_rounding(indexed_model):
     """Nothing dropped: the fixed-shape step (sliding and HCA layers through the sparse attention kernel, whose
     sums run in another order than transformers' eager attention) equals stock to fp32 rounding, token for token."""
-    long_prompt, short_prompt = random_prompt(45, seed=1)[0], random_prompt(30, seed=2)[0]
-    input_ids = torch.zeros(2, 45, dtype=torch.long, device=DEVICE)
-    attention_mask = torch.zeros(2, 45, dtype=torch.long, device=DEVICE)
-    input_ids[0], attention_mask[0] = long_prompt, 1
-    input_ids[1, 15:], attention_mask[1, 15:] = short_prompt, 1
+    input_ids, attention_mask = left_padded_batch()
     stock = greedy(indexed_model, input_ids, attention_mask=attention_mask)
     cache = fm.OffloadedLookaheadCache(indexed_model, {"tau": 8, "threshold": 0.0})
     cache.decode_graph = DecodeGraph(indexed_model, cache, capture=DEVICE.type == "cuda")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fm_transformers as fm
-from tests.conftest import DEVICE, greedy, max_logit_difference, random_prompt
+from tests.conftest import DEVICE, greedy, left_padded_batch, max_logit_difference, random_prompt
 
 
 @pytest.mark.parametrize("prompt_length", [37, 50])  # not multiples of 4, longer than the 16-token window
@@ -27,11 +27,7 @@ def test_keep_all_policy_matches_stock_generation(model):
 
 
 def test_left_padded_batch_of_different_lengths_matches_stock(indexed_model):
-    long_prompt, short_prompt = random_prompt(45, seed=1)[0], random_prompt(30, seed=2)[0]
-    input_ids = torch.zeros(2, 45, dtype=torch.long, device=DEVICE)
-    attention_mask = torch.zeros(2, 45, dtype=torch.long, device=DEVICE)
-    input_ids[0], attention_mask[0] = long_prompt, 1
-    input_ids[1, 15:], attention_mask[1, 15:] = short_prompt, 1
+    input_ids, attention_mask = left_padded_batch()
     stock = greedy(indexed_model, input_ids, attention_mask=attention_mask)
     lsa = greedy(
         indexed_model, input_ids, attention_mask=attention_mask, cache_implementation="lsa",
