@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fm_transformers as fm
-from tests.conftest import DEVICE, greedy, left_padded_batch, max_logit_difference, random_prompt
+from tests.conftest import greedy, left_padded_batch, max_logit_difference, random_prompt
 
 
 @pytest.mark.parametrize("prompt_length", [37, 50])  # not multiples of 4, longer than the 16-token window
