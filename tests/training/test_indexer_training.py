@@ -1,24 +1,29 @@
 """Backbone-free training: what it learns, what it touches, and that its options and resumption work."""
 
+import functools
 import json
 import math
 import shutil
 import subprocess
 import sys
+from itertools import islice
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 from training_helpers import TARGET_LAYERS, small_train_config
 from transformers import AutoModelForCausalLM, DeepseekV4ForCausalLM
 from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4Model
 
 from fm_transformers.indexer import MemoryIndexerModel
 from fm_transformers.training.dataset import host_batches
+from fm_transformers.training.device_batches import device_batches
 from fm_transformers.training.losses import indexer_loss
 from fm_transformers.training.order import EpochOrder
 from fm_transformers.training.shards import LabelShards, backbone_config
 from fm_transformers.training.step import IndexerLoss, candidate_logits
-from fm_transformers.training.trainer import train
+from fm_transformers.training import trainer
+from fm_transformers.training.trainer import build_indexer, train
 
 
 def test_trained_indexer_beats_recency_of_the_same_size_on_used_chunks(trained):
@@ -177,6 +182,52 @@ def test_the_loss_curve_is_recorded_every_log_interval(train_labels, tmp_path):
     summary = train(small_train_config(train_labels, tmp_path / "out", max_steps=25, log_every=10))
     assert [step for step, _ in summary["loss_curve"]] == [10, 20, 25]
     assert all(math.isfinite(loss) for _, loss in summary["loss_curve"])
+
+
+def test_a_batch_source_feeds_the_loop_in_place_of_the_loader(train_labels, tmp_path, monkeypatch):
+    shards = LabelShards(train_labels)
+    order = EpochOrder(shards.part_triggers(), 64, 0, 0)
+    one = next(device_batches(shards, list(TARGET_LAYERS), order, 0, 3.0, torch.device("cpu")))
+    asked = []
+
+    def source(epoch, start):
+        asked.append((epoch, start))
+        yield from [one] * (len(order) - start)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the trainer ran its own loader")
+
+    monkeypatch.setattr(trainer, "device_batches", refuse)
+    config = small_train_config(train_labels, tmp_path / "out", batch_size=64, max_steps=len(order) + 2)
+    assert train(config, source)["steps"] == len(order) + 2
+    assert asked == [(0, 0), (1, 0)]
+
+
+def test_fresh_copies_views_and_keeps_tensors_that_own_their_storage(split_train_labels):
+    shards = LabelShards(split_train_labels)
+    order = EpochOrder(shards.part_triggers(), batch_size=8, seed=0, epoch=0)
+    for batch in islice(device_batches(shards, list(TARGET_LAYERS), order, 0, 3.0, torch.device("cpu")), 2):
+        fresh = batch.fresh()
+        assert batch.keys[4]._base is None and fresh.keys[4] is batch.keys[4]  # about 200 MB a batch at release sizes
+        for view, copied in [(batch.hidden[4], fresh.hidden[4]), (batch.positions, fresh.positions)]:
+            assert view._base is not None  # the first batch's views start the block: offset 0, contiguous
+            assert copied._base is None and copied.is_contiguous() and torch.equal(copied, view)
+        assert fresh.mask._base is None and fresh.mask.is_contiguous() and torch.equal(fresh.mask, batch.mask)
+
+
+def test_the_compiled_step_compiles_once_for_the_device_loaders_batches(split_train_labels, monkeypatch):
+    # aot_eager: the guards of dynamo and AOTAutograd without inductor's C++ build (inductor on the CPU agrees)
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    torch._dynamo.reset()
+    counters.clear()
+    shards = LabelShards(split_train_labels)
+    indexer = build_indexer(small_train_config(split_train_labels, "unused", num_heads=4, rank=16), shards)
+    step = IndexerLoss(indexer, list(TARGET_LAYERS), "focal", 2.0, torch.float32, compile=True)
+    order = EpochOrder(shards.part_triggers(), batch_size=8, seed=0, epoch=0)
+    for batch in islice(device_batches(shards, list(TARGET_LAYERS), order, 0, 3.0, torch.device("cpu")), 12):
+        step(batch).backward()
+    assert counters["stats"]["unique_graphs"] == 1
+    torch._dynamo.reset()
 
 
 @pytest.mark.gpu

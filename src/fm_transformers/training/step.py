@@ -30,14 +30,25 @@ class TriggerBatch:
         return self._map(lambda tensor: tensor.to(device))
 
     def fresh(self) -> "TriggerBatch":
-        """Contiguous copies that start their storage (the device loader's batches are views into a block)."""
-        return self._map(lambda tensor: tensor.clone(memory_format=torch.contiguous_format))
+        """The batch with every view and non-contiguous tensor replaced by a contiguous copy of its own; tensors
+        that already own their storage are kept, not copied.
+
+        The device loader's positions, hidden states, targets and mask are views into its block (its keys are
+        gathered into new tensors, about 200 MB a batch at release sizes); torch.compile guards on whether an
+        input is a view, so a step fed views after non-views, or the reverse, would compile again."""
+        return self._map(_owning)
 
     def _map(self, function) -> "TriggerBatch":
         def apply(value):
             return {key: function(item) for key, item in value.items()} if isinstance(value, dict) else function(value)
 
         return TriggerBatch(**{field.name: apply(getattr(self, field.name)) for field in fields(self)})
+
+
+def _owning(tensor: torch.Tensor) -> torch.Tensor:
+    if tensor._base is None and tensor.is_contiguous():
+        return tensor
+    return tensor.clone(memory_format=torch.contiguous_format)
 
 
 def candidate_logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -66,7 +77,7 @@ class IndexerLoss(nn.Module):
         self._loss = torch.compile(self._batch_loss, dynamic=True) if compile else self._batch_loss
 
     def forward(self, batch: TriggerBatch) -> torch.Tensor:
-        if self.compiled:  # fresh copies: views' strides and offsets would each make the graph recompile
+        if self.compiled:  # no views: a view where the graph last saw a non-view makes it recompile
             batch = batch.fresh()
         return self._loss(batch.positions, batch.hidden, batch.keys, batch.targets, batch.mask)
 

@@ -12,9 +12,10 @@ an uninterrupted one.
 import json
 import logging
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import closing
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -55,6 +56,8 @@ NOT_HYPERPARAMETERS = (
 LOADERS = ("device", "host")
 # Settings that fix the shape of the model and the data order: a resume with other values cannot continue.
 RESUME_FIXED = ("data", "layers", "num_heads", "rank", "init_from", "lora_r", "batch_size", "seed")
+# (epoch, first batch) -> a generator of that epoch's batches from the first on, on the training device
+BatchSource = Callable[[int, int], Iterator[TriggerBatch]]
 
 
 @dataclass
@@ -155,8 +158,13 @@ class _Run:
     total_steps: int
 
 
-def train(config: TrainConfig) -> dict:
-    """Train, save the indexer with save_pretrained in output_dir, evaluate; returns the run summary."""
+def train(config: TrainConfig, batch_source: BatchSource | None = None) -> dict:
+    """Train, save the indexer with save_pretrained in output_dir, evaluate; returns the run summary.
+
+    batch_source: batches made elsewhere in place of the loader's, for measurements (the throughput benchmark
+    feeds batches made before the run to time the step without its loader). It is an argument and not a
+    TrainConfig field because the config is saved as JSON and describes a reproducible run, which a run fed
+    so is not. The data shards still set the model's shape and the number of steps in an epoch."""
     output_dir = Path(config.output_dir)
     shards = LabelShards(config.data)
     eval_shards = LabelShards(config.eval_data) if config.eval_data else None
@@ -167,7 +175,8 @@ def train(config: TrainConfig) -> dict:
     set_seed(config.seed)
     run = _setup(accelerator, config, shards)
     first_step = _resume(accelerator, output_dir) if config.resume else 0
-    step, losses = _loop(accelerator, run, config, first_step)
+    source = batch_source or partial(_batches, accelerator, run, config)
+    step, losses = _loop(accelerator, run, config, first_step, source)
     if not (config.save_every and step % config.save_every == 0):
         _save_checkpoint(accelerator, output_dir, step, config.keep_checkpoints)
     return _finish(accelerator, run.model, config, shards, eval_shards, first_step, step, losses)
@@ -230,14 +239,16 @@ class _LossHistory:
         return self.values[-1] if self.values else None
 
 
-def _loop(accelerator: Accelerator, run: _Run, config: TrainConfig, step: int) -> tuple[int, list[float]]:
+def _loop(
+    accelerator: Accelerator, run: _Run, config: TrainConfig, step: int, source: BatchSource
+) -> tuple[int, list[float]]:
     """Optimizer steps from `step` to run.total_steps; epochs and the position inside one follow from the step."""
     history = _LossHistory()
     output_dir = Path(config.output_dir)
     with tqdm(total=run.total_steps, initial=step, desc="train", disable=not accelerator.is_main_process) as bar:
         while step < run.total_steps:
             epoch, done_in_epoch = divmod(step, run.steps_per_epoch)
-            with closing(_batches(accelerator, run, config, epoch, done_in_epoch)) as batches:
+            with closing(source(epoch, done_in_epoch)) as batches:
                 for batch in batches:
                     loss = run.model(batch)
                     accelerator.backward(loss)
