@@ -48,3 +48,10 @@ def test_processes_take_disjoint_batches_and_the_same_number_of_them():
     taken = [sample for share in shares for sample in visited(share)]
     assert len(taken) == len(set(taken)) == 3 * (len(whole) // 3) * 4
     assert set(taken) <= set(visited(whole))
+
+
+def test_the_order_is_the_one_earlier_checkpoints_were_trained_in():
+    # a checkpoint resumes at a batch index: the order of a given seed must not change between versions
+    order = EpochOrder(PART_TRIGGERS, 4, seed=0, epoch=0)
+    batches = [[(segment.part, segment.rows.tolist()) for segment in order.batch(index)] for index in (0, 3, 7)]
+    assert batches == [[(2, [1, 6, 0, 5])], [(4, [8, 5, 2, 4])], [(1, [1])]]

@@ -7,10 +7,15 @@ processes, process r takes batches r, r + world, ... and the few left over at th
 so that every process makes the same number of steps.
 
 Everything is a function of (seed, epoch) and the part sizes, computed on demand: batch i can be found without
-walking batches 0..i-1 (a resumed run starts there), and nothing grows with the number of trigger steps.
+walking batches 0..i-1 (a resumed run starts there), and nothing grows with the number of trigger steps. The
+per-part bookkeeping is kept in Python lists: the loader looks a batch up twice a step on the thread that
+launches the training step, and a lookup by tensor ops (a search and a few scalar reads) costs several times
+more host time than one by bisect.
 """
 
+from bisect import bisect_right
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 
@@ -36,10 +41,9 @@ class EpochOrder:
         self.batch_size = batch_size
         self.seed, self.epoch, self.rank, self.world = seed, epoch, rank, world
         generator = torch.Generator().manual_seed(seed_from(seed, epoch))
-        self.parts = torch.randperm(len(part_triggers), generator=generator)  # (parts,) visiting order
-        counts = torch.tensor(part_triggers, dtype=torch.long)[self.parts]
-        self.ends = torch.cumsum(counts, 0)  # (parts,) samples through each part of the order
-        self.samples = int(self.ends[-1]) if len(part_triggers) else 0
+        self.parts: list[int] = torch.randperm(len(part_triggers), generator=generator).tolist()  # visiting order
+        self.ends = list(accumulate(part_triggers[part] for part in self.parts))  # samples through each part
+        self.samples = self.ends[-1] if self.ends else 0
         self._rows: dict[int, torch.Tensor] = {}  # the last parts' rows: consecutive batches share a part
 
     def __len__(self) -> int:
@@ -50,15 +54,15 @@ class EpochOrder:
         """Segments of this process's batch `index` (0 <= index < len(self))."""
         start = (index * self.world + self.rank) * self.batch_size
         end = min(start + self.batch_size, self.samples)
-        first = int(torch.searchsorted(self.ends, start, right=True))
+        first = bisect_right(self.ends, start)
         segments = []
         for position in range(first, len(self.parts)):
-            part_start = int(self.ends[position - 1]) if position else 0
+            part_start = self.ends[position - 1] if position else 0
             if part_start >= end:
                 break
-            first_row, end_row = max(start - part_start, 0), min(end, int(self.ends[position])) - part_start
+            first_row, end_row = max(start - part_start, 0), min(end, self.ends[position]) - part_start
             rows = self.rows(position)[first_row:end_row]
-            segments.append(Segment(int(self.parts[position]), position, first_row, end_row, rows))
+            segments.append(Segment(self.parts[position], position, first_row, end_row, rows))
         return segments
 
     def rows(self, position: int) -> torch.Tensor:
@@ -66,8 +70,8 @@ class EpochOrder:
         if position not in self._rows:
             if len(self._rows) >= 4:
                 self._rows.pop(min(self._rows))
-            generator = torch.Generator().manual_seed(seed_from(self.seed, self.epoch, int(self.parts[position])))
-            count = int(self.ends[position] - (self.ends[position - 1] if position else 0))
+            generator = torch.Generator().manual_seed(seed_from(self.seed, self.epoch, self.parts[position]))
+            count = self.ends[position] - (self.ends[position - 1] if position else 0)
             self._rows[position] = torch.randperm(count, generator=generator)
         return self._rows[position]
 
