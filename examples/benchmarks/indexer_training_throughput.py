@@ -29,23 +29,40 @@ loss reads, every 20 steps):
   per step (copies and memsets left out); GPU utilisation = that over the wall time per step of the timed window;
 - FLOPs (--flop-steps, under torch.utils.flop_counter.FlopCounterMode, eager runs only): matmul FLOPs per step,
   forward and backward. The floor is those FLOPs at --peak-tflops (H200 dense bf16: 989 TFLOP/s).
-The loader's share is the loader alone (same shards, order and batch size; for `host` including the copy of each
-batch to the device), timed with a synchronization at its end, over the wall time per step of the run. It is
-probed on the training documents and on documents of 128K and 512K tokens; the estimate for the paper's data
-(10,000 documents of 16K-512K tokens, log-uniform, tokens / 64 trigger steps each, one epoch, 22.9M trigger
-steps) adds, per document length, the loader's extra cost over the training documents to the measured time per
-sample. Each run's loss curve (the trainer's, every 20 steps) is printed and kept. A run that fails (say,
-torch.compile on this machine) is reported with its error and the others still run. Prints a table last; writes
-JSON to --output (on the main process).
+Two loader shares. *Loader alone*: the loader by itself (same shards, order and batch size; for `host` including
+the copy of each batch to the device), timed with a synchronization at its end, over the wall time per step of
+the run; it overstates what the loader costs training when its work overlaps the step (the device loader stages
+parts in a background thread, on a side stream). *Loader exposed*: what the loader adds to a step, 1 - (wall
+time per step fed pre-made batches) / (wall time per step of the run). For it each run is repeated as it was
+(same shards, batch size, compile flag, warm-up and timed steps; no profiled or FLOP window) but fed through
+trainer.train's batch_source by a ring of --ring-batches batches made by the run's own loader before it starts
+and held on the device, cycled, so the loader costs nothing while it is timed. A ring, not every batch of the
+window: at release sizes a batch holds about 200 MB of candidate keys. The ring's batches are the loader's own
+(views into a block, as the step gets them), from the start of the epoch; their candidate widths follow the same
+distribution as the window's. The loader alone is probed on the training documents and on documents of 128K and
+512K tokens; the estimate for the paper's data (10,000 documents of 16K-512K tokens, log-uniform, tokens / 64
+trigger steps each, one epoch, 22.9M trigger steps) adds, per document length, the loader's extra cost over the
+training documents to the measured time per sample. Each run's loss curve (the trainer's, every 20 steps) is
+printed and kept. A run that fails (say, torch.compile on this machine) is reported with its error and the
+others still run.
+
+--profile-loader N: torch.profiler (CPU, and CUDA on a GPU) over N batches of each loader alone on the training
+documents (across epochs where one has fewer batches), after one batch that is left out: the 15 ops with the most
+self CPU time and the 15 with the most CUDA time, the loader's own ranges ("loader: ..."), the self CPU time on
+the main thread (what competes with the step's launches) and on the others (part staging), and the main
+thread's wall time inside next() per batch, measured without the profiler. Prints a table last; writes JSON to
+--output (on the main process).
 """
 
 import argparse
 import gc
+import itertools
 import json
 import shutil
 import tempfile
 import time
 import traceback
+from contextlib import closing
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -55,7 +72,7 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 from torch.optim.optimizer import register_optimizer_step_post_hook
-from torch.profiler import ProfilerActivity, profile, schedule
+from torch.profiler import ProfilerActivity, _ExperimentalConfig, profile, record_function, schedule
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import DeepseekV4Config
 
@@ -67,6 +84,8 @@ from fm_transformers.training.labels import effective_vote, trigger_positions, v
 from fm_transformers.training.order import EpochOrder
 from fm_transformers.training.shard_writer import ShardWriter
 from fm_transformers.training.shards import FORMAT, MANIFEST, VERSION, atomic_write_json, backbone_identity
+from fm_transformers.training.step import TriggerBatch
+from fm_transformers.training.trainer import BatchSource
 
 SLIDING, CSA, HCA = "sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"
 # The paper trains its indexer on this set in about one GPU-hour.
@@ -75,6 +94,8 @@ FULL = {"hidden": 4096, "index_head_dim": 128, "tokens": 16_384, "positives": (1
 SMALL = {"hidden": 64, "index_head_dim": 16, "tokens": 1024, "positives": (4, 40), "probe": (2048, 4096)}
 RUNS = {"host": ("host", False), "device": ("device", False), "device-compiled": ("device", True)}
 LOG_EVERY = 20  # each loss read waits for the device: one a step would serialize host and device
+TOP_OPS = 15
+NEXT_BATCH = "benchmark: next batch"  # the profiler range around each next() of a profiled loader
 
 
 def flash_backbone(small: bool) -> DeepseekV4Config:
@@ -259,7 +280,14 @@ def _nvml_utilization() -> int | None:
         return None
 
 
-def timed_training(config: TrainConfig, windows: Windows, cuda: bool, count_flops: bool, processes: int) -> dict:
+def timed_training(
+    config: TrainConfig,
+    windows: Windows,
+    cuda: bool,
+    count_flops: bool,
+    processes: int,
+    batch_source: BatchSource | None = None,
+) -> dict:
     """Run trainer.train through every window; rates from the timed window, samples/s of all processes together.
     The peak memory is this process's and the run's own: the peak over what was allocated before it (an earlier
     run's leftovers, if the collector left any)."""
@@ -271,7 +299,7 @@ def timed_training(config: TrainConfig, windows: Windows, cuda: bool, count_flop
         before = torch.cuda.memory_allocated()
     start = time.perf_counter()
     with StepProbe(windows, cuda, count_flops) as probe:
-        summary = train(config)
+        summary = train(config, batch_source)
     seconds = probe.marks["timed_end"] - probe.marks["timed_start"]
     step_s = seconds / windows.timed
     return {
@@ -289,27 +317,122 @@ def timed_training(config: TrainConfig, windows: Windows, cuda: bool, count_flop
     }
 
 
+def premade_training(
+    shards: LabelShards, config: TrainConfig, windows: Windows, cuda: bool, ring: int, state: PartialState
+) -> dict:
+    """The run again (warm-up and timed window only), fed a ring of `ring` batches its loader made beforehand:
+    the wall time per step of the step alone."""
+    order = EpochOrder(shards.part_triggers(), config.batch_size, config.seed, 0, state.process_index,
+                       state.num_processes)
+    made = loader_batches(shards, config.loader, config, state.device, state.process_index, state.num_processes)
+    batches = list(itertools.islice(made, ring))
+    made.close()
+    _synchronize(state.device)
+    premade = replace(config, output_dir=f"{config.output_dir}-premade", max_steps=windows.total)
+    timed = timed_training(premade, windows, cuda, False, state.num_processes, ring_source(batches, len(order)))
+    return {"ring_batches": len(batches), **{key: timed[key] for key in ("samples_per_s", "step_ms")}}
+
+
+def ring_source(ring: list[TriggerBatch], batches_per_epoch: int) -> BatchSource:
+    """A trainer batch source that cycles `ring`, an epoch's number of batches at a time."""
+
+    def source(epoch: int, start: int):
+        for index in range(epoch * batches_per_epoch + start, (epoch + 1) * batches_per_epoch):
+            yield ring[index % len(ring)]
+
+    return source
+
+
+def loader_batches(shards: LabelShards, loader: str, config: TrainConfig, device, rank: int = 0, world: int = 1):
+    """The trainer's loader alone, epoch after epoch from epoch 0 (for `host`: each batch copied to the device)."""
+    layers = shards.target_layers
+    for epoch in itertools.count():
+        order = EpochOrder(shards.part_triggers(), config.batch_size, config.seed, epoch, rank, world)
+        if loader == "device":
+            made = device_batches(shards, layers, order, 0, config.negative_ratio, device, config.prefetch)
+        else:
+            made = (batch.to(device) for batch in host_batches(shards, layers, order, 0, config.negative_ratio))
+        with closing(made):
+            yield from made
+
+
 def loader_seconds_per_batch(shards: LabelShards, loader: str, config: TrainConfig, batches: int, device) -> float:
     """The trainer's loader alone over the first batches of an epoch; the first batch (it reads the first part) is
     left out."""
-    layers = shards.target_layers
-    order = EpochOrder(shards.part_triggers(), config.batch_size, config.seed, 0)
-    if len(order) < 2:
+    length = len(EpochOrder(shards.part_triggers(), config.batch_size, config.seed, 0))
+    if length < 2:
         raise ValueError(f"{shards.directory} has a single batch of trigger steps: probe longer documents")
-    if loader == "device":
-        made = device_batches(shards, layers, order, 0, config.negative_ratio, device, config.prefetch)
-    else:
-        made = (batch.to(device) for batch in host_batches(shards, layers, order, 0, config.negative_ratio))
+    made = loader_batches(shards, loader, config, device)
     next(made)
     _synchronize(device)
-    start, count = time.perf_counter(), 0
-    for batch in made:
-        count += 1
-        if count == min(batches, len(order) - 1):
-            break
+    start, count = time.perf_counter(), min(batches, length - 1)
+    for _ in range(count):
+        next(made)
     _synchronize(device)
     made.close()
     return (time.perf_counter() - start) / count
+
+
+def profile_loader(shards: LabelShards, loader: str, config: TrainConfig, batches: int, device) -> dict:
+    """Where the loader's time goes, over `batches` batches after a first one left out (see the docstring)."""
+    made = loader_batches(shards, loader, config, device)
+    next(made)
+    _synchronize(device)
+    host_s, start = 0.0, time.perf_counter()
+    for _ in range(batches):
+        asked = time.perf_counter()
+        next(made)
+        host_s += time.perf_counter() - asked
+    _synchronize(device)
+    wall_s = time.perf_counter() - start
+    made.close()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    made = loader_batches(shards, loader, config, device)
+    next(made)
+    _synchronize(device)
+    # every thread: part staging runs in the loader's own thread, which the profiler leaves out by default
+    with profile(activities=activities, experimental_config=_ExperimentalConfig(profile_all_threads=True)) as profiler:
+        for _ in range(batches):
+            with record_function(NEXT_BATCH):
+                next(made)
+        _synchronize(device)
+    made.close()
+    return {
+        "batches": batches,
+        "host_ms_per_batch": host_s / batches * 1e3,
+        "wall_ms_per_batch": wall_s / batches * 1e3,
+        **_profile_summary(profiler, batches, device.type == "cuda"),
+    }
+
+
+def _profile_summary(profiler, batches: int, cuda: bool) -> dict:
+    """Top ops and the loader's ranges in ms per batch, and the self CPU time on the main thread and the others."""
+    cpu_events = [event for event in profiler.events() if event.device_type == torch.autograd.DeviceType.CPU]
+    main = {event.thread for event in cpu_events if event.name == NEXT_BATCH}
+    on_main = sum(event.self_cpu_time_total for event in cpu_events if event.thread in main)
+    averages = [average for average in profiler.key_averages() if average.key != NEXT_BATCH]
+
+    def row(average) -> dict:
+        return {
+            "name": average.key,
+            "calls_per_batch": average.count / batches,
+            "self_cpu_ms_per_batch": average.self_cpu_time_total / batches / 1e3,
+            "cpu_ms_per_batch": average.cpu_time_total / batches / 1e3,
+            "self_cuda_ms_per_batch": average.self_device_time_total / batches / 1e3,
+        }
+
+    def top(key) -> list[dict]:
+        return [row(average) for average in sorted(averages, key=key, reverse=True)[:TOP_OPS]]
+
+    return {
+        "self_cpu_ms_per_batch": {
+            "main_thread": on_main / batches / 1e3,
+            "other_threads": (sum(event.self_cpu_time_total for event in cpu_events) - on_main) / batches / 1e3,
+        },
+        "ranges": [row(average) for average in averages if average.key.startswith("loader: ")],
+        "top_self_cpu": top(lambda average: average.self_cpu_time_total),
+        "top_cuda": top(lambda average: average.self_device_time_total) if cuda else [],
+    }
 
 
 def _synchronize(device: torch.device) -> None:
@@ -350,6 +473,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--profile-steps", type=int, default=10, help="steps under torch.profiler (GPU only)")
     parser.add_argument("--flop-steps", type=int, default=2, help="steps under FlopCounterMode (eager runs)")
     parser.add_argument("--probe-batches", type=int, default=8, help="timed loader batches per probed length")
+    parser.add_argument("--ring-batches", type=int, default=8, help="pre-made batches cycled by the run that "
+                        "times the step without its loader (the exposed loader share)")
+    parser.add_argument("--profile-loader", type=int, default=0, metavar="N", help="profile each loader alone "
+                        "over N batches: top ops by self CPU and CUDA time, host ms per batch (default: off)")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="the GPU's dense bf16 peak (H200: 989)")
     parser.add_argument("--data-dir", default=None, help="new directory for shards and indexers (default: temp)")
     args = parser.parse_args()
@@ -363,6 +490,8 @@ def parse_args() -> argparse.Namespace:
     unknown = [run for run in args.runs if run not in RUNS]
     if unknown:
         parser.error(f"unknown --runs {unknown}: choose among {list(RUNS)}")
+    if args.ring_batches < 1 or args.profile_loader < 0:
+        parser.error("--ring-batches must be positive and --profile-loader at least 0")
     if not cuda and not args.small:
         parser.error("the full-size benchmark needs a CUDA GPU: run with --small for a CPU smoke test")
     if args.data_dir and Path(args.data_dir).exists() and any(Path(args.data_dir).iterdir()):
@@ -415,7 +544,10 @@ def run(args, state: PartialState, workdir: Path) -> None:
         output_dir = str(workdir / f"indexer-{name}")
         config = replace(base, output_dir=output_dir, loader=loader, compile=compiled, max_steps=windows.total)
         try:
-            runs[name] = timed_training(config, windows, cuda, not compiled, state.num_processes)
+            measured = timed_training(config, windows, cuda, not compiled, state.num_processes)
+            timed_only = Windows(args.warmup, args.steps, 0, 0)
+            measured["premade"] = premade_training(shards["train"], config, timed_only, cuda, args.ring_batches, state)
+            runs[name] = measured
         except Exception as error:  # noqa: BLE001 (one variant failing, e.g. torch.compile here, keeps the others)
             traceback.print_exc()
             failed[name] = f"{type(error).__name__}: {error}"
@@ -426,9 +558,15 @@ def run(args, state: PartialState, workdir: Path) -> None:
         }
     if not runs:
         raise SystemExit(f"every run failed: {failed}")
+    profiles = {}
+    if args.profile_loader and state.is_main_process:
+        for loader in dict.fromkeys(RUNS[name][0] for name in runs):
+            profiles[loader] = profile_loader(shards["train"], loader, base, args.profile_loader, state.device)
     if state.is_main_process:
-        results = {**summarize(args, backbone, shards["train"], runs, generation_s, cuda), "failed_runs": failed}
+        results = {**summarize(args, backbone, shards["train"], runs, generation_s, cuda), "failed_runs": failed,
+                   "loader_profile": profiles}
         Path(args.output).write_text(json.dumps(results, indent=2))
+        print_profiles(profiles)
         print_table(results)
 
 
@@ -438,7 +576,8 @@ def summarize(args, backbone, shards: LabelShards, runs: dict, generation_s: flo
     tau, processes = shards.manifest["labels"]["tau"], PartialState().num_processes
     for run in runs.values():
         loader = run["loader_s_per_sample"]  # one process's loader
-        run["loader_share"] = min(1.0, loader[args.tokens] * args.batch_size / (run["step_ms"] / 1e3))
+        run["loader_alone_share"] = min(1.0, loader[args.tokens] * args.batch_size / (run["step_ms"] / 1e3))
+        run["loader_exposed_share"] = 1 - run["premade"]["step_ms"] / run["step_ms"]  # < 0: noise
         together = {length: seconds / processes for length, seconds in loader.items()}  # processes load at once
         run["paper"] = paper_estimate(1 / run["samples_per_s"], together, args.tokens, tau)
     label_bytes = sum(path.stat().st_size for path in shards.directory.glob("*.safetensors"))
@@ -453,6 +592,7 @@ def summarize(args, backbone, shards: LabelShards, runs: dict, generation_s: flo
         "data": {"documents": args.documents, "tokens": args.tokens, "trigger_steps": shards.num_triggers,
                  "generation_s": generation_s, "label_bytes_per_token": label_bytes / (args.documents * args.tokens)},
         "batch_size": args.batch_size,
+        "ring_batches": args.ring_batches,
         "windows": asdict(Windows(args.warmup, args.steps, args.profile_steps if cuda else 0, args.flop_steps)),
         "peak_tflops_assumed": args.peak_tflops,
         "flops_per_step": flops,
@@ -460,6 +600,25 @@ def summarize(args, backbone, shards: LabelShards, runs: dict, generation_s: flo
         "paper": {**PAPER, "trigger_steps": next(iter(runs.values()))["paper"]["trigger_steps"]},
         "runs": runs,
     }
+
+
+def print_profiles(profiles: dict) -> None:
+    for loader, found in profiles.items():
+        threads = found["self_cpu_ms_per_batch"]
+        print(f"\n{loader} loader over {found['batches']} batches: host {found['host_ms_per_batch']:.3f} ms a batch "
+              f"(main thread inside next(), unprofiled), wall {found['wall_ms_per_batch']:.3f} ms a batch "
+              f"(synchronized); profiled self CPU ms a batch: main thread {threads['main_thread']:.3f}, "
+              f"other threads {threads['other_threads']:.3f}")
+        tables = {"loader ranges": found["ranges"], f"top {TOP_OPS} by self CPU": found["top_self_cpu"],
+                  f"top {TOP_OPS} by CUDA": found["top_cuda"]}
+        for title, rows in tables.items():
+            if not rows:
+                continue
+            print(f"  {title}: {'calls':>7} | self CPU ms | CPU ms | self CUDA ms (per batch)")
+            for row in rows:
+                print(f"  {row['name'][:60]:<60} {row['calls_per_batch']:7.1f} | "
+                      f"{row['self_cpu_ms_per_batch']:11.3f} | {row['cpu_ms_per_batch']:6.3f} | "
+                      f"{row['self_cuda_ms_per_batch']:.3f}")
 
 
 def print_table(results: dict) -> None:
@@ -480,7 +639,10 @@ def print_table(results: dict) -> None:
     print("\nloader ms/sample by document length:")
     for name, run in results["runs"].items():
         print(f" {name:>16}: " + ", ".join(f"{n}: {s * 1e3:.3f}" for n, s in run["loader_s_per_sample"].items()))
-    print(f"\n {'run':>16} | samples/s | step ms | GPU util | NVML % | loader share | peak GiB | paper h | "
+    print("loader share: alone = the loader by itself over the step; exposed = 1 - step ms fed "
+          f"{results['ring_batches']} pre-made batches / step ms")
+    print(f"\n {'run':>16} | samples/s | step ms | GPU util | NVML % | loader alone | loader exposed | "
+          f"premade step ms | peak GiB | paper h | "
           f"paper h, loader scaled (needs {paper['trigger_steps'] / (paper['gpu_hours'] * 3600):.0f} samples/s for "
           f"{paper['gpu_hours']:.0f} h)")
     for name, run in results["runs"].items():
@@ -488,7 +650,8 @@ def print_table(results: dict) -> None:
         nvml = f"{run['nvml_utilization_percent']}" if run["nvml_utilization_percent"] is not None else "n/a"
         peak = f"{run['peak_gpu_bytes'] / 2**30:.2f}" if run["peak_gpu_bytes"] else "n/a"
         print(f" {name:>16} | {run['samples_per_s']:9.0f} | {run['step_ms']:7.2f} | {util:>8} | {nvml:>6} | "
-              f"{run['loader_share']:12.0%} | {peak:>8} | {run['paper']['hours_at_measured_rate']:7.2f} | "
+              f"{run['loader_alone_share']:12.0%} | {run['loader_exposed_share']:14.0%} | "
+              f"{run['premade']['step_ms']:15.2f} | {peak:>8} | {run['paper']['hours_at_measured_rate']:7.2f} | "
               f"{run['paper']['hours_loader_scaled']:.2f}")
     for name, error in results["failed_runs"].items():
         print(f" {name:>16} | failed: {error}")

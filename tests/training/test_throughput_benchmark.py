@@ -15,7 +15,7 @@ SCRIPT = Path(__file__).parents[2] / "examples" / "benchmarks" / "indexer_traini
 def small_run(tmp_path_factory):
     output = tmp_path_factory.mktemp("benchmark") / "small.json"
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-    command = [sys.executable, str(SCRIPT), "--small", "--output", str(output)]
+    command = [sys.executable, str(SCRIPT), "--small", "--profile-loader", "16", "--output", str(output)]
     finished = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=300)
     assert finished.returncode == 0, finished.stderr[-2000:]
     return json.loads(output.read_text()), finished.stdout
@@ -26,10 +26,33 @@ def test_the_benchmark_compares_the_host_and_device_loaders_in_one_run(small_run
     assert list(results["runs"]) == ["host", "device"]
     for run in results["runs"].values():
         assert run["samples_per_s"] > 0 and run["timed_steps"] == results["windows"]["timed"]
-        assert 0 < run["loader_share"] <= 1
+        assert 0 < run["loader_alone_share"] <= 1
         assert sorted(run["loader_s_per_sample"]) == ["1024", "2048", "4096"]
         assert run["paper"]["trigger_steps"] == results["paper"]["trigger_steps"]
         assert run["paper"]["hours_at_measured_rate"] > 0
+
+
+def test_the_exposed_loader_share_compares_the_run_with_one_fed_premade_batches(small_run):
+    results, _ = small_run
+    assert results["ring_batches"] == 8
+    for run in results["runs"].values():
+        premade = run["premade"]
+        assert premade["ring_batches"] == 8 and premade["step_ms"] > 0
+        assert run["loader_exposed_share"] == pytest.approx(1 - premade["step_ms"] / run["step_ms"])
+
+
+def test_the_loader_profile_gives_each_loaders_top_ops_and_host_time(small_run):
+    results, stdout = small_run
+    profiles = results["loader_profile"]
+    assert list(profiles) == ["host", "device"]
+    for loader, found in profiles.items():
+        assert found["batches"] == 16 and found["host_ms_per_batch"] > 0 and found["wall_ms_per_batch"] > 0
+        assert 0 < len(found["top_self_cpu"]) <= 15 and found["top_cuda"] == []  # no CUDA on the CPU
+        assert found["self_cpu_ms_per_batch"]["main_thread"] > 0
+        assert f"{loader} loader over 16 batches" in stdout
+    device = profiles["device"]
+    assert {"loader: gather batch", "loader: stage part"} <= {row["name"] for row in device["ranges"]}
+    assert device["self_cpu_ms_per_batch"]["other_threads"] > 0  # part staging, on the stager's thread
 
 
 def test_the_benchmark_reports_the_floor_from_counted_flops(small_run):

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+from torch.profiler import record_function
 
 from .order import EpochOrder, Segment, seed_from
 from .shards import LabelShards
@@ -104,21 +105,25 @@ def make_batches(
 ) -> Iterator[TriggerBatch]:
     """The batches of one block but the first `skip`, each padded to its own longest candidate set as the host
     reference pads. The block's candidates are drawn at once; each batch's keys are gathered only when it is
-    asked for, so one batch's keys are held at a time, not a block's."""
-    runs = _merge([segment for segments in batches for segment in segments])
-    counts = [sample_counts(*_host(parts[run.order_position]), run.rows, ratio) for run in runs]
-    totals = torch.cat([count.positives + count.negatives for count in counts])  # (block samples,)
-    width = max(1, int(totals.max()))
-    pieces = [
-        _run_tensors(parts[run.order_position], run, layers, ratio, width, count, generator)
-        for run, count in zip(runs, counts, strict=True)
-    ]
-    block = {name: _cat([piece[name] for piece in pieces]) for name in pieces[0]}
+    asked for, so one batch's keys are held at a time, not a block's. The profiler ranges name the two stages in
+    a trace."""
+    with record_function("loader: draw block"):
+        runs = _merge([segment for segments in batches for segment in segments])
+        counts = [sample_counts(*_host(parts[run.order_position]), run.rows, ratio) for run in runs]
+        totals = torch.cat([count.positives + count.negatives for count in counts])  # (block samples,)
+        width = max(1, int(totals.max()))
+        pieces = [
+            _run_tensors(parts[run.order_position], run, layers, ratio, width, count, generator)
+            for run, count in zip(runs, counts, strict=True)
+        ]
+        block = {name: _cat([piece[name] for piece in pieces]) for name in pieces[0]}
     row = 0
     for index, segments in enumerate(batches):
         size = sum(segment.end - segment.start for segment in segments)
         if index >= skip:
-            yield _slice(block, segments, parts, layers, row, int(totals[row : row + size].max()))
+            with record_function("loader: gather batch"):
+                batch = _slice(block, segments, parts, layers, row, int(totals[row : row + size].max()))
+            yield batch
         row += size
 
 
