@@ -24,6 +24,7 @@ accuracy table to output-dir/eval.json.
 """
 
 import argparse
+import copy
 import json
 import logging
 from dataclasses import asdict
@@ -110,6 +111,10 @@ def main() -> None:
     if not run.finished:
         print(f"stopped by --max-minutes at step {run.history[-1]['step'] if run.history else 'start'}: run again to go on")
         raise SystemExit(STOPPED_EARLY)
+    if args.export_bf16:  # before evaluating: an evaluation cut short keeps the trained weights
+        bf16 = copy.deepcopy(run.model).to(torch.bfloat16)
+        bf16.save_pretrained(args.export_bf16, max_shard_size="12MB")
+        del bf16
     if args.eval_lengths is None:
         lengths = [config.max_length, 2 * config.max_length]
     else:
@@ -128,8 +133,6 @@ def main() -> None:
         "accuracy_dense_csa": {str(n): r for n, r in dense.items()},
     }
     (Path(args.output_dir) / "eval.json").write_text(json.dumps(report, indent=2))
-    if args.export_bf16:
-        run.model.to(torch.bfloat16).save_pretrained(args.export_bf16, max_shard_size="12MB")
 
 
 if __name__ == "__main__":
