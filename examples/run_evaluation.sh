@@ -3,8 +3,8 @@
 #
 #   bash examples/run_evaluation.sh STAGE [WORKDIR]        (WORKDIR: runs/paper)
 #
-# Stages, in order (expected times on one H200 are estimates, not measurements: see docs/evaluation.md):
-#   backbone  train the paper-layout backbone (16 layers, 7 CSA) at 2K on the long mix      ~25 min in 9-min runs
+# Stages, in order (times on one H200: the backbone step is measured, the rest are estimates; docs/evaluation.md):
+#   backbone  train the paper-layout backbone (16 layers, 7 CSA) at 2K on the long mix      ~14 min of 0.45-0.5 s steps
 #   dump      label 5,600 question documents with the frozen backbone (train/validation/test) ~10 min in 8-min runs
 #   indexer   per tau (64, 16): select the labels, train two candidate indexers, choose on
 #             validation, gate on test                                                       ~3 min per tau
