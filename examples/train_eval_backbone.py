@@ -12,6 +12,8 @@ and the long tasks), in runs of at most 9 minutes (see examples/run_evaluation.s
     python examples/train_eval_backbone.py --device cuda --size paper --mix long --min-length 256 \
         --max-length 2048 --steps 3000 --dense-steps 1000 --ramp-steps 2000 --tokens-per-step 32768 \
         --output-dir runs/paper-backbone --export-bf16 runs/paper-bf16 --max-minutes 9 --resume
+Time a step before a run (median of N steps a phase at --max-length, the projected minutes, peak memory; no
+output): the same flags and --time-steps 8, once per --tokens-per-step worth trying.
 CPU smoke run (seconds):
     OMP_NUM_THREADS=1 python examples/train_eval_backbone.py --device cpu --size smoke --steps 3 --dense-steps 2 \
         --min-length 128 --max-length 128 --tokens-per-step 256 --eval-lengths 128 --eval-examples 2 \
@@ -39,16 +41,26 @@ from fm_transformers.eval import (
     train_backbone,
 )
 from fm_transformers.eval.backbone import BACKBONE_SIZES
+from fm_transformers.eval.backbone_training import time_steps
 from fm_transformers.eval.batches import MIXES
 from fm_transformers.eval.catalog import TASK_SETS
 
 STOPPED_EARLY = 75  # EX_TEMPFAIL: stopped by --max-minutes with a checkpoint; the same command goes on
 
 
+def format_step_times(timing: dict, steps: int) -> str:
+    phases = ", ".join(f"{phase} {timing[f'{phase}_s']:.3f} s" for phase in ("dense", "sparse") if timing[f"{phase}_s"])
+    peak = "" if timing["peak_bytes"] is None else f", peak {timing['peak_bytes'] / 2**30:.1f} GiB"
+    return (
+        f"a step of {timing['tokens_per_step']} tokens at {timing['context']}: {phases}{peak}; "
+        f"{steps} steps: at most {timing['projected_minutes']:.1f} min"
+    )
+
+
 def parse_args() -> argparse.Namespace:
     defaults = TrainingConfig()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output-dir", required=True, help="checkpoint, trained model and eval.json go here")
+    parser.add_argument("--output-dir", help="checkpoint, trained model and eval.json go here (required to train)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--resume", action="store_true", help="continue from output-dir/checkpoint.pt if present")
     parser.add_argument("--size", choices=sorted(BACKBONE_SIZES), default=defaults.size)
@@ -76,7 +88,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--eval-examples", type=int, default=50, help="per task and length")
     parser.add_argument("--answer-tokens", type=int, default=None, help="answer length of the long tasks (default 130)")
     parser.add_argument("--export-bf16", default=None, help="also save the trained model here in bf16 (small shards)")
-    return parser.parse_args()
+    parser.add_argument(
+        "--time-steps", type=int, default=None, metavar="N",
+        help="only time N steps of each phase at --max-length (median), print the projected run time, and exit",
+    )
+    args = parser.parse_args()
+    if args.output_dir is None and args.time_steps is None:
+        parser.error("--output-dir is required (unless --time-steps)")
+    return args
 
 
 def main() -> None:
@@ -105,6 +124,9 @@ def main() -> None:
             extra_tasks=tuple(task for task in args.extra_tasks.split(",") if task),
             mix=args.mix,
         )
+        if args.time_steps is not None:
+            print(format_step_times(time_steps(config, args.device, args.time_steps), config.steps))
+            return
         run = train_backbone(config, args.output_dir, args.device, args.resume, args.checkpoint_every, args.max_minutes)
     except (ValueError, FileNotFoundError, FileExistsError) as error:  # bad flags or paths: say so, no traceback
         raise SystemExit(f"error: {error}") from None

@@ -63,3 +63,31 @@ def test_a_run_stopped_by_max_minutes_exits_75_and_the_same_command_finishes_it(
     finished = run_script(*flags)
     assert finished.returncode == 0, finished.stderr
     assert (tmp_path / "out" / "model").is_dir() and (tmp_path / "out" / "eval.json").is_file()
+
+
+def test_time_steps_times_each_phase_projects_the_run_and_writes_nothing(tmp_path):
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), *SMOKE, "--steps", "4", "--dense-steps", "1", "--time-steps", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"OMP_NUM_THREADS": "1", "PATH": ""},
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "a step of 192 tokens at 96: dense " in done.stdout and ", sparse " in done.stdout
+    assert "4 steps: at most" in done.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_time_steps_projection_adds_each_phase_at_its_own_step_time():
+    from fm_transformers.eval.backbone_training import TrainingConfig, time_steps
+
+    config = TrainingConfig(size="smoke", steps=5, dense_steps=2, min_length=64, max_length=96, ramp_steps=2,
+                            tokens_per_step=192, precision="fp32")
+    timing = time_steps(config, "cpu", steps=1)
+    assert timing["context"] == 96 and timing["dense_s"] > 0 and timing["sparse_s"] > 0
+    expected = (2 * timing["dense_s"] + 3 * timing["sparse_s"]) / 60
+    assert timing["projected_minutes"] == pytest.approx(expected)
+    sparse_only = time_steps(TrainingConfig(**{**config.__dict__, "dense_steps": 0}), "cpu", steps=1)
+    assert sparse_only["dense_s"] is None and sparse_only["sparse_s"] > 0

@@ -16,9 +16,10 @@ long-decoding tasks and question documents of the paper-layout backbone).
 import logging
 import math
 import os
+import statistics
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -244,6 +245,49 @@ def train_backbone(
     if run.finished:
         model.save_pretrained(output_dir / MODEL_DIR_NAME)
     return run
+
+
+def time_steps(config: TrainingConfig, device: str | torch.device, steps: int = 8) -> dict:
+    """Seconds a step of `config` takes at its longest context, dense and sparse CSA, and the peak device bytes:
+    what a run will cost, measured before it is started (the step is launch-bound on a GPU at these sizes, so
+    its time hardly follows the tokens: time a few --tokens-per-step before choosing). One warm-up step a phase
+    is left out; nothing is saved. The projection counts every step at the longest context, an upper bound."""
+    device = torch.device(device)
+    timed = replace(config, min_length=config.max_length, ramp_steps=0)
+    model = initial_model(timed).to(device)
+    optimizer = make_optimizer(model, timed)
+    model.train()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    phases = {"dense": config.dense_steps > 0, "sparse": config.dense_steps < config.steps}
+    seconds = {}
+    with IndexerDistillation(model) as distillation:
+        for phase in [phase for phase, runs in phases.items() if runs]:
+            phase_config = replace(timed, dense_steps=timed.steps if phase == "dense" else 0)
+            durations = []
+            for step in range(steps + 1):
+                _synchronize(device)
+                start = time.perf_counter()
+                train_step(model, distillation, optimizer, phase_config, step % timed.steps, device)
+                _synchronize(device)
+                durations.append(time.perf_counter() - start)
+            seconds[phase] = statistics.median(durations[1:])
+    set_dense_csa(model, False)
+    dense_steps, sparse_steps = config.dense_steps, config.steps - config.dense_steps
+    projected = dense_steps * seconds.get("dense", 0.0) + sparse_steps * seconds.get("sparse", 0.0)
+    return {
+        "tokens_per_step": config.tokens_per_step,
+        "context": config.max_length,
+        "dense_s": seconds.get("dense"),
+        "sparse_s": seconds.get("sparse"),
+        "peak_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+        "projected_minutes": projected / 60,
+    }
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def train_step(model, distillation: IndexerDistillation, optimizer, config: TrainingConfig, step: int, device) -> dict:
