@@ -29,11 +29,16 @@ TRAINING_MIX: tuple[tuple[str, dict], ...] = (
     ("single_needle", {"value_len": 16}),
     ("multi_key_needle", {"value_len": 8}),
 )
-# The paper-layout backbone's mix: question documents (a question every ~320 tokens, every answer supervised:
-# tens of retrievals a context, as associative recall gives the mix above) and the long tasks at random sizes.
+# The paper-layout backbone's mix: question documents (a question every ~320 tokens, every answer supervised),
+# the long tasks at random sizes, and the copy-first tasks of the mix above (associative recall, a needle with a
+# 16-token value). Without the latter the first H200 run stayed on the loss plateau for 1,100 steps: a long task's
+# answer sits beyond the 64-token window even at the shortest contexts, so its retrieval has to go through CSA
+# entries whose top-k is still random, while pairs inside the window teach induction first (see TRAINING_MIX).
 LONG_TRAINING_MIX: tuple[tuple[str, dict], ...] = (
     *(("qa_document", {}),) * 3,
     *((task, {}) for task in LONG_TASK_NAMES),
+    *(("associative_recall", {"tokens_per_pair": 16}),) * 2,
+    ("single_needle", {"value_len": 16}),
 )
 MIXES = {"ruler": TRAINING_MIX, "long": LONG_TRAINING_MIX}
 IGNORE = -100  # target of positions whose next token is not an answer token
