@@ -30,27 +30,27 @@ loss reads, every 20 steps):
 - FLOPs (--flop-steps, under torch.utils.flop_counter.FlopCounterMode, eager runs only): matmul FLOPs per step,
   forward and backward. The floor is those FLOPs at --peak-tflops (H200 dense bf16: 989 TFLOP/s).
 Two loader shares. *Loader alone*: the loader by itself (same shards, order and batch size; for `host` including
-the copy of each batch to the device), timed with a synchronization at its end, over the wall time per step of
-the run; it overstates what the loader costs training when its work overlaps the step (the device loader stages
-parts in a background thread, on a side stream). *Loader exposed*: what the loader adds to a step, 1 - (wall
-time per step fed pre-made batches) / (wall time per step of the run). For it each run is repeated as it was
+the copy of each batch to the device), timed with a synchronization at its end, over the wall time per step of the
+run; it overstates what the loader costs training when its work overlaps the step (the device loader stages parts
+and makes batches on threads of its own, on side streams). *Loader exposed*: what the loader adds to a step, 1 -
+(wall time per step fed pre-made batches) / (wall time per step of the run). For it each run is repeated as it was
 (same shards, batch size, compile flag, warm-up and timed steps; no profiled or FLOP window) but fed through
-trainer.train's batch_source by a ring of --ring-batches batches made by the run's own loader before it starts
-and held on the device, cycled, so the loader costs nothing while it is timed. A ring, not every batch of the
-window: at release sizes a batch holds about 200 MB of candidate keys. The ring's batches are the loader's own
-(views into a block, as the step gets them), from the start of the epoch; their candidate widths follow the same
-distribution as the window's. The loader alone is probed on the training documents and on documents of 128K and
-512K tokens; the estimate for the paper's data (10,000 documents of 16K-512K tokens, log-uniform, tokens / 64
-trigger steps each, one epoch, 22.9M trigger steps) adds, per document length, the loader's extra cost over the
-training documents to the measured time per sample. Each run's loss curve (the trainer's, every 20 steps) is
-printed and kept. A run that fails (say, torch.compile on this machine) is reported with its error and the
-others still run.
+trainer.train's batch_source by a ring of --ring-batches batches made by the run's own loader before it starts and
+held on the device, cycled, so the loader costs nothing while it is timed. A ring, not every batch of the window:
+at release sizes a batch holds about 200 MB of candidate keys. The ring's batches are the loader's own (finished,
+as the step gets them), from the start of the epoch; their candidate widths follow the same distribution as the
+window's. The loader alone is probed on the training documents and on documents of 128K and 512K tokens; the
+estimate for the paper's data (10,000 documents of 16K-512K tokens, log-uniform, tokens / 64 trigger steps each,
+one epoch, 22.9M trigger steps) adds, per document length, the loader's extra cost over the training documents to
+the measured time per sample. Each run's loss curve (the trainer's, every 20 steps) is printed and kept. A run that
+fails (say, torch.compile on this machine) is reported with its error and the others still run.
 
 --profile-loader N: torch.profiler (CPU, and CUDA on a GPU) over N batches of each loader alone on the training
 documents (across epochs where one has fewer batches), after one batch that is left out: the 15 ops with the most
-self CPU time and the 15 with the most CUDA time, the loader's own ranges ("loader: ..."), the self CPU time on
-the main thread (what competes with the step's launches) and on the others (part staging), and the main
-thread's wall time inside next() per batch, measured without the profiler. Prints a table last; writes JSON to
+self CPU time and the 15 with the most CUDA time, the loader's own ranges ("loader: ..."), the self CPU time on the
+main thread (what competes with the step's launches; not the time it waits for the device loader's producer thread,
+"loader: wait for the producer") and on the others (part staging, batch making), and the main thread's wall time
+inside next() per batch, measured without the profiler (waiting included). Prints a table last; writes JSON to
 --output (on the main process).
 """
 
@@ -82,6 +82,7 @@ from fm_transformers.training.dataset import host_batches
 from fm_transformers.training.device_batches import device_batches
 from fm_transformers.training.labels import effective_vote, trigger_positions, visible_chunks
 from fm_transformers.training.order import EpochOrder
+from fm_transformers.training.producer import WAIT_RANGE
 from fm_transformers.training.shard_writer import ShardWriter
 from fm_transformers.training.shards import FORMAT, MANIFEST, VERSION, atomic_write_json, backbone_identity
 from fm_transformers.training.step import TriggerBatch
@@ -410,6 +411,7 @@ def _profile_summary(profiler, batches: int, cuda: bool) -> dict:
     cpu_events = [event for event in profiler.events() if event.device_type == torch.autograd.DeviceType.CPU]
     main = {event.thread for event in cpu_events if event.name == NEXT_BATCH}
     on_main = sum(event.self_cpu_time_total for event in cpu_events if event.thread in main)
+    waiting = sum(event.self_cpu_time_total for event in cpu_events if event.name == WAIT_RANGE)
     averages = [average for average in profiler.key_averages() if average.key != NEXT_BATCH]
 
     def row(average) -> dict:
@@ -421,12 +423,13 @@ def _profile_summary(profiler, batches: int, cuda: bool) -> dict:
             "self_cuda_ms_per_batch": average.self_device_time_total / batches / 1e3,
         }
 
-    def top(key) -> list[dict]:
-        return [row(average) for average in sorted(averages, key=key, reverse=True)[:TOP_OPS]]
+    def top(key) -> list[dict]:  # the wait is among the ranges, and not an op
+        working = [average for average in averages if average.key != WAIT_RANGE]
+        return [row(average) for average in sorted(working, key=key, reverse=True)[:TOP_OPS]]
 
     return {
         "self_cpu_ms_per_batch": {
-            "main_thread": on_main / batches / 1e3,
+            "main_thread": (on_main - waiting) / batches / 1e3,  # blocked on the producer's queue: not work
             "other_threads": (sum(event.self_cpu_time_total for event in cpu_events) - on_main) / batches / 1e3,
         },
         "ranges": [row(average) for average in averages if average.key.startswith("loader: ")],

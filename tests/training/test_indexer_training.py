@@ -17,7 +17,7 @@ from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4Model
 
 from fm_transformers.indexer import MemoryIndexerModel
 from fm_transformers.training.dataset import host_batches
-from fm_transformers.training.device_batches import device_batches
+from fm_transformers.training.device_batches import block_batches, device_batches
 from fm_transformers.training.losses import indexer_loss
 from fm_transformers.training.order import EpochOrder
 from fm_transformers.training.shards import LabelShards, backbone_config
@@ -206,7 +206,8 @@ def test_a_batch_source_feeds_the_loop_in_place_of_the_loader(train_labels, tmp_
 def test_fresh_copies_views_and_keeps_tensors_that_own_their_storage(split_train_labels):
     shards = LabelShards(split_train_labels)
     order = EpochOrder(shards.part_triggers(), batch_size=8, seed=0, epoch=0)
-    for batch in islice(device_batches(shards, list(TARGET_LAYERS), order, 0, 3.0, torch.device("cpu")), 2):
+    # the batches as they come out of their block, before the producer thread makes them own their storage
+    for batch in islice(block_batches(shards, list(TARGET_LAYERS), order, 0, 3.0, torch.device("cpu")), 2):
         fresh = batch.fresh()
         assert batch.keys[4]._base is None and fresh.keys[4] is batch.keys[4]  # about 200 MB a batch at release sizes
         for view, copied in [(batch.hidden[4], fresh.hidden[4]), (batch.positions, fresh.positions)]:

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from fm_transformers.training.producer import WAIT_RANGE
+
 SCRIPT = Path(__file__).parents[2] / "examples" / "benchmarks" / "indexer_training_throughput.py"
 
 
@@ -51,7 +53,9 @@ def test_the_loader_profile_gives_each_loaders_top_ops_and_host_time(small_run):
         assert found["self_cpu_ms_per_batch"]["main_thread"] > 0
         assert f"{loader} loader over 16 batches" in stdout
     device = profiles["device"]
-    assert {"loader: gather batch", "loader: stage part"} <= {row["name"] for row in device["ranges"]}
+    ranges = {row["name"] for row in device["ranges"]}
+    assert {"loader: gather batch", "loader: own batch", "loader: stage part", WAIT_RANGE} <= ranges
+    assert WAIT_RANGE not in {row["name"] for row in device["top_self_cpu"]}  # waiting is not work
     assert device["self_cpu_ms_per_batch"]["other_threads"] > 0  # part staging, on the stager's thread
 
 

@@ -8,16 +8,20 @@ replacement) and lays each row out as the host reference does (positives in stor
 padding); each batch is then a slice of the block, and its candidates' keys one index into its part's keys
 tensor. Working a block at a time divides the launches a batch costs by about the block size. The draw is a
 function of (seed, epoch, block), and a run that starts inside a block rebuilds the whole block, so a resumed run
-draws what an uninterrupted one would have. dataset.py holds the host reference it is tested against.
+draws what an uninterrupted one would have. All of this runs on a thread of its own (producer.py), which hands
+the training thread finished batches: the step is host-bound, so that thread must only launch the step.
+dataset.py holds the host reference it is tested against.
 """
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch.profiler import record_function
 
 from .order import EpochOrder, Segment, seed_from
+from .producer import produced_batches
 from .shards import LabelShards
 from .staging import PartStager, StagedPart
 from .step import TriggerBatch
@@ -56,7 +60,24 @@ def device_batches(
     prefetch: int = 2,
     block: int = BATCHES_PER_BLOCK,
 ) -> Iterator[TriggerBatch]:
-    """This process's batches `start`.. of the epoch in `order`, made on `device`, `block` batches at a time."""
+    """This process's batches `start`.. of the epoch in `order`, made on `device`, `block` batches at a time, on a
+    producer thread: the batches of block_batches, each tensor owning its storage."""
+    make = partial(block_batches, shards, layers, order, start, negative_ratio, device, prefetch, block)
+    return produced_batches(make, device)
+
+
+def block_batches(
+    shards: LabelShards,
+    layers: list[int],
+    order: EpochOrder,
+    start: int,
+    negative_ratio: float,
+    device: torch.device,
+    prefetch: int = 2,
+    block: int = BATCHES_PER_BLOCK,
+) -> Iterator[TriggerBatch]:
+    """device_batches made on the calling thread, as they come out of their block (positions, hidden states,
+    targets and mask are views into it): what the producer thread runs."""
     first_block = start // block * block
     stager = PartStager(shards, layers, device, prefetch)
     staged = stager.stream(_jobs(order, first_block))

@@ -66,14 +66,17 @@ class EpochOrder:
         return segments
 
     def rows(self, position: int) -> torch.Tensor:
-        """The shuffled trigger rows of the part at `position` of the order (a function of seed, epoch, part)."""
-        if position not in self._rows:
-            if len(self._rows) >= 4:
-                self._rows.pop(min(self._rows))
+        """The shuffled trigger rows of the part at `position` of the order (a function of seed, epoch, part). Safe
+        to call from the producer threads of several loaders that share this order: the cache is only a cache."""
+        rows = self._rows.get(position)
+        if rows is None:
             generator = torch.Generator().manual_seed(seed_from(self.seed, self.epoch, self.parts[position]))
             count = self.ends[position] - (self.ends[position - 1] if position else 0)
-            self._rows[position] = torch.randperm(count, generator=generator)
-        return self._rows[position]
+            rows = torch.randperm(count, generator=generator)
+            if len(self._rows) >= 4:
+                self._rows.pop(min(self._rows), None)
+            self._rows[position] = rows
+        return rows
 
 
 def seed_from(*values: int) -> int:

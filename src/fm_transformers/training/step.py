@@ -33,10 +33,17 @@ class TriggerBatch:
         """The batch with every view and non-contiguous tensor replaced by a contiguous copy of its own; tensors
         that already own their storage are kept, not copied.
 
-        The device loader's positions, hidden states, targets and mask are views into its block (its keys are
-        gathered into new tensors, about 200 MB a batch at release sizes); torch.compile guards on whether an
-        input is a view, so a step fed views after non-views, or the reverse, would compile again."""
+        The device loader slices positions, hidden states, targets and mask out of its block as views (its keys
+        are gathered into new tensors, about 200 MB a batch at release sizes) and calls this on its own thread
+        before handing a batch over (producer.py), so for its batches the step's call copies nothing.
+        torch.compile guards on whether an input is a view, so a step fed views after non-views, or the reverse,
+        would compile again."""
         return self._map(_owning)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor of the batch."""
+        values = [getattr(self, field.name) for field in fields(self)]
+        return [item for value in values for item in (value.values() if isinstance(value, dict) else [value])]
 
     def _map(self, function) -> "TriggerBatch":
         def apply(value):
