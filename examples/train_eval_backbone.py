@@ -82,6 +82,7 @@ def parse_args() -> argparse.Namespace:
         "--extra-tasks", default="", help="comma-separated evaluation tasks drawn once more per turn of the mix"
     )
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto", help="auto: bf16 on CUDA")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the step (minutes to compile a shape)")
     parser.add_argument("--checkpoint-every", type=int, default=200)
     parser.add_argument("--max-minutes", type=float, default=None, help="stop training (with a checkpoint) after this")
     parser.add_argument("--eval-lengths", default=None, help="comma-separated; default: max-length and twice it")
@@ -125,9 +126,12 @@ def main() -> None:
             mix=args.mix,
         )
         if args.time_steps is not None:
-            print(format_step_times(time_steps(config, args.device, args.time_steps), config.steps))
+            print(format_step_times(time_steps(config, args.device, args.time_steps, args.compile), config.steps))
             return
-        run = train_backbone(config, args.output_dir, args.device, args.resume, args.checkpoint_every, args.max_minutes)
+        run = train_backbone(
+            config, args.output_dir, args.device, args.resume, args.checkpoint_every, args.max_minutes,
+            compile=args.compile,
+        )
     except (ValueError, FileNotFoundError, FileExistsError) as error:  # bad flags or paths: say so, no traceback
         raise SystemExit(f"error: {error}") from None
     if not run.finished:

@@ -146,3 +146,19 @@ def test_extra_tasks_must_belong_to_the_mix_evaluated(smoke_config):
         dataclasses.replace(smoke_config, mix="long", extra_tasks=("variable_tracking",))
     with pytest.raises(ValueError, match="mix must be one of"):
         dataclasses.replace(smoke_config, mix="unknown")
+
+
+@pytest.mark.gpu
+def test_a_compiled_run_trains_the_weights_of_an_eager_one(smoke_config, tmp_path):
+    """compile=True fuses the launch-bound step; it must not change what is learnt beyond float rounding. GPU
+    only: inductor takes minutes to compile this model on a CPU."""
+    config = dataclasses.replace(smoke_config, precision="fp32")
+    eager = train_backbone(config, tmp_path / "eager", device="cuda", progress=False)
+    compiled = train_backbone(config, tmp_path / "compiled", device="cuda", progress=False, compile=True)
+    for ran, reference in zip(compiled.history, eager.history, strict=True):
+        assert ran["loss"] == pytest.approx(reference["loss"], rel=1e-3)
+        assert ran["kl"] == pytest.approx(reference["kl"], rel=1e-2)
+    expected, actual = eager.model.state_dict(), compiled.model.state_dict()
+    for name, tensor in expected.items():
+        if tensor.is_floating_point():
+            torch.testing.assert_close(actual[name], tensor, rtol=1e-3, atol=1e-4, msg=name)

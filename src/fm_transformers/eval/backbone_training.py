@@ -210,8 +210,16 @@ def train_backbone(
     max_minutes: float | None = None,
     log_every: int = 50,
     progress: bool = True,
+    compile: bool = False,
 ) -> TrainingRun:
-    """Train (or continue) the run in `output_dir`; a finished run also saves the model (save_pretrained)."""
+    """Train (or continue) the run in `output_dir`; a finished run also saves the model (save_pretrained).
+
+    compile: run the forward and backward through torch.compile (dynamic shapes: the curriculum changes the
+    context length). The step is launch-bound at these sizes, and compiling fuses its thousands of small
+    operators; the weights are those of an eager run up to float rounding (on the CPU, at paper-smoke sizes: the
+    same losses, gradients within 1e-4 relative). Compiling takes minutes per context shape and phase (the
+    dense phase and the sparse phase are two graphs); an execution setting like the device, so not part of
+    TrainingConfig, and a run may resume with or without it."""
     device = torch.device(device)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -219,13 +227,14 @@ def train_backbone(
     model = initial_model(config).to(device)
     optimizer = make_optimizer(model, config)
     step = _start_step(checkpoint, resume, config, model, optimizer)
+    stepped = torch.compile(model, dynamic=True) if compile else model
     deadline = None if max_minutes is None else time.monotonic() + 60 * max_minutes
     run = TrainingRun(model, finished=False)
     model.train()
     with IndexerDistillation(model) as distillation:
         bar = tqdm(total=config.steps, initial=step, desc="train backbone", disable=not progress)
         while step < config.steps:
-            metrics = train_step(model, distillation, optimizer, config, step, device)
+            metrics = train_step(stepped, distillation, optimizer, config, step, device)
             run.history.append(metrics)
             step += 1
             shown = {k: f"{v:.3f}" if isinstance(v, float) else v for k, v in metrics.items()}
@@ -247,15 +256,17 @@ def train_backbone(
     return run
 
 
-def time_steps(config: TrainingConfig, device: str | torch.device, steps: int = 8) -> dict:
+def time_steps(config: TrainingConfig, device: str | torch.device, steps: int = 8, compile: bool = False) -> dict:
     """Seconds a step of `config` takes at its longest context, dense and sparse CSA, and the peak device bytes:
     what a run will cost, measured before it is started (the step is launch-bound on a GPU at these sizes, so
     its time hardly follows the tokens: time a few --tokens-per-step before choosing). One warm-up step a phase
-    is left out; nothing is saved. The projection counts every step at the longest context, an upper bound."""
+    is left out (with compile, that step compiles the phase's graph); nothing is saved. The projection counts
+    every step at the longest context, an upper bound."""
     device = torch.device(device)
     timed = replace(config, min_length=config.max_length, ramp_steps=0)
     model = initial_model(timed).to(device)
     optimizer = make_optimizer(model, timed)
+    stepped = torch.compile(model, dynamic=True) if compile else model
     model.train()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -268,7 +279,7 @@ def time_steps(config: TrainingConfig, device: str | torch.device, steps: int = 
             for step in range(steps + 1):
                 _synchronize(device)
                 start = time.perf_counter()
-                train_step(model, distillation, optimizer, phase_config, step % timed.steps, device)
+                train_step(stepped, distillation, optimizer, phase_config, step % timed.steps, device)
                 _synchronize(device)
                 durations.append(time.perf_counter() - start)
             seconds[phase] = statistics.median(durations[1:])
