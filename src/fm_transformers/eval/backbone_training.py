@@ -227,7 +227,7 @@ def train_backbone(
     model = initial_model(config).to(device)
     optimizer = make_optimizer(model, config)
     step = _start_step(checkpoint, resume, config, model, optimizer)
-    stepped = torch.compile(model, dynamic=True) if compile else model
+    stepped = _compiled(model) if compile else model
     deadline = None if max_minutes is None else time.monotonic() + 60 * max_minutes
     run = TrainingRun(model, finished=False)
     model.train()
@@ -266,7 +266,7 @@ def time_steps(config: TrainingConfig, device: str | torch.device, steps: int = 
     timed = replace(config, min_length=config.max_length, ramp_steps=0)
     model = initial_model(timed).to(device)
     optimizer = make_optimizer(model, timed)
-    stepped = torch.compile(model, dynamic=True) if compile else model
+    stepped = _compiled(model) if compile else model
     model.train()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -294,6 +294,12 @@ def time_steps(config: TrainingConfig, device: str | torch.device, steps: int = 
         "peak_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
         "projected_minutes": projected / 60,
     }
+
+
+def _compiled(model: torch.nn.Module) -> torch.nn.Module:
+    """The step's forward and backward through torch.compile; dynamic shapes, since the curriculum changes the
+    context length and with it the batch size."""
+    return torch.compile(model, dynamic=True)
 
 
 def _synchronize(device: torch.device) -> None:

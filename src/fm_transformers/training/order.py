@@ -57,7 +57,7 @@ class EpochOrder:
         first = bisect_right(self.ends, start)
         segments = []
         for position in range(first, len(self.parts)):
-            part_start = self.ends[position - 1] if position else 0
+            part_start = self._start(position)
             if part_start >= end:
                 break
             first_row, end_row = max(start - part_start, 0), min(end, self.ends[position]) - part_start
@@ -71,12 +71,16 @@ class EpochOrder:
         rows = self._rows.get(position)
         if rows is None:
             generator = torch.Generator().manual_seed(seed_from(self.seed, self.epoch, self.parts[position]))
-            count = self.ends[position] - (self.ends[position - 1] if position else 0)
+            count = self.ends[position] - self._start(position)
             rows = torch.randperm(count, generator=generator)
             if len(self._rows) >= 4:
                 self._rows.pop(min(self._rows), None)
             self._rows[position] = rows
         return rows
+
+    def _start(self, position: int) -> int:
+        """Samples before the part at `position` of the order."""
+        return self.ends[position - 1] if position else 0
 
 
 def seed_from(*values: int) -> int:

@@ -4,9 +4,9 @@ Only the memory indexer exists in this process: its key side (the native indexer
 states) were stored by the dump, and the backbone is known only by the dimensions in the manifest. The same
 command runs on the CPU, one GPU, or several (`accelerate launch`). Batches are made on the device from parts
 staged ahead, on a thread of their own (device_batches.py, producer.py), and the loop never waits on the host:
-losses are fetched every `log_every` steps, not every step. Checkpoints hold the model, optimizer, scheduler and RNG states plus the step, and the
-data order and negative draws are functions of (seed, epoch, batch), so a resumed run ends with the weights of
-an uninterrupted one.
+losses are fetched every `log_every` steps, not every step. Checkpoints hold the model, optimizer, scheduler and
+RNG states plus the step, and the data order and negative draws are functions of (seed, epoch, batch), so a
+resumed run ends with the weights of an uninterrupted one.
 """
 
 import json
