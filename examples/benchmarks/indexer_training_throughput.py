@@ -59,6 +59,7 @@ import gc
 import itertools
 import json
 import shutil
+import sys
 import tempfile
 import time
 import traceback
@@ -79,7 +80,7 @@ from transformers import DeepseekV4Config
 from fm_transformers.indexer import default_target_layers
 from fm_transformers.training import DumpConfig, LabelShards, TrainConfig, train
 from fm_transformers.training.dataset import host_batches
-from fm_transformers.training.device_batches import device_batches
+from fm_transformers.training.device_batches import block_batches, device_batches
 from fm_transformers.training.labels import effective_vote, trigger_positions, visible_chunks
 from fm_transformers.training.order import EpochOrder
 from fm_transformers.training.producer import WAIT_RANGE
@@ -93,7 +94,13 @@ SLIDING, CSA, HCA = "sliding_attention", "compressed_sparse_attention", "heavily
 PAPER = {"documents": 10_000, "min_tokens": 16_384, "max_tokens": 524_288, "gpu_hours": 1.0}
 FULL = {"hidden": 4096, "index_head_dim": 128, "tokens": 16_384, "positives": (100, 1000), "probe": (131_072, 524_288)}
 SMALL = {"hidden": 64, "index_head_dim": 16, "tokens": 1024, "positives": (4, 40), "probe": (2048, 4096)}
-RUNS = {"host": ("host", False), "device": ("device", False), "device-compiled": ("device", True)}
+RUNS = {
+    "host": ("host", False),
+    "device": ("device", False),
+    "device-compiled": ("device", True),
+    "device-inline": ("device-inline", False),
+    "device-inline-compiled": ("device-inline", True),
+}
 LOG_EVERY = 20  # each loss read waits for the device: one a step would serialize host and device
 TOP_OPS = 15
 NEXT_BATCH = "benchmark: next batch"  # the profiler range around each next() of a profiled loader
@@ -349,8 +356,9 @@ def loader_batches(shards: LabelShards, loader: str, config: TrainConfig, device
     layers = shards.target_layers
     for epoch in itertools.count():
         order = EpochOrder(shards.part_triggers(), config.batch_size, config.seed, epoch, rank, world)
-        if loader == "device":
-            made = device_batches(shards, layers, order, 0, config.negative_ratio, device, config.prefetch)
+        if loader in ("device", "device-inline"):
+            make = device_batches if loader == "device" else block_batches
+            made = make(shards, layers, order, 0, config.negative_ratio, device, config.prefetch)
         else:
             made = (batch.to(device) for batch in host_batches(shards, layers, order, 0, config.negative_ratio))
         with closing(made):
@@ -481,6 +489,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--profile-loader", type=int, default=0, metavar="N", help="profile each loader alone "
                         "over N batches: top ops by self CPU and CUDA time, host ms per batch (default: off)")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="the GPU's dense bf16 peak (H200: 989)")
+    parser.add_argument("--switch-interval", type=float, default=None, metavar="SECONDS", help="the interpreter's "
+                        "thread switch interval (sys.setswitchinterval) for the whole run; default: Python's 0.005")
     parser.add_argument("--data-dir", default=None, help="new directory for shards and indexers (default: temp)")
     args = parser.parse_args()
     small = {"documents": 4, "batch_size": 8, "warmup": 2, "steps": 6}
@@ -504,6 +514,8 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    if args.switch_interval is not None:
+        sys.setswitchinterval(args.switch_interval)
     state = PartialState()
     workdir = [args.data_dir or (tempfile.mkdtemp(prefix="indexer-throughput-") if state.is_main_process else None)]
     broadcast_object_list(workdir)  # every process trains on the shards the main process writes
@@ -595,6 +607,7 @@ def summarize(args, backbone, shards: LabelShards, runs: dict, generation_s: flo
         "data": {"documents": args.documents, "tokens": args.tokens, "trigger_steps": shards.num_triggers,
                  "generation_s": generation_s, "label_bytes_per_token": label_bytes / (args.documents * args.tokens)},
         "batch_size": args.batch_size,
+        "switch_interval_s": sys.getswitchinterval(),
         "ring_batches": args.ring_batches,
         "windows": asdict(Windows(args.warmup, args.steps, args.profile_steps if cuda else 0, args.flop_steps)),
         "peak_tflops_assumed": args.peak_tflops,

@@ -19,8 +19,9 @@ Invariants:
   (break, exception, garbage collection) stops the producer, which closes `make` (and with it the part stager),
   and waits for the thread to end: no thread outlives its iterator.
 
-On the CPU there are no streams or events, and the same thread runs: the code a GPU run uses is the code the CPU
-tests run, and the batches are the same either way.
+On the CPU there are no streams or events, but the producer thread still runs: the code a GPU run uses is the code
+the CPU tests run, and the batches are the same either way. The trainer's "device-inline" loader runs `make` on
+the training thread instead (block_batches), for comparison.
 """
 
 import queue

@@ -194,7 +194,7 @@ class LabelShards:
         keys = [name for name in names if name.startswith("keys/")]
         data = _read(parts[part], own)
         earlier = [_read(ref, keys) for ref in parts[: part + 1]] if keys else []
-        data.update({name: torch.cat([read[name] for read in earlier]) for name in keys})
+        data.update({name: _join(name, [read[name] for read in earlier]) for name in keys})
         return data
 
     def check_same_backbone(self, other: "LabelShards") -> None:
@@ -238,7 +238,9 @@ def _read(part: PartRef, names: list[str] | None = None) -> dict[str, torch.Tens
 
 
 def _join(name: str, pieces: list[torch.Tensor]) -> torch.Tensor:
-    """One document tensor from its parts' pieces; CSR pointers are shifted to follow on."""
+    """One document tensor from its parts' pieces (a single piece as it is); CSR pointers are shifted to follow on."""
+    if len(pieces) == 1:
+        return pieces[0]
     if not name.endswith("/indptr"):
         return torch.cat(pieces)
     joined, offset = [pieces[0]], pieces[0][-1]

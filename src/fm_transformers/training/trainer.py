@@ -26,7 +26,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from ..indexer import MemoryIndexerModel
 from .dataset import host_batches
-from .device_batches import device_batches
+from .device_batches import block_batches, device_batches
 from .evaluate import evaluate
 from .lora import add_lora, is_lora, merge_lora
 from .losses import LOSSES
@@ -53,7 +53,7 @@ NOT_HYPERPARAMETERS = (
     "prefetch",
     "log_every",
 )
-LOADERS = ("device", "host")
+LOADERS = ("device", "device-inline", "host")
 # Settings that fix the shape of the model and the data order: a resume with other values cannot continue.
 RESUME_FIXED = ("data", "layers", "num_heads", "rank", "init_from", "lora_r", "batch_size", "seed")
 # (epoch, first batch) -> a generator of that epoch's batches from the first on, on the training device
@@ -89,7 +89,8 @@ class TrainConfig:
     resume: bool = False
     threshold: float = 0.5
     cpu: bool = False
-    loader: str = "device"  # "host": the per-sample CPU reference (dataset.py), for comparison
+    loader: str = "device"  # "device-inline": the same batches made on the training thread; "host": the
+    # per-sample CPU reference (dataset.py), for comparison
     num_workers: int = 0  # DataLoader worker processes of the host loader
     prefetch: int = 2  # parts staged on the device ahead of the one in use
     compile: bool = False  # torch.compile the step's forward and backward (query towers, scoring, loss)
@@ -271,8 +272,9 @@ def _loop(
 def _batches(accelerator, run: _Run, config: TrainConfig, epoch: int, start: int) -> Iterator[TriggerBatch]:
     """This process's batches of `epoch` from batch `start` on, on the training device."""
     order = EpochOrder(run.shards.part_triggers(), config.batch_size, config.seed, epoch, *_rank(accelerator))
-    if config.loader == "device":
-        yield from device_batches(
+    if config.loader in ("device", "device-inline"):
+        make = device_batches if config.loader == "device" else block_batches
+        yield from make(
             run.shards, run.layers, order, start, config.negative_ratio, accelerator.device, config.prefetch
         )
         return
