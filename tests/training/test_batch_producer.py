@@ -120,10 +120,10 @@ def test_a_part_that_fails_to_load_raises_in_the_training_loop(split_train_label
     before = set(threading.enumerate())
     real, loads = LabelShards.load_part, count()
 
-    def failing(self, doc, part, names=None):
+    def failing(self, doc, part, names=None, **options):
         if next(loads) == 4:
             raise OSError(f"shard of document {doc} unreadable")
-        return real(self, doc, part, names)
+        return real(self, doc, part, names, **options)
 
     monkeypatch.setattr(LabelShards, "load_part", failing)
     shards = LabelShards(split_train_labels)

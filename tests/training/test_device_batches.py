@@ -94,8 +94,8 @@ def test_the_device_loader_holds_a_bounded_number_of_parts(split_train_labels, m
     live, peak, loaded = set(), [0], [0]
     real = LabelShards.load_part
 
-    def counted(self, doc, part, names=None):
-        data = real(self, doc, part, names)
+    def counted(self, doc, part, names=None, **options):
+        data = real(self, doc, part, names, **options)
         key = (doc, part, loaded[0])
         loaded[0] += 1
         live.add(key)

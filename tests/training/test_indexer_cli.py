@@ -132,17 +132,21 @@ def test_push_uploads_the_repo_folder_with_huggingface_hub(trained, monkeypatch)
     assert uploaded["files"] == ["README.md", "config.json", "model.safetensors", "training_summary.json"]
 
 
-def test_train_compile_flag_reaches_the_trainer(monkeypatch, tmp_path):
-    """`fm-indexer train --compile` is what reaches the benchmarked speed: it must set TrainConfig.compile."""
-    from fm_transformers.training import cli
+def test_train_compile_and_loader_flags_reach_the_trainer(monkeypatch, tmp_path):
+    """`fm-indexer train --compile --loader device-inline` is what reaches the benchmarked speed: both must reach
+    TrainConfig, and the command offers exactly the trainer's loaders."""
+    import fm_indexer
+    from fm_transformers.training import cli, trainer
 
     seen = {}
 
     def fake_train(config):
-        seen["compile"] = config.compile
+        seen["compile"], seen["loader"] = config.compile, config.loader
         return {"steps": 0, "metrics": {}}
 
     monkeypatch.setattr(cli, "train", fake_train)
-    for flags, expected in (([], False), (["--compile"], True)):
+    assert fm_indexer.LOADERS == trainer.LOADERS
+    cases = (([], (False, "device")), (["--compile", "--loader", "device-inline"], (True, "device-inline")))
+    for flags, expected in cases:
         assert main(["train", "--data", str(tmp_path), "--output", str(tmp_path / "out"), "--cpu", *flags]) == 0
-        assert seen["compile"] is expected
+        assert (seen["compile"], seen["loader"]) == expected

@@ -128,3 +128,16 @@ def test_a_manifest_whose_parts_leave_a_gap_is_refused(split_train_labels, tmp_p
     (broken / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="do not cover it once"):
         LabelShards(broken)
+
+
+def test_a_part_is_read_into_one_buffer_and_a_truncated_shard_is_an_error(split_train_labels, tmp_path):
+    shards = LabelShards(split_train_labels)
+    data = shards.load_part(3, 1)
+    assert len({tensor.untyped_storage().data_ptr() for tensor in data.values()}) == 1  # one transfer moves it
+    copy = tmp_path / "labels"
+    shutil.copytree(split_train_labels, copy)
+    opened = LabelShards(copy)  # opening checks each shard whole: this one is cut while training reads it
+    path = opened.documents[3].parts[1].path
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(OSError, match="ends before"):
+        opened.load_part(3, 1, list(data))  # names given: the reader opens no safetensors header

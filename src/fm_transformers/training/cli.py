@@ -93,6 +93,7 @@ def run_train(args) -> None:
         resume=args.resume,
         threshold=args.threshold,
         cpu=args.cpu,
+        loader=args.loader,
         num_workers=args.num_workers,
         compile=args.compile,
     )

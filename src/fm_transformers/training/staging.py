@@ -1,7 +1,7 @@
 """Moving the parts a run is about to train on to the device, ahead of use and in bounded number.
 
-One background thread reads each part from its shard, copies it into pinned host memory and from there to the
-device on a side stream, a few tensors of megabytes each; the training stream waits on an event only when it
+One background thread reads each part from its shard straight into one pinned host buffer and copies that buffer
+to the device on a side stream, one transfer a part; the training stream waits on an event only when it
 first touches the part, so reading and copying overlap the steps before. At most `prefetch` parts are in
 flight, and the caller drops a part once no batch needs it, so memory follows the part size and `prefetch`,
 never the number of documents.
@@ -80,15 +80,37 @@ class PartStager:
 
     def _read_and_copy(self, part: int, order_position: int, rows: torch.Tensor) -> StagedPart:
         doc, index = self.shards.parts[part]
-        data = self.shards.load_part(doc, index, self.names)
-        # one spare index, so that gathers at padded slots stay in bounds
-        data["labels/indices"] = torch.cat([data["labels/indices"], data["labels/indices"].new_zeros(1)])
-        data["visible"] = visible_chunks(data["positions"], self.shards.compress_rate)
-        data["rows"] = rows
-        host = {name: data[name] for name in ("labels/indptr", "visible", "rows")}
+        data = self.shards.load_part(doc, index, self.names, pin_memory=self._stream is not None)
+        visible = visible_chunks(data["positions"], self.shards.compress_rate)
+        # copies, so that no host tensor keeps the (pinned) buffer from reuse once it is on the device
+        host = {"labels/indptr": data["labels/indptr"].clone(), "visible": visible, "rows": rows}
         if self._stream is None:
-            return StagedPart(part, order_position, data, host, None)
+            return StagedPart(part, order_position, {**_with_spare_index(data), "visible": visible, "rows": rows},
+                              host, None)
         with torch.cuda.device(self.device), torch.cuda.stream(self._stream):
-            moved = {name: tensor.pin_memory().to(self.device, non_blocking=True) for name, tensor in data.items()}
+            moved = _with_spare_index(_move_buffer(data, self.device))
+            moved.update({name: host[name].to(self.device, non_blocking=True) for name in ("visible", "rows")})
             ready = self._stream.record_event()
         return StagedPart(part, order_position, moved, host, ready)
+
+
+def _with_spare_index(data: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One spare entry after the CSR indices, so that gathers at padded slots stay in bounds."""
+    indices = data["labels/indices"]
+    return {**data, "labels/indices": torch.cat([indices, indices.new_zeros(1)])}
+
+
+def _move_buffer(data: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The views of one host buffer (load_part's), as views of one copy of that buffer on `device`: one transfer."""
+    storage = data["positions"].untyped_storage()
+    if any(tensor.untyped_storage().data_ptr() != storage.data_ptr() for tensor in data.values()):
+        raise ValueError("a part's tensors must be views of one buffer (LabelShards.load_part)")
+    buffer = torch.empty(storage.nbytes(), dtype=torch.uint8)
+    buffer.set_(storage)
+    moved = buffer.to(device, non_blocking=True).untyped_storage()
+    return {
+        name: torch.empty(0, dtype=tensor.dtype, device=device).set_(
+            moved, tensor.storage_offset(), tensor.shape, tensor.stride()
+        )
+        for name, tensor in data.items()
+    }
