@@ -15,8 +15,10 @@ layers (0-1 sliding, then CSA on even and HCA on odd layers), target layers 22, 
 
 Then it runs the real trainer (trainer.train, what `fm-indexer train` calls) with a release-size indexer (128
 heads, rank 2048), bf16 mixed precision, once per --runs entry on the same data: `host` (the per-sample CPU
-loader, the trainer as it was), `device` (batches made on the GPU from staged parts), `device-compiled` (the
-same with torch.compile of the step's forward and backward: query towers, scoring and loss). A *sample* is one
+loader, the trainer as it was), `device` (batches made on the GPU from staged parts, on a producer thread),
+`device-compiled` (the same with torch.compile of the step's forward and backward: query towers, scoring and
+loss), and on request `device-inline` and `device-inline-compiled` (the same batches made on the training thread).
+`--switch-interval` sets the interpreter's thread switch interval for the whole run. A *sample* is one
 trigger step: one (document, trigger) pair, scored by every target layer against its positives and 3x as many
 sampled negatives; an optimizer step takes --batch-size samples. Global optimizer hooks mark the steps, so the
 trainer runs unchanged, and the device is synchronized only at the edges of each window (and at the trainer's
@@ -474,8 +476,9 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--small", action="store_true", help="tiny sizes and a few steps: runs on a CPU in seconds")
     parser.add_argument("--output", default="indexer_training_throughput.json", help="JSON file for the results")
-    parser.add_argument("--runs", default=None, help="comma-separated, of host, device, device-compiled "
-                        "(default: all three on a GPU; host,device on a CPU)")
+    parser.add_argument("--runs", default=None, help="comma-separated, of host, device, "
+                        "device-compiled, device-inline, device-inline-compiled (default: the first three on a GPU; "
+                        "host,device on a CPU)")
     parser.add_argument("--documents", type=int, default=None, help="training documents (default 8; 4 with --small)")
     parser.add_argument("--tokens", type=int, default=None, help="tokens a document (16384; 1024 with --small)")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the trainer's 64 (8 with --small)")
