@@ -296,16 +296,14 @@ def _names(part: PartRef) -> list[str]:
         return [name[len(part.prefix) :] for name in shard.keys() if name.startswith(part.prefix)]  # noqa: SIM118
 
 
-def _read(part: PartRef, names: list[str] | None = None) -> dict[str, torch.Tensor]:
-    names = _names(part) if names is None else names
+def _read(part: PartRef) -> dict[str, torch.Tensor]:
+    """Every tensor of one part, through safetensors (whole documents; load_part reads parts its own way)."""
     with safe_open(str(part.path), framework="pt") as shard:
-        return {name: shard.get_tensor(part.prefix + name) for name in names}
+        return {name: shard.get_tensor(part.prefix + name) for name in _names(part)}
 
 
 def _join(name: str, pieces: list[torch.Tensor]) -> torch.Tensor:
-    """One document tensor from its parts' pieces (a single piece as it is); CSR pointers are shifted to follow on."""
-    if len(pieces) == 1:
-        return pieces[0]
+    """One document tensor from its parts' pieces; CSR pointers are shifted to follow on."""
     if not name.endswith("/indptr"):
         return torch.cat(pieces)
     joined, offset = [pieces[0]], pieces[0][-1]
