@@ -4,7 +4,8 @@
 #   bash examples/run_evaluation.sh STAGE [WORKDIR]        (WORKDIR: runs/paper)
 #
 # Stages, in order (times on one H200: the backbone step is measured, the rest are estimates; docs/evaluation.md):
-#   backbone  train the paper-layout backbone (16 layers, 7 CSA) at 2K on the long mix      ~14 min of 0.45-0.5 s steps
+#   backbone  train the paper-layout backbone (16 layers, 7 CSA): first the copy tasks at 64-512 tokens (inside
+#             the window first: from 256 on it never learns to copy), then the long mix up to 2K  ~8 + ~15 min
 #   dump      label 5,600 question documents with the frozen backbone (train/validation/test) ~10 min in 8-min runs
 #   indexer   per tau (64, 16): select the labels, train two candidate indexers, choose on
 #             validation, gate on test                                                       ~3 min per tau
@@ -24,6 +25,8 @@ if [[ "${SMOKE:-0}" == 1 ]]; then
     device=cpu
     export OMP_NUM_THREADS=1
     taus="4"; lengths="320"; parts="long"
+    copy_flags=(--size paper-smoke --steps 2 --dense-steps 1 --min-length 64 --max-length 64 --ramp-steps 0
+                --tokens-per-step 128 --eval-lengths 64 --eval-examples 1)
     backbone_flags=(--size paper-smoke --steps 2 --dense-steps 1 --min-length 320 --max-length 320 --ramp-steps 0
                     --tokens-per-step 640 --eval-lengths 320 --eval-examples 1 --answer-tokens 16)
     data_flags=(--length 320 --spacing 128 --align 8 --train-docs 6 --validation-docs 3 --test-docs 3 --dump-tau 4
@@ -35,6 +38,8 @@ if [[ "${SMOKE:-0}" == 1 ]]; then
 else
     device=cuda
     taus="64 16"; lengths="2048 4096 8192"; parts="long_needle qa_block long_chain"
+    copy_flags=(--size paper --min-length 64 --max-length 512 --steps 1200 --dense-steps 600 --ramp-steps 900
+                --tokens-per-step 16384 --eval-lengths 512 --eval-examples 50)
     backbone_flags=(--size paper --mix long --min-length 256 --max-length 2048 --steps 2000 --dense-steps 600
                     --ramp-steps 1200 --tokens-per-step 16384 --eval-lengths 2048,4096 --eval-examples 50)
     data_flags=(--length 2048 --train-docs 5000 --validation-docs 300 --test-docs 300 --dump-tau 16)
@@ -51,10 +56,15 @@ repeat_until_done() {  # `all`: run a resumable stage again while it stops at it
     while true; do SECONDS=0; "$@" && return 0 || status=$?; [[ $status == "$STOPPED" ]] || return "$status"; done
 }
 
-run_backbone() {
+run_backbone() {  # two training stages; the second starts from the first's weights
     [[ -f "$backbone/config.json" ]] && return 0
+    if [[ ! -f "$work/copy/model/config.json" ]]; then
+        python examples/train_eval_backbone.py --device "$device" --mix copy --seed 0 --output-dir "$work/copy" \
+            --resume --max-minutes "$minutes" "${copy_flags[@]}" || return
+    fi
     python examples/train_eval_backbone.py --device "$device" --mix long --seed 0 --output-dir "$work/backbone" \
-        --export-bf16 "$backbone" --resume --max-minutes "$minutes" "${backbone_flags[@]}"
+        --init-from "$work/copy/model" --export-bf16 "$backbone" --resume --max-minutes "$minutes" \
+        "${backbone_flags[@]}"
 }
 
 run_dump() {
