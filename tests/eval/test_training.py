@@ -162,3 +162,19 @@ def test_a_compiled_run_trains_the_weights_of_an_eager_one(smoke_config, tmp_pat
     for name, tensor in expected.items():
         if tensor.is_floating_point():
             torch.testing.assert_close(actual[name], tensor, rtol=1e-3, atol=1e-4, msg=name)
+
+
+def test_fresh_weights_on_contexts_beyond_the_window_warn_and_a_second_stage_does_not(smoke_config, tmp_path, caplog):
+    """Such a curriculum stayed on the loss plateau on the GPU: the user is told before minutes are spent."""
+    window = eval_backbone_config("smoke").sliding_window
+    beyond = dataclasses.replace(smoke_config, min_length=window * 4, max_length=window * 4)
+    inside = dataclasses.replace(smoke_config, min_length=window, max_length=window * 4)
+    with caplog.at_level("WARNING", logger="fm_transformers.eval.backbone_training"):
+        initial_model(inside)
+        assert "sliding window" not in caplog.text
+        initial_model(beyond)
+        assert f"beyond the {window}-token sliding window" in caplog.text
+        caplog.clear()
+        build_eval_backbone(eval_backbone_config("smoke"), seed=0).save_pretrained(tmp_path / "first")
+        initial_model(dataclasses.replace(beyond, init_from=str(tmp_path / "first")))
+        assert "sliding window" not in caplog.text

@@ -99,8 +99,16 @@ class TrainingConfig:
 def initial_model(config: TrainingConfig) -> torch.nn.Module:
     """The model step 0 starts from: fresh weights of `config.size` (seeded), or those saved in `init_from`,
     loaded into that architecture in fp32 (so a bf16 export can start a run)."""
-    model = build_eval_backbone(eval_backbone_config(config.size), seed=config.seed)
+    backbone = eval_backbone_config(config.size)
+    model = build_eval_backbone(backbone, seed=config.seed)
     if config.init_from is None:
+        if config.min_length > backbone.sliding_window:
+            logger.warning(
+                "fresh weights and contexts from %d tokens, beyond the %d-token sliding window: on an H200 such "
+                "a curriculum never left the loss plateau (docs/evaluation.md); start inside the window "
+                "(--min-length %d, e.g. --mix copy) and continue from those weights with --init-from",
+                config.min_length, backbone.sliding_window, backbone.sliding_window,
+            )
         return model
     if not (Path(config.init_from) / "config.json").is_file():
         raise FileNotFoundError(f"init_from {config.init_from!r} is not a saved backbone (no config.json in it)")
