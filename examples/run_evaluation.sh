@@ -56,14 +56,14 @@ repeat_until_done() {  # `all`: run a resumable stage again while it stops at it
     while true; do SECONDS=0; "$@" && return 0 || status=$?; [[ $status == "$STOPPED" ]] || return "$status"; done
 }
 
-run_backbone() {  # two training stages; the second starts from the first's weights
-    [[ -f "$backbone/config.json" ]] && return 0
-    if [[ ! -f "$work/copy/model/config.json" ]]; then
+run_backbone() {  # two training stages; the second starts from the first's bf16 export (small enough to travel
+    [[ -f "$backbone/config.json" ]] && return 0  # between device calls, like the final backbone-bf16)
+    if [[ ! -f "$work/copy-bf16/config.json" ]]; then
         python examples/train_eval_backbone.py --device "$device" --mix copy --seed 0 --output-dir "$work/copy" \
-            --resume --max-minutes "$minutes" "${copy_flags[@]}" || return
+            --export-bf16 "$work/copy-bf16" --resume --max-minutes "$minutes" "${copy_flags[@]}" || return
     fi
     python examples/train_eval_backbone.py --device "$device" --mix long --seed 0 --output-dir "$work/backbone" \
-        --init-from "$work/copy/model" --export-bf16 "$backbone" --resume --max-minutes "$minutes" \
+        --init-from "$work/copy-bf16" --export-bf16 "$backbone" --resume --max-minutes "$minutes" \
         "${backbone_flags[@]}"
 }
 

@@ -12,9 +12,10 @@ The paper-layout backbone of the long-decoding evaluation (16 layers, 7 CSA), in
 window (from 256 tokens on it never learns to copy; docs/evaluation.md), then question documents and the long
 tasks up to 2K from those weights:
     python examples/train_eval_backbone.py --device cuda --size paper --mix copy --min-length 64 --max-length 512 \
-        --steps 1200 --dense-steps 600 --ramp-steps 900 --output-dir runs/paper/copy --max-minutes 9 --resume
+        --steps 1200 --dense-steps 600 --ramp-steps 900 --output-dir runs/paper/copy \
+        --export-bf16 runs/paper/copy-bf16 --max-minutes 9 --resume
     python examples/train_eval_backbone.py --device cuda --size paper --mix long --min-length 256 \
-        --max-length 2048 --steps 2000 --dense-steps 600 --ramp-steps 1200 --init-from runs/paper/copy/model \
+        --max-length 2048 --steps 2000 --dense-steps 600 --ramp-steps 1200 --init-from runs/paper/copy-bf16 \
         --output-dir runs/paper/backbone --export-bf16 runs/paper/backbone-bf16 --max-minutes 9 --resume
 Time a step before a run (median of N steps a phase at --max-length, the projected minutes, peak memory; no
 output): the same flags and --time-steps 8, once per --tokens-per-step worth trying.
