@@ -91,3 +91,15 @@ def test_time_steps_projection_adds_each_phase_at_its_own_step_time():
     assert timing["projected_minutes"] == pytest.approx(expected)
     sparse_only = time_steps(TrainingConfig(**{**config.__dict__, "dense_steps": 0}), "cpu", steps=1)
     assert sparse_only["dense_s"] is None and sparse_only["sparse_s"] > 0
+
+
+def test_the_copy_learning_check_trains_and_reports_and_refuses_an_empty_context():
+    check = Path(__file__).resolve().parents[2] / "examples" / "copy_learning_check.py"
+    command = [sys.executable, str(check), "--size", "smoke", "--device", "cpu", "--tokens-per-step", "128"]
+    done = subprocess.run([*command, "--steps", "2", "--report-every", "1"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert [line.split()[:2] for line in done.stdout.splitlines() if line.startswith("step")] == [
+        ["step", "1"], ["step", "2"]
+    ]
+    refused = subprocess.run([*command, "--context", "0"], capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "must be at least 1" in refused.stderr and "Traceback" not in refused.stderr
