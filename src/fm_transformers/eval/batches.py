@@ -41,9 +41,9 @@ LONG_TRAINING_MIX: tuple[tuple[str, dict], ...] = (
     ("single_needle", {"value_len": 16}),
 )
 # The paper-layout backbone's first stage: the copy-first tasks alone, at contexts that start inside the 64-token
-# window. On one H200 (associative recall alone, 16-token pairs, 500-600 steps of 8,192 tokens): at 64 tokens this
+# window. On one H200 (associative recall alone, 16-token pairs, 275-525 steps of 8,192 tokens): at 64 tokens this
 # size reached 26% answer-token accuracy by step 275 and kept rising, while at 256 tokens neither it (learning rates
-# 3e-4 to 3e-3) nor the "small" size left chance (about 1%); the long mix starts at 256, so it never learns to copy.
+# 1e-3 and 3e-3) nor the "small" size left chance (about 1%); the long mix starts at 256, where it did not learn.
 COPY_TRAINING_MIX: tuple[tuple[str, dict], ...] = (
     *(("associative_recall", {"tokens_per_pair": 16}),) * 2,
     ("single_needle", {"value_len": 16}),
