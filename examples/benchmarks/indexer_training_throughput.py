@@ -82,14 +82,13 @@ from transformers import DeepseekV4Config
 from fm_transformers.indexer import default_target_layers
 from fm_transformers.training import DumpConfig, LabelShards, TrainConfig, train
 from fm_transformers.training.dataset import host_batches
-from fm_transformers.training.device_batches import block_batches, device_batches
 from fm_transformers.training.labels import effective_vote, trigger_positions, visible_chunks
 from fm_transformers.training.order import EpochOrder
 from fm_transformers.training.producer import WAIT_RANGE
 from fm_transformers.training.shard_writer import ShardWriter
 from fm_transformers.training.shards import FORMAT, MANIFEST, VERSION, atomic_write_json, backbone_identity
 from fm_transformers.training.step import TriggerBatch
-from fm_transformers.training.trainer import BatchSource
+from fm_transformers.training.trainer import DEVICE_LOADERS, BatchSource
 
 SLIDING, CSA, HCA = "sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"
 # The paper trains its indexer on this set in about one GPU-hour.
@@ -358,9 +357,8 @@ def loader_batches(shards: LabelShards, loader: str, config: TrainConfig, device
     layers = shards.target_layers
     for epoch in itertools.count():
         order = EpochOrder(shards.part_triggers(), config.batch_size, config.seed, epoch, rank, world)
-        if loader in ("device", "device-inline"):
-            make = device_batches if loader == "device" else block_batches
-            made = make(shards, layers, order, 0, config.negative_ratio, device, config.prefetch)
+        if loader in DEVICE_LOADERS:
+            made = DEVICE_LOADERS[loader](shards, layers, order, 0, config.negative_ratio, device, config.prefetch)
         else:
             made = (batch.to(device) for batch in host_batches(shards, layers, order, 0, config.negative_ratio))
         with closing(made):

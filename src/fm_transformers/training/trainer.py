@@ -53,7 +53,9 @@ NOT_HYPERPARAMETERS = (
     "prefetch",
     "log_every",
 )
-LOADERS = ("device", "device-inline", "host")
+# The loaders that make batches on the device: on a producer thread, or on the training thread (same batches)
+DEVICE_LOADERS = {"device": device_batches, "device-inline": block_batches}
+LOADERS = (*DEVICE_LOADERS, "host")
 # Settings that fix the shape of the model and the data order: a resume with other values cannot continue.
 RESUME_FIXED = ("data", "layers", "num_heads", "rank", "init_from", "lora_r", "batch_size", "seed")
 # (epoch, first batch) -> a generator of that epoch's batches from the first on, on the training device
@@ -272,9 +274,8 @@ def _loop(
 def _batches(accelerator, run: _Run, config: TrainConfig, epoch: int, start: int) -> Iterator[TriggerBatch]:
     """This process's batches of `epoch` from batch `start` on, on the training device."""
     order = EpochOrder(run.shards.part_triggers(), config.batch_size, config.seed, epoch, *_rank(accelerator))
-    if config.loader in ("device", "device-inline"):
-        make = device_batches if config.loader == "device" else block_batches
-        yield from make(
+    if config.loader in DEVICE_LOADERS:
+        yield from DEVICE_LOADERS[config.loader](
             run.shards, run.layers, order, start, config.negative_ratio, accelerator.device, config.prefetch
         )
         return
