@@ -6,7 +6,7 @@ curriculum can leave the loss plateau before a long run is spent on it (docs/eva
 
 One task, associative recall with 16-token pairs, every step at --context tokens with dense CSA, through the
 backbone stage's own training step (backbone_training.train_step). Prints the mean answer loss and answer-token
-accuracy over each --report-every steps; chance accuracy is about 1%. Nothing is written.
+accuracy over each --report-every steps; chance accuracy is about 1% (short vocabulary). Nothing is written.
 """
 
 import argparse
@@ -15,20 +15,30 @@ from dataclasses import dataclass
 
 import torch
 
-from fm_transformers.eval.backbone import BACKBONE_SIZES
+from fm_transformers.eval.backbone import BACKBONE_SIZES, eval_backbone_config
 from fm_transformers.eval.backbone_training import TrainingConfig, initial_model, make_optimizer, train_step
 from fm_transformers.eval.batches import Batch, make_batch
 from fm_transformers.eval.distillation import IndexerDistillation
+from fm_transformers.eval.vocab import VOCABULARIES
 
-COPY_TASK = (("associative_recall", {"tokens_per_pair": 16}),)
 
 
 @dataclass(frozen=True)
 class CopyOnlyConfig(TrainingConfig):
-    """The backbone stage's config, every batch the copy task at one length."""
+    """The backbone stage's config, every batch the copy task at one length, keys and values drawn from
+    `vocabulary` (vocab.VOCABULARIES)."""
+
+    vocabulary: str = "short"
+
+    def __post_init__(self):
+        super().__post_init__()
+        needed = max(VOCABULARIES[self.vocabulary][1]) + 1
+        if eval_backbone_config(self.size).vocab_size < needed:
+            raise ValueError(f"the {self.vocabulary} vocabulary needs ids up to {needed - 1}: size {self.size!r} has fewer")
 
     def batch_for(self, step: int) -> Batch:
-        return make_batch(self.seed, step, self.max_length, max(1, self.tokens_per_step // self.max_length), COPY_TASK)
+        task = (("associative_recall", {"tokens_per_pair": 16, "vocabulary": self.vocabulary}),)
+        return make_batch(self.seed, step, self.max_length, max(1, self.tokens_per_step // self.max_length), task)
 
 
 def positive(text: str) -> int:
@@ -43,6 +53,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--size", choices=sorted(BACKBONE_SIZES), default="paper")
     parser.add_argument("--context", type=positive, default=64, help="tokens a context (the paper size's window: 64)")
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument(
+        "--vocabulary", choices=sorted(VOCABULARIES), default="short",
+        help="content ids of keys and values: short (256 ids) or long (the long tasks' 1,520 ids)",
+    )
     parser.add_argument("--steps", type=positive, default=300)
     parser.add_argument("--tokens-per-step", type=positive, default=8192)
     parser.add_argument("--report-every", type=positive, default=25)
@@ -54,15 +68,19 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     device = torch.device(args.device)
-    config = CopyOnlyConfig(
-        size=args.size, seed=args.seed, steps=args.steps, dense_steps=args.steps, min_length=args.context,
-        max_length=args.context, ramp_steps=0, tokens_per_step=args.tokens_per_step, lr=args.lr, warmup_steps=20,
-        precision="bf16" if device.type == "cuda" else "fp32",
-    )
+    try:
+        config = CopyOnlyConfig(
+            size=args.size, seed=args.seed, steps=args.steps, dense_steps=args.steps, min_length=args.context,
+            max_length=args.context, ramp_steps=0, tokens_per_step=args.tokens_per_step, lr=args.lr, warmup_steps=20,
+            precision="bf16" if device.type == "cuda" else "fp32", vocabulary=args.vocabulary,
+        )
+    except ValueError as error:  # e.g. the long vocabulary on a size whose vocabulary is too small
+        raise SystemExit(f"error: {error}") from None
     torch.manual_seed(args.seed)
     model = initial_model(config).to(device)
     optimizer = make_optimizer(model, config)
-    print(f"{args.size}, {args.context}-token contexts, lr {args.lr}: answer loss and answer-token accuracy")
+    print(f"{args.size}, {args.context}-token contexts, lr {args.lr}, {args.vocabulary} vocabulary: answer loss and "
+          "answer-token accuracy")
     start, window = time.perf_counter(), []
     with IndexerDistillation(model) as distillation:
         for step in range(args.steps):

@@ -4,8 +4,9 @@
 #   bash examples/run_evaluation.sh STAGE [WORKDIR]        (WORKDIR: runs/paper)
 #
 # Stages, in order (times on one H200: the backbone step is measured, the rest are estimates; docs/evaluation.md):
-#   backbone  train the paper-layout backbone (16 layers, 7 CSA): first the copy tasks at 64-512 tokens (inside
-#             the window first: from 256 on it never learns to copy), then the long mix up to 2K  ~8 + ~15 min
+#   backbone  train the paper-layout backbone (16 layers, 7 CSA): first the copy tasks and small long tasks at
+#             64-512 tokens (inside the window first: from 256 on it never learns to copy), then the long
+#             mix up to 2K                                                                     ~9 + ~16 min
 #   dump      label 5,600 question documents with the frozen backbone (train/validation/test) ~10 min in 8-min runs
 #   indexer   per tau (64, 16): select the labels, train two candidate indexers, choose on
 #             validation, gate on test                                                       ~3 min per tau
@@ -26,7 +27,7 @@ if [[ "${SMOKE:-0}" == 1 ]]; then
     export OMP_NUM_THREADS=1
     taus="4"; lengths="320"; parts="long"
     copy_flags=(--size paper-smoke --steps 2 --dense-steps 1 --min-length 64 --max-length 64 --ramp-steps 0
-                --tokens-per-step 128 --eval-lengths 64 --eval-examples 1)
+                --tokens-per-step 128 --eval-lengths 64 --eval-examples 1 --answer-tokens 4)
     backbone_flags=(--size paper-smoke --steps 2 --dense-steps 1 --min-length 320 --max-length 320 --ramp-steps 0
                     --tokens-per-step 640 --eval-lengths 320 --eval-examples 1 --answer-tokens 16)
     data_flags=(--length 320 --spacing 128 --align 8 --train-docs 6 --validation-docs 3 --test-docs 3 --dump-tau 4
@@ -39,7 +40,7 @@ else
     device=cuda
     taus="64 16"; lengths="2048 4096 8192"; parts="long_needle qa_block long_chain"
     copy_flags=(--size paper --min-length 64 --max-length 512 --steps 1200 --dense-steps 600 --ramp-steps 900
-                --tokens-per-step 16384 --eval-lengths 512 --eval-examples 50)
+                --tokens-per-step 16384 --eval-lengths 512 --eval-examples 50 --answer-tokens 16)
     backbone_flags=(--size paper --mix long --min-length 256 --max-length 2048 --steps 2000 --dense-steps 600
                     --ramp-steps 1200 --tokens-per-step 16384 --eval-lengths 2048,4096 --eval-examples 50)
     data_flags=(--length 2048 --train-docs 5000 --validation-docs 300 --test-docs 300 --dump-tau 16)

@@ -13,7 +13,7 @@ window (from 256 tokens on it never learns to copy; docs/evaluation.md), then qu
 tasks up to 2K from those weights:
     python examples/train_eval_backbone.py --device cuda --size paper --mix copy --min-length 64 --max-length 512 \
         --steps 1200 --dense-steps 600 --ramp-steps 900 --output-dir runs/paper/copy \
-        --export-bf16 runs/paper/copy-bf16 --max-minutes 9 --resume
+        --export-bf16 runs/paper/copy-bf16 --eval-lengths 512 --answer-tokens 16 --max-minutes 9 --resume
     python examples/train_eval_backbone.py --device cuda --size paper --mix long --min-length 256 \
         --max-length 2048 --steps 2000 --dense-steps 600 --ramp-steps 1200 --init-from runs/paper/copy-bf16 \
         --output-dir runs/paper/backbone --export-bf16 runs/paper/backbone-bf16 --max-minutes 9 --resume

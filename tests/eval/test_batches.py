@@ -67,3 +67,35 @@ def test_a_long_mix_batch_supervises_the_answers_given_inside_question_documents
         assert answered and all(ids[i + 1] == targets[i] for i in answered[:-1])
         if ids[1] == LONG_TASK_TOKENS["qa_document"]:  # a question document: answers inside the context are supervised too
             assert min(answered) < 1023 - 64
+
+
+def test_the_copy_mix_fits_inside_the_window_and_trains_only_long_ids():
+    from fm_transformers.eval.batches import COPY_TRAINING_MIX
+    from fm_transformers.eval.vocab import LONG_TASK_TOKENS, LONG_VOCAB_SIZE, VALUES
+
+    batch = make_batch(seed=0, step=0, context_length=64, batch_size=2 * len(COPY_TRAINING_MIX), mix=COPY_TRAINING_MIX)
+    tasks = set(batch.input_ids[:, 1].tolist())
+    assert set(LONG_TASK_TOKENS[task] for task in ("long_needle", "qa_block", "long_chain")) <= tasks
+    answers = batch.targets[batch.targets != IGNORE]
+    assert answers.numel() > 0 and int(answers.min()) >= 528 and int(answers.max()) < LONG_VOCAB_SIZE
+    assert not any(token in VALUES for token in batch.input_ids.flatten().tolist())
+    # every supervised answer at 64 tokens is copied from inside the 64-token window
+    for ids, targets in zip(batch.input_ids.tolist(), batch.targets.tolist()):
+        for i, target in enumerate(targets):
+            if target != IGNORE and i >= 64:
+                assert target in ids[max(0, i - 64) : i]
+
+
+def test_every_mix_stays_inside_the_vocabulary_it_declares_and_a_backbone_too_small_is_refused():
+    import pytest
+
+    from fm_transformers.eval.backbone_training import TrainingConfig
+    from fm_transformers.eval.batches import MIX_VOCAB_SIZES, MIXES
+
+    assert set(MIX_VOCAB_SIZES) == set(MIXES)
+    for name, mix in MIXES.items():
+        for step in range(3):
+            batch = make_batch(seed=0, step=step, context_length=512, batch_size=2 * len(mix), mix=mix)
+            assert int(batch.input_ids.max()) < MIX_VOCAB_SIZES[name]
+    with pytest.raises(ValueError, match="use a size of"):
+        TrainingConfig(size="small", mix="copy")

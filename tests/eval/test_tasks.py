@@ -151,3 +151,32 @@ def test_answer_tokens_of_an_example_are_distinct_so_every_copy_has_one_source()
         for example in make_examples(task, 512, 5):
             values = [token for token in example.input_ids if token in VALUES]
             assert len(values) == len(set(values))
+
+
+@pytest.mark.parametrize(
+    "task, options",
+    [("single_needle", {"value_len": 16}), ("multi_key_needle", {"value_len": 8}), ("associative_recall", {"tokens_per_pair": 16})],
+)
+def test_the_long_vocabulary_draws_keys_and_values_from_the_long_ranges_only(task, options):
+    from fm_transformers.eval.tasks import example_rng, make_example
+    from fm_transformers.eval.vocab import LONG_KEYS, LONG_VALUES
+
+    for index in range(4):
+        example = make_example(task, 256, example_rng("long-vocab", index), vocabulary="long", **options)
+        content = [token for token in example.input_ids if token not in FILLER and token >= KEYS.start]
+        assert content and not any(token in KEYS or token in VALUES for token in content)
+        assert all(token in LONG_VALUES for token in example.answer)
+        statement = example.input_ids[example.evidence[-1] :]  # a needle, or a question asked in the context
+        assert statement[0] in (NEEDLE, QUERY) and statement[1] in LONG_KEYS
+        values = [token for token in example.input_ids if token in LONG_VALUES]
+        if task != "associative_recall":  # its questions repeat their values inside the context
+            assert len(values) == len(set(values))
+        short = make_example(task, 256, example_rng("long-vocab", index), **options)
+        assert len(short.input_ids) == len(example.input_ids) == 256 and len(short.answer) == len(example.answer)
+
+
+def test_an_unknown_vocabulary_is_an_error_that_lists_the_known_ones():
+    from fm_transformers.eval.tasks import example_rng, make_example
+
+    with pytest.raises(ValueError, match="short, long"):
+        make_example("single_needle", 128, example_rng("x"), vocabulary="huge")

@@ -93,7 +93,7 @@ def test_time_steps_projection_adds_each_phase_at_its_own_step_time():
     assert sparse_only["dense_s"] is None and sparse_only["sparse_s"] > 0
 
 
-def test_the_copy_learning_check_trains_and_reports_and_refuses_an_empty_context():
+def test_the_copy_learning_check_trains_and_reports_and_refuses_an_empty_context_or_a_vocabulary_too_large():
     check = Path(__file__).resolve().parents[2] / "examples" / "copy_learning_check.py"
     command = [sys.executable, str(check), "--size", "smoke", "--device", "cpu", "--tokens-per-step", "128"]
     done = subprocess.run([*command, "--steps", "2", "--report-every", "1"], capture_output=True, text=True, timeout=300)
@@ -103,3 +103,6 @@ def test_the_copy_learning_check_trains_and_reports_and_refuses_an_empty_context
     ]
     refused = subprocess.run([*command, "--context", "0"], capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and "must be at least 1" in refused.stderr and "Traceback" not in refused.stderr
+    too_small = subprocess.run([*command, "--vocabulary", "long"], capture_output=True, text=True, timeout=300)
+    assert too_small.returncode == 1 and "long vocabulary needs ids up to 2047" in too_small.stderr
+    assert "Traceback" not in too_small.stderr

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from transformers import DeepseekV4ForCausalLM
 
 from .backbone import BACKBONE_SIZES, build_eval_backbone, eval_backbone_config
-from .batches import IGNORE, MIXES, Batch, curriculum_length, make_batch
+from .batches import IGNORE, MIX_VOCAB_SIZES, MIXES, Batch, curriculum_length, make_batch
 from .catalog import TASK_SETS, evaluation_examples
 from .compare import evaluate_accuracy
 from .distillation import IndexerDistillation, indexer_parameter_names, set_dense_csa
@@ -74,6 +74,14 @@ class TrainingConfig:
             raise ValueError(f"extra_tasks must be evaluation tasks ({', '.join(tasks)}), got {unknown}")
         if self.size not in BACKBONE_SIZES:
             raise ValueError(f"size must be one of {sorted(BACKBONE_SIZES)}, got {self.size!r}")
+        vocab_size = eval_backbone_config(self.size).vocab_size
+        if vocab_size < MIX_VOCAB_SIZES[self.mix]:
+            needed = MIX_VOCAB_SIZES[self.mix]
+            fits = sorted(size for size in BACKBONE_SIZES if eval_backbone_config(size).vocab_size >= needed)
+            raise ValueError(
+                f"the {self.mix!r} mix uses token ids up to {needed - 1}, beyond the {vocab_size}-token vocabulary "
+                f"of size {self.size!r}; use a size of {fits}"
+            )
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.steps < 1 or not 0 <= self.dense_steps <= self.steps:

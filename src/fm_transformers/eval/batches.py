@@ -14,7 +14,7 @@ import torch
 from .catalog import training_example
 from .long_tasks import LONG_TASK_NAMES
 from .tasks import TASK_NAMES, example_rng
-from .vocab import PAD, QUERY
+from .vocab import LONG_VOCAB_SIZE, PAD, QUERY, VOCAB_SIZE
 
 # The five evaluation tasks, multi-query associative recall (tens of supervised retrievals a context, see
 # tasks.associative_recall), and two needle variants with long values. An evaluation example supervises 3 to 6
@@ -30,26 +30,31 @@ TRAINING_MIX: tuple[tuple[str, dict], ...] = (
     ("multi_key_needle", {"value_len": 8}),
 )
 # The paper-layout backbone's mix: question documents (a question every ~320 tokens, every answer supervised),
-# the long tasks at random sizes, and the copy-first tasks of the mix above (associative recall, a needle with a
-# 16-token value). Without the latter the first H200 run stayed on the loss plateau for 1,100 steps: a long task's
-# answer sits beyond the 64-token window even at the shortest contexts, so its retrieval has to go through CSA
-# entries whose top-k is still random, while pairs inside the window teach induction first (see TRAINING_MIX).
+# the long tasks at random sizes, and the copy tasks of its first stage (COPY_TRAINING_MIX), which keep the copying
+# it learned there in use as the contexts grow.
+LONG_COPY_TASKS: tuple[tuple[str, dict], ...] = (
+    *(("associative_recall", {"tokens_per_pair": 16, "vocabulary": "long"}),) * 2,
+    ("single_needle", {"value_len": 16, "vocabulary": "long"}),
+)
 LONG_TRAINING_MIX: tuple[tuple[str, dict], ...] = (
     *(("qa_document", {}),) * 3,
     *((task, {}) for task in LONG_TASK_NAMES),
-    *(("associative_recall", {"tokens_per_pair": 16}),) * 2,
-    ("single_needle", {"value_len": 16}),
+    *LONG_COPY_TASKS,
 )
-# The paper-layout backbone's first stage: the copy-first tasks alone, at contexts that start inside the 64-token
-# window. On one H200 (associative recall alone, 16-token pairs, 275-525 steps of 8,192 tokens): at 64 tokens this
-# size reached 26% answer-token accuracy by step 275 and kept rising, while at 256 tokens neither it (learning rates
-# 1e-3 and 3e-3) nor the "small" size left chance (about 1%); the long mix starts at 256, where it did not learn.
+# The paper-layout backbone's first stage, at contexts that start inside the 64-token window: associative recall
+# and a needle with a 16-token value, plus the long tasks at the sizes that fit half the context (at 64 tokens a
+# 4-token value, one question, one hop), all over the long tasks' ids (vocab.VOCABULARIES["long"]). Measured on
+# one H200 (docs/evaluation.md): from 256 tokens on a fresh model never left chance, from 64 it learned to copy
+# within ~300 steps; a first stage over the short ids (256 of them) reached 100% on a needle at 512 tokens, yet
+# the long stage after it stayed at chance on every long task, and so did that model on a needle whose values
+# were long ids: it had learned to write only the ids it was trained to copy.
 COPY_TRAINING_MIX: tuple[tuple[str, dict], ...] = (
-    *(("associative_recall", {"tokens_per_pair": 16}),) * 2,
-    ("single_needle", {"value_len": 16}),
-    ("multi_key_needle", {"value_len": 8}),
+    *LONG_COPY_TASKS,
+    *((task, {}) for task in LONG_TASK_NAMES),
 )
 MIXES = {"ruler": TRAINING_MIX, "long": LONG_TRAINING_MIX, "copy": COPY_TRAINING_MIX}
+# The vocabulary a backbone needs for each mix: the long tasks' ids go up to LONG_VOCAB_SIZE.
+MIX_VOCAB_SIZES = {"ruler": VOCAB_SIZE, "long": LONG_VOCAB_SIZE, "copy": LONG_VOCAB_SIZE}
 IGNORE = -100  # target of positions whose next token is not an answer token
 LENGTH_STEP = 64  # context lengths are multiples of this (fewer distinct shapes on the GPU)
 

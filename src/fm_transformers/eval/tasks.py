@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 
-from .vocab import BOS, FILLER, KEYS, LET, NEEDLE, QUERY, TASK_TOKENS, VALUES
+from .vocab import BOS, FILLER, KEYS, LET, NEEDLE, QUERY, TASK_TOKENS, VALUES, VOCABULARIES
 
 
 @dataclass(frozen=True)
@@ -51,11 +51,18 @@ def example_rng(*parts) -> random.Random:
     return random.Random("/".join(str(part) for part in parts))
 
 
-def _draw_values(count: int, size: int, rng: random.Random) -> list[list[int]]:
+def _content_ranges(vocabulary: str) -> tuple[range, range]:
+    """The (keys, values) ranges of a vocabulary name of vocab.VOCABULARIES."""
+    if vocabulary not in VOCABULARIES:
+        raise ValueError(f"unknown vocabulary {vocabulary!r}; known: {', '.join(VOCABULARIES)}")
+    return VOCABULARIES[vocabulary]
+
+
+def _draw_values(count: int, size: int, rng: random.Random, values: range = VALUES) -> list[list[int]]:
     """`count` values of `size` tokens, all tokens distinct across them (each copy has one source)."""
-    if count * size > len(VALUES):
-        raise ValueError(f"cannot draw {count} values of {size} distinct tokens from {len(VALUES)} value ids")
-    tokens = rng.sample(VALUES, count * size)
+    if count * size > len(values):
+        raise ValueError(f"cannot draw {count} values of {size} distinct tokens from {len(values)} value ids")
+    tokens = rng.sample(values, count * size)
     return [tokens[i * size : (i + 1) * size] for i in range(count)]
 
 
@@ -105,15 +112,20 @@ def _assemble(
     return Example(task, prefix + tokens + suffix, answer, offsets)
 
 
-def single_needle(length: int, rng: random.Random, value_len: int = 3) -> Example:
-    key = rng.choice(KEYS)
-    (value,) = _draw_values(1, value_len, rng)
+def single_needle(length: int, rng: random.Random, value_len: int = 3, vocabulary: str = "short") -> Example:
+    """vocabulary: the content ranges of keys and values (vocab.VOCABULARIES); the evaluation uses "short"."""
+    keys, values = _content_ranges(vocabulary)
+    key = rng.choice(keys)
+    (value,) = _draw_values(1, value_len, rng, values)
     return _assemble("single_needle", [_statement(key, value)], [0], [key], value, length, rng)
 
 
-def multi_key_needle(length: int, rng: random.Random, n_keys: int = 4, value_len: int = 3) -> Example:
-    keys = rng.sample(KEYS, n_keys)
-    values = _draw_values(n_keys, value_len, rng)
+def multi_key_needle(
+    length: int, rng: random.Random, n_keys: int = 4, value_len: int = 3, vocabulary: str = "short"
+) -> Example:
+    key_range, value_range = _content_ranges(vocabulary)
+    keys = rng.sample(key_range, n_keys)
+    values = _draw_values(n_keys, value_len, rng, value_range)
     target = rng.randrange(n_keys)
     statements = [_statement(key, value) for key, value in zip(keys, values)]
     return _assemble("multi_key_needle", statements, [target], [keys[target]], values[target], length, rng)
@@ -167,14 +179,17 @@ def common_words(length: int, rng: random.Random, shares: Sequence[float] = (0.1
     return Example("common_words", [BOS, TASK_TOKENS["common_words"], *words, QUERY], common)
 
 
-def associative_recall(length: int, rng: random.Random, value_len: int = 2, tokens_per_pair: int = 64) -> Example:
+def associative_recall(
+    length: int, rng: random.Random, value_len: int = 2, tokens_per_pair: int = 64, vocabulary: str = "short"
+) -> Example:
     """Training only (multi-query associative recall): one key-value needle per `tokens_per_pair` tokens, each
     asked once later in the context (`QUERY key value`, at a uniform distance after its needle), plus the final
     question. Every asked value is supervised, so a context teaches tens of retrievals instead of one: a model
     trained from scratch leaves the loss plateau far sooner than on one answer per context."""
-    pairs = max(1, min(length // tokens_per_pair, len(KEYS), len(VALUES) // value_len))
-    keys = rng.sample(KEYS, pairs)
-    values = _draw_values(pairs, value_len, rng)
+    key_range, value_range = _content_ranges(vocabulary)
+    pairs = max(1, min(length // tokens_per_pair, len(key_range), len(value_range) // value_len))
+    keys = rng.sample(key_range, pairs)
+    values = _draw_values(pairs, value_len, rng, value_range)
     told = [rng.random() for _ in range(pairs)]
     asked = [rng.uniform(time, 1.0) for time in told]
     needles = [(time, NEEDLE, pair) for pair, time in enumerate(told)]

@@ -39,3 +39,7 @@ LONG_TASK_TOKENS = {"long_needle": 513, "qa_block": 514, "long_chain": 515, "qa_
 LONG_KEYS = range(528, 1040)  # keys and the tokens of variable names
 LONG_VALUES = range(1040, 2048)  # needle values
 LONG_VOCAB_SIZE = 2048
+# The content ranges a needle task may draw its keys and values from (tasks.py's `vocabulary` option). The
+# paper-layout backbone learns to copy on "long": copying learned on the short ranges did not carry over to ids
+# it had never been trained to write (docs/evaluation.md, third backbone run).
+VOCABULARIES = {"short": (KEYS, VALUES), "long": (LONG_KEYS, LONG_VALUES)}
