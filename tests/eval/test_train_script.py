@@ -106,3 +106,20 @@ def test_the_copy_learning_check_trains_and_reports_and_refuses_an_empty_context
     too_small = subprocess.run([*command, "--vocabulary", "long"], capture_output=True, text=True, timeout=300)
     assert too_small.returncode == 1 and "long vocabulary needs ids up to 2047" in too_small.stderr
     assert "Traceback" not in too_small.stderr
+
+
+def test_the_task_scorer_scores_every_task_and_renaming_and_refuses_a_short_vocabulary(tmp_path):
+    from fm_transformers.eval.backbone import build_eval_backbone, eval_backbone_config
+
+    build_eval_backbone(eval_backbone_config("paper-smoke"), seed=0).save_pretrained(tmp_path / "paper")
+    build_eval_backbone(eval_backbone_config("smoke"), seed=0).save_pretrained(tmp_path / "short")
+    scorer = Path(__file__).resolve().parents[2] / "examples" / "score_backbone_tasks.py"
+    command = [sys.executable, str(scorer), "--lengths", "64", "--rows", "1", "--device", "cpu"]
+    done = subprocess.run([*command, str(tmp_path / "paper")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    scored = [line.split() for line in done.stdout.splitlines() if line.strip().startswith("64 ")]
+    assert len(scored) == 9 + 2 * 4
+    assert {"long_needle", "qa_block", "long_chain", "qa_document"} <= {fields[1] for fields in scored}
+    assert all(0.0 <= float(fields[-1].rstrip("%")) <= 100.0 for fields in scored)
+    refused = subprocess.run([*command, str(tmp_path / "short")], capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 1 and "these tasks need 2048" in refused.stderr and "Traceback" not in refused.stderr

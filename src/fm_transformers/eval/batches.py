@@ -42,14 +42,16 @@ LONG_TRAINING_MIX: tuple[tuple[str, dict], ...] = (
     *LONG_COPY_TASKS,
 )
 # The paper-layout backbone's first stage, at contexts that start inside the 64-token window: associative recall
-# and a needle with a 16-token value, plus the long tasks at the sizes that fit half the context (at 64 tokens a
-# 4-token value, one question, one hop), all over the long tasks' ids (vocab.VOCABULARIES["long"]). Measured on
-# one H200 (docs/evaluation.md): from 256 tokens on a fresh model never left chance, from 64 it learned to copy
-# within ~300 steps; a first stage over the short ids (256 of them) reached 100% on a needle at 512 tokens, yet
-# the long stage after it stayed at chance on every long task, and so did that model on a needle whose values
-# were long ids: it had learned to write only the ids it was trained to copy.
+# and a needle with a 16-token value over the long tasks' ids (vocab.VOCABULARIES["long"]), the long tasks
+# themselves at the sizes that fit half the context (at 64 tokens: a 4-token value, one question, one hop), and
+# associative recall over the 256 short ids, on which this size formed its copying circuit within ~300 steps.
+# Measured on one H200 (docs/evaluation.md): from 256 tokens on a fresh model never left chance, from 64 it learned
+# to copy; a first stage over the short ids alone reached 100% on a needle at 512 tokens, yet the long stage after
+# it stayed at chance on every long task, and so did that model on a needle whose values were renamed to long ids:
+# it had learned to write only the ids it was trained to copy.
 COPY_TRAINING_MIX: tuple[tuple[str, dict], ...] = (
     *LONG_COPY_TASKS,
+    ("associative_recall", {"tokens_per_pair": 16}),
     *((task, {}) for task in LONG_TASK_NAMES),
 )
 MIXES = {"ruler": TRAINING_MIX, "long": LONG_TRAINING_MIX, "copy": COPY_TRAINING_MIX}

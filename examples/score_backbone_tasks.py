@@ -1,0 +1,107 @@
+"""Which training tasks does a saved evaluation backbone answer, and can it write ids it was not trained to copy?
+Seconds on a CPU, where a generation-based evaluation of the long tasks takes minutes (docs/evaluation.md, third
+backbone run).
+
+    python examples/score_backbone_tasks.py runs/paper/backbone-bf16 --lengths 512,2048
+
+Part 1: each task of the training mixes, teacher forced (one forward per batch, no generation): the answer loss
+and the share of answer tokens predicted right, as the training step measures them (backbone_training.answer_loss).
+Part 2: the same needle examples over the short ids, then with their keys, their values, or both renamed to ids of
+the long vocabulary (vocab.VOCABULARIES): a model that finds a renamed key but cannot write a renamed value has
+learned to copy only the values it was trained on. Needs a backbone of the long vocabulary (the paper sizes).
+"""
+
+import argparse
+import random
+
+import torch
+from transformers import DeepseekV4ForCausalLM
+
+from fm_transformers.eval.backbone_training import answer_loss
+from fm_transformers.eval.batches import IGNORE, Batch, make_batch
+from fm_transformers.eval.vocab import LONG_KEYS, LONG_VALUES, LONG_VOCAB_SIZE, VOCABULARIES
+
+SCORED_TASKS = (
+    ("qa_document", {}),
+    ("long_needle", {}),
+    ("qa_block", {}),
+    ("long_chain", {}),
+    ("associative_recall", {"tokens_per_pair": 16}),
+    ("associative_recall", {"tokens_per_pair": 16, "vocabulary": "long"}),
+    ("single_needle", {"value_len": 16}),
+    ("single_needle", {"value_len": 16, "vocabulary": "long"}),
+    ("multi_key_needle", {"value_len": 8}),
+)
+RENAMED_TASKS = (("single_needle", {"value_len": 16}), ("associative_recall", {"tokens_per_pair": 16}))
+
+
+def task_label(task: str, options: dict) -> str:
+    return task + (" (long ids)" if options.get("vocabulary") == "long" else "")
+
+
+def score(model, batch: Batch) -> tuple[float, float]:
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids, use_cache=False).logits
+    loss, accuracy = answer_loss(logits, batch.targets)
+    return loss.item(), accuracy.item()
+
+
+def renaming(keys: bool, values: bool, seed: int) -> torch.Tensor:
+    """An id map that sends the short keys and/or values to distinct long ones and leaves every other id alone."""
+    table = torch.arange(LONG_VOCAB_SIZE)
+    rng = random.Random(seed)
+    short_keys, short_values = VOCABULARIES["short"]
+    if keys:
+        table[short_keys.start : short_keys.stop] = torch.tensor(rng.sample(LONG_KEYS, len(short_keys)))
+    if values:
+        table[short_values.start : short_values.stop] = torch.tensor(rng.sample(LONG_VALUES, len(short_values)))
+    return table
+
+
+def renamed(batch: Batch, table: torch.Tensor) -> Batch:
+    targets = batch.targets.clone()
+    answered = targets != IGNORE
+    targets[answered] = table[targets[answered]]
+    return Batch(table[batch.input_ids], targets, batch.distill_rows, batch.context_length)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("backbone", help="a saved evaluation backbone (save_pretrained directory)")
+    parser.add_argument("--lengths", default="512", help="comma-separated context lengths (multiples of 64)")
+    parser.add_argument("--rows", type=int, default=4, help="examples per task and length")
+    parser.add_argument("--seed", type=int, default=123, help="draw of the examples (training seeds are 0)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    try:
+        args.lengths = [int(length) for length in args.lengths.split(",")]
+    except ValueError:
+        parser.error(f"--lengths must be comma-separated integers, got {args.lengths!r}")
+    if args.rows < 1 or any(length < 64 for length in args.lengths):
+        parser.error("--rows must be at least 1 and every length at least 64")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    model = DeepseekV4ForCausalLM.from_pretrained(args.backbone, dtype=torch.float32).to(args.device).eval()
+    if model.config.vocab_size < LONG_VOCAB_SIZE:
+        raise SystemExit(f"error: {args.backbone} has {model.config.vocab_size} ids; these tasks need {LONG_VOCAB_SIZE}")
+    print("answer loss and answer-token accuracy, teacher forced")
+    for length in args.lengths:
+        for index, (task, options) in enumerate(SCORED_TASKS):
+            batch = make_batch(args.seed, index, length, args.rows, ((task, options),)).to(args.device)
+            loss, accuracy = score(model, batch)
+            print(f"{length:6d}  {task_label(task, options):30s} loss {loss:6.3f}  accuracy {accuracy:6.1%}")
+    print("\nthe same needles over the short ids, then with ids renamed to long ones")
+    for length in args.lengths:
+        for index, (task, options) in enumerate(RENAMED_TASKS):
+            batch = make_batch(args.seed, 100 + index, length, args.rows, ((task, options),))
+            for name, keys, values in (("none", False, False), ("keys", True, False), ("values", False, True),
+                                       ("both", True, True)):
+                loss, accuracy = score(model, renamed(batch, renaming(keys, values, args.seed)).to(args.device))
+                print(f"{length:6d}  {task:20s} renamed {name:7s} loss {loss:6.3f}  accuracy {accuracy:6.1%}")
+
+
+if __name__ == "__main__":
+    main()
