@@ -3,6 +3,7 @@ curriculum can leave the loss plateau before a long run is spent on it (docs/eva
 
     python examples/copy_learning_check.py --size paper --context 64 --lr 1e-3 --steps 300 --device cuda
     python examples/copy_learning_check.py --size paper --context 256 --lr 1e-3 --steps 300 --device cuda
+    python examples/copy_learning_check.py --size paper --context 64 --vocabulary long --init-from runs/paper/copy-bf16
 
 One task, associative recall with 16-token pairs, every step at --context tokens with dense CSA, through the
 backbone stage's own training step (backbone_training.train_step). Prints the mean answer loss and answer-token
@@ -61,6 +62,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--tokens-per-step", type=positive, default=8192)
     parser.add_argument("--report-every", type=positive, default=25)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--init-from", default=None, help="a saved backbone to start from (default: fresh weights)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser.parse_args()
 
@@ -73,11 +75,15 @@ def main() -> None:
             size=args.size, seed=args.seed, steps=args.steps, dense_steps=args.steps, min_length=args.context,
             max_length=args.context, ramp_steps=0, tokens_per_step=args.tokens_per_step, lr=args.lr, warmup_steps=20,
             precision="bf16" if device.type == "cuda" else "fp32", vocabulary=args.vocabulary,
+            init_from=args.init_from,
         )
     except ValueError as error:  # e.g. the long vocabulary on a size whose vocabulary is too small
         raise SystemExit(f"error: {error}") from None
     torch.manual_seed(args.seed)
-    model = initial_model(config).to(device)
+    try:
+        model = initial_model(config).to(device)
+    except (ValueError, FileNotFoundError) as error:  # --init-from not a backbone of this size
+        raise SystemExit(f"error: {error}") from None
     optimizer = make_optimizer(model, config)
     print(f"{args.size}, {args.context}-token contexts, lr {args.lr}, {args.vocabulary} vocabulary: answer loss and "
           "answer-token accuracy")

@@ -93,7 +93,7 @@ def test_time_steps_projection_adds_each_phase_at_its_own_step_time():
     assert sparse_only["dense_s"] is None and sparse_only["sparse_s"] > 0
 
 
-def test_the_copy_learning_check_trains_and_reports_and_refuses_an_empty_context_or_a_vocabulary_too_large():
+def test_the_copy_learning_check_trains_and_reports_and_refuses_bad_contexts_vocabularies_and_starting_weights():
     check = Path(__file__).resolve().parents[2] / "examples" / "copy_learning_check.py"
     command = [sys.executable, str(check), "--size", "smoke", "--device", "cpu", "--tokens-per-step", "128"]
     done = subprocess.run([*command, "--steps", "2", "--report-every", "1"], capture_output=True, text=True, timeout=300)
@@ -106,6 +106,8 @@ def test_the_copy_learning_check_trains_and_reports_and_refuses_an_empty_context
     too_small = subprocess.run([*command, "--vocabulary", "long"], capture_output=True, text=True, timeout=300)
     assert too_small.returncode == 1 and "long vocabulary needs ids up to 2047" in too_small.stderr
     assert "Traceback" not in too_small.stderr
+    not_saved = subprocess.run([*command, "--init-from", "/nonexistent"], capture_output=True, text=True, timeout=300)
+    assert not_saved.returncode == 1 and "not a saved backbone" in not_saved.stderr and "Traceback" not in not_saved.stderr
 
 
 def test_the_task_scorer_scores_every_task_and_renaming_and_refuses_a_short_vocabulary(tmp_path):
