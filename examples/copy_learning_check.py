@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fm_transformers.eval.backbone import BACKBONE_SIZES, eval_backbone_config
+from fm_transformers.eval.backbone import BACKBONE_SIZES, build_eval_backbone, eval_backbone_config
 from fm_transformers.eval.backbone_training import TrainingConfig, initial_model, make_optimizer, train_step
 from fm_transformers.eval.batches import Batch, make_batch
 from fm_transformers.eval.distillation import IndexerDistillation
@@ -63,6 +63,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--report-every", type=positive, default=25)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--init-from", default=None, help="a saved backbone to start from (default: fresh weights)")
+    parser.add_argument(
+        "--tie-embeddings", action="store_true",
+        help="fresh weights whose output layer is the input embedding (a candidate: copying then needs no per-id "
+        "output row learned)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser.parse_args()
 
@@ -80,13 +85,20 @@ def main() -> None:
     except ValueError as error:  # e.g. the long vocabulary on a size whose vocabulary is too small
         raise SystemExit(f"error: {error}") from None
     torch.manual_seed(args.seed)
+    if args.tie_embeddings and args.init_from:
+        raise SystemExit("error: --tie-embeddings builds fresh weights; it cannot start from --init-from")
     try:
-        model = initial_model(config).to(device)
+        if args.tie_embeddings:
+            model = build_eval_backbone(eval_backbone_config(args.size, tie_word_embeddings=True), seed=args.seed)
+        else:
+            model = initial_model(config)
+        model = model.to(device)
     except (ValueError, FileNotFoundError) as error:  # --init-from not a backbone of this size
         raise SystemExit(f"error: {error}") from None
     optimizer = make_optimizer(model, config)
-    print(f"{args.size}, {args.context}-token contexts, lr {args.lr}, {args.vocabulary} vocabulary: answer loss and "
-          "answer-token accuracy")
+    tied = ", tied embeddings" if args.tie_embeddings else ""
+    print(f"{args.size}{tied}, {args.context}-token contexts, lr {args.lr}, {args.vocabulary} vocabulary: answer loss "
+          "and answer-token accuracy")
     start, window = time.perf_counter(), []
     with IndexerDistillation(model) as distillation:
         for step in range(args.steps):
