@@ -35,7 +35,9 @@ class CopyOnlyConfig(TrainingConfig):
         super().__post_init__()
         needed = max(VOCABULARIES[self.vocabulary][1]) + 1
         if eval_backbone_config(self.size).vocab_size < needed:
-            raise ValueError(f"the {self.vocabulary} vocabulary needs ids up to {needed - 1}: size {self.size!r} has fewer")
+            raise ValueError(
+                f"the {self.vocabulary} vocabulary needs ids up to {needed - 1}: size {self.size!r} has fewer"
+            )
 
     def batch_for(self, step: int) -> Batch:
         task = (("associative_recall", {"tokens_per_pair": 16, "vocabulary": self.vocabulary}),)

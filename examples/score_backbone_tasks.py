@@ -9,6 +9,8 @@ and the share of answer tokens predicted right, as the training step measures th
 Part 2: the same needle examples over the short ids, then with their keys, their values, or both renamed to ids of
 the long vocabulary (vocab.VOCABULARIES): a model that finds a renamed key but cannot write a renamed value has
 learned to copy only the values it was trained on. Needs a backbone of the long vocabulary (the paper sizes).
+Part 3: the mean norm of the output layer's rows (and the input embedding's) per id range, beside fresh weights':
+rows of ids a run never had as targets grow large (pushed down at every answer), which later training must undo.
 """
 
 import argparse
@@ -17,9 +19,18 @@ import random
 import torch
 from transformers import DeepseekV4ForCausalLM
 
+from fm_transformers.eval.backbone import build_eval_backbone
 from fm_transformers.eval.backbone_training import answer_loss
 from fm_transformers.eval.batches import IGNORE, Batch, make_batch
-from fm_transformers.eval.vocab import LONG_KEYS, LONG_VALUES, LONG_VOCAB_SIZE, VOCABULARIES
+from fm_transformers.eval.vocab import FILLER, LONG_KEYS, LONG_VALUES, LONG_VOCAB_SIZE, VOCABULARIES
+
+ID_RANGES = {
+    "short keys": VOCABULARIES["short"][0],
+    "short values": VOCABULARIES["short"][1],
+    "filler": FILLER,
+    "long keys": LONG_KEYS,
+    "long values": LONG_VALUES,
+}
 
 SCORED_TASKS = (
     ("qa_document", {}),
@@ -65,6 +76,15 @@ def renamed(batch: Batch, table: torch.Tensor) -> Batch:
     return Batch(table[batch.input_ids], targets, batch.distill_rows, batch.context_length)
 
 
+def row_norms(model) -> dict[str, tuple[float, float]]:
+    """Per id range: the mean norm of the output layer's rows and of the input embedding's."""
+    output, embedding = model.get_output_embeddings().weight, model.get_input_embeddings().weight
+    def mean_norm(weight: torch.Tensor, ids: range) -> float:
+        return weight[ids.start : ids.stop].norm(dim=1).mean().item()
+
+    return {name: (mean_norm(output, ids), mean_norm(embedding, ids)) for name, ids in ID_RANGES.items()}
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("backbone", help="a saved evaluation backbone (save_pretrained directory)")
@@ -86,7 +106,8 @@ def main() -> None:
     args = parse_args()
     model = DeepseekV4ForCausalLM.from_pretrained(args.backbone, dtype=torch.float32).to(args.device).eval()
     if model.config.vocab_size < LONG_VOCAB_SIZE:
-        raise SystemExit(f"error: {args.backbone} has {model.config.vocab_size} ids; these tasks need {LONG_VOCAB_SIZE}")
+        vocab_size = model.config.vocab_size
+        raise SystemExit(f"error: {args.backbone} has {vocab_size} ids; these tasks need {LONG_VOCAB_SIZE}")
     print("answer loss and answer-token accuracy, teacher forced")
     for length in args.lengths:
         for index, (task, options) in enumerate(SCORED_TASKS):
@@ -101,6 +122,12 @@ def main() -> None:
                                        ("both", True, True)):
                 loss, accuracy = score(model, renamed(batch, renaming(keys, values, args.seed)).to(args.device))
                 print(f"{length:6d}  {task:20s} renamed {name:7s} loss {loss:6.3f}  accuracy {accuracy:6.1%}")
+    print("\nmean row norm per id range: output layer, input embedding (fresh weights of the same config beside)")
+    fresh = row_norms(build_eval_backbone(model.config, seed=0))
+    for name, (output, embedding) in row_norms(model).items():
+        fresh_output, fresh_embedding = fresh[name]
+        print(f"{name:14s} output {output:6.3f} (fresh {fresh_output:.3f})  "
+              f"embedding {embedding:6.3f} (fresh {fresh_embedding:.3f})")
 
 
 if __name__ == "__main__":

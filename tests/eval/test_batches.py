@@ -77,7 +77,8 @@ def test_the_copy_mix_fits_inside_the_window_and_trains_mostly_long_ids():
     tasks = Counter(batch.input_ids[:, 1].tolist())
     assert all(tasks[LONG_TASK_TOKENS[task]] == 2 for task in ("long_needle", "qa_block", "long_chain"))
     short_rows = [row for row in range(batch.input_ids.shape[0]) if int(batch.input_ids[row].max()) < 528]
-    assert len(short_rows) == 2 and all(batch.input_ids[row, 1] == TASK_TOKENS["associative_recall"] for row in short_rows)
+    assert len(short_rows) == 2
+    assert all(batch.input_ids[row, 1] == TASK_TOKENS["associative_recall"] for row in short_rows)
     for row in range(batch.input_ids.shape[0]):
         answers = batch.targets[row][batch.targets[row] != IGNORE]
         assert answers.numel() > 0

@@ -155,7 +155,11 @@ def test_answer_tokens_of_an_example_are_distinct_so_every_copy_has_one_source()
 
 @pytest.mark.parametrize(
     "task, options",
-    [("single_needle", {"value_len": 16}), ("multi_key_needle", {"value_len": 8}), ("associative_recall", {"tokens_per_pair": 16})],
+    [
+        ("single_needle", {"value_len": 16}),
+        ("multi_key_needle", {"value_len": 8}),
+        ("associative_recall", {"tokens_per_pair": 16}),
+    ],
 )
 def test_the_long_vocabulary_draws_keys_and_values_from_the_long_ranges_only(task, options):
     from fm_transformers.eval.tasks import example_rng, make_example

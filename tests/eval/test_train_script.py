@@ -108,10 +108,13 @@ def test_the_copy_learning_check_trains_and_reports_and_refuses_bad_contexts_voc
     assert "Traceback" not in too_small.stderr
     tied = subprocess.run([*command, "--steps", "1", "--tie-embeddings"], capture_output=True, text=True, timeout=300)
     assert tied.returncode == 0 and "tied embeddings" in tied.stdout, tied.stderr[-2000:]
-    both = subprocess.run([*command, "--tie-embeddings", "--init-from", "x"], capture_output=True, text=True, timeout=300)
+    both = subprocess.run(
+        [*command, "--tie-embeddings", "--init-from", "x"], capture_output=True, text=True, timeout=300
+    )
     assert both.returncode == 1 and "cannot start from --init-from" in both.stderr
     not_saved = subprocess.run([*command, "--init-from", "/nonexistent"], capture_output=True, text=True, timeout=300)
-    assert not_saved.returncode == 1 and "not a saved backbone" in not_saved.stderr and "Traceback" not in not_saved.stderr
+    assert not_saved.returncode == 1 and "not a saved backbone" in not_saved.stderr
+    assert "Traceback" not in not_saved.stderr
 
 
 def test_the_task_scorer_scores_every_task_and_renaming_and_refuses_a_short_vocabulary(tmp_path):
@@ -127,5 +130,13 @@ def test_the_task_scorer_scores_every_task_and_renaming_and_refuses_a_short_voca
     assert len(scored) == 9 + 2 * 4
     assert {"long_needle", "qa_block", "long_chain", "qa_document"} <= {fields[1] for fields in scored}
     assert all(0.0 <= float(fields[-1].rstrip("%")) <= 100.0 for fields in scored)
+    norms = [line for line in done.stdout.splitlines() if "(fresh" in line]
+    assert [line.split(" output")[0].strip() for line in norms] == [
+        "short keys", "short values", "filler", "long keys", "long values"
+    ]
+    # the scored model is a fresh one of the same config and seed: its norms are the fresh ones
+    assert all(
+        float(line.split("output")[1].split()[0]) == float(line.split("(fresh")[1].split(")")[0]) for line in norms
+    )
     refused = subprocess.run([*command, str(tmp_path / "short")], capture_output=True, text=True, timeout=300)
     assert refused.returncode == 1 and "these tasks need 2048" in refused.stderr and "Traceback" not in refused.stderr
