@@ -17,11 +17,16 @@ from dataclasses import dataclass
 import torch
 
 from fm_transformers.eval.backbone import BACKBONE_SIZES, build_eval_backbone, eval_backbone_config
-from fm_transformers.eval.backbone_training import TrainingConfig, initial_model, make_optimizer, train_step
+from fm_transformers.eval.backbone_training import (
+    TrainingConfig,
+    check_vocabulary,
+    initial_model,
+    make_optimizer,
+    train_step,
+)
 from fm_transformers.eval.batches import Batch, make_batch
 from fm_transformers.eval.distillation import IndexerDistillation
 from fm_transformers.eval.vocab import VOCABULARIES
-
 
 
 @dataclass(frozen=True)
@@ -33,11 +38,7 @@ class CopyOnlyConfig(TrainingConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        needed = max(VOCABULARIES[self.vocabulary][1]) + 1
-        if eval_backbone_config(self.size).vocab_size < needed:
-            raise ValueError(
-                f"the {self.vocabulary} vocabulary needs ids up to {needed - 1}: size {self.size!r} has fewer"
-            )
+        check_vocabulary(self.size, max(VOCABULARIES[self.vocabulary][1]) + 1, f"the {self.vocabulary} vocabulary")
 
     def batch_for(self, step: int) -> Batch:
         task = (("associative_recall", {"tokens_per_pair": 16, "vocabulary": self.vocabulary}),)

@@ -79,6 +79,7 @@ def renamed(batch: Batch, table: torch.Tensor) -> Batch:
 def row_norms(model) -> dict[str, tuple[float, float]]:
     """Per id range: the mean norm of the output layer's rows and of the input embedding's."""
     output, embedding = model.get_output_embeddings().weight, model.get_input_embeddings().weight
+
     def mean_norm(weight: torch.Tensor, ids: range) -> float:
         return weight[ids.start : ids.stop].norm(dim=1).mean().item()
 

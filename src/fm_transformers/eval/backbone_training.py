@@ -74,14 +74,7 @@ class TrainingConfig:
             raise ValueError(f"extra_tasks must be evaluation tasks ({', '.join(tasks)}), got {unknown}")
         if self.size not in BACKBONE_SIZES:
             raise ValueError(f"size must be one of {sorted(BACKBONE_SIZES)}, got {self.size!r}")
-        vocab_size = eval_backbone_config(self.size).vocab_size
-        if vocab_size < MIX_VOCAB_SIZES[self.mix]:
-            needed = MIX_VOCAB_SIZES[self.mix]
-            fits = sorted(size for size in BACKBONE_SIZES if eval_backbone_config(size).vocab_size >= needed)
-            raise ValueError(
-                f"the {self.mix!r} mix uses token ids up to {needed - 1}, beyond the {vocab_size}-token vocabulary "
-                f"of size {self.size!r}; use a size of {fits}"
-            )
+        check_vocabulary(self.size, MIX_VOCAB_SIZES[self.mix], f"the {self.mix!r} mix")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.steps < 1 or not 0 <= self.dense_steps <= self.steps:
@@ -102,6 +95,17 @@ class TrainingConfig:
         length = curriculum_length(self.seed, step, self.min_length, self.max_length, self.ramp_steps)
         mix = MIXES[self.mix] + tuple((task, {}) for task in self.extra_tasks)
         return make_batch(self.seed, step, length, max(1, self.tokens_per_step // length), mix)
+
+
+def check_vocabulary(size: str, needed: int, user: str) -> None:
+    """Refuse a backbone size with fewer than `needed` token ids; `user` names what needs them in the message."""
+    vocab_size = eval_backbone_config(size).vocab_size
+    if vocab_size < needed:
+        fits = sorted(other for other in BACKBONE_SIZES if eval_backbone_config(other).vocab_size >= needed)
+        raise ValueError(
+            f"{user} needs ids up to {needed - 1}, beyond the {vocab_size}-token vocabulary of size {size!r}; "
+            f"use a size of {fits}"
+        )
 
 
 def initial_model(config: TrainingConfig) -> torch.nn.Module:
