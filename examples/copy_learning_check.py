@@ -3,7 +3,8 @@ curriculum can leave the loss plateau before a long run is spent on it (docs/eva
 
     python examples/copy_learning_check.py --size paper --context 64 --lr 1e-3 --steps 300 --device cuda
     python examples/copy_learning_check.py --size paper --context 256 --lr 1e-3 --steps 300 --device cuda
-    python examples/copy_learning_check.py --size paper --context 64 --vocabulary long --init-from runs/paper/copy-bf16
+    python examples/copy_learning_check.py --size paper --context 64 --vocabulary long --tokens-per-step 16384
+    python examples/copy_learning_check.py --size paper --context 64 --embeddings untied --tokens-per-step 16384
 
 One task, associative recall with 16-token pairs, every step at --context tokens with dense CSA, through the
 backbone stage's own training step (backbone_training.train_step). Prints the mean answer loss and answer-token
@@ -67,9 +68,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--init-from", default=None, help="a saved backbone to start from (default: fresh weights)")
     parser.add_argument(
-        "--tie-embeddings", action="store_true",
-        help="fresh weights whose output layer is the input embedding (a candidate: copying then needs no per-id "
-        "output row learned)",
+        "--embeddings", choices=("tied", "untied"), default=None,
+        help="fresh weights whose output layer is the input embedding (tied: copying needs no output row learned "
+        "per id) or a layer of its own (untied); default: the size's own (paper: tied)",
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser.parse_args()
@@ -88,20 +89,21 @@ def main() -> None:
     except ValueError as error:  # e.g. the long vocabulary on a size whose vocabulary is too small
         raise SystemExit(f"error: {error}") from None
     torch.manual_seed(args.seed)
-    if args.tie_embeddings and args.init_from:
-        raise SystemExit("error: --tie-embeddings builds fresh weights; it cannot start from --init-from")
+    if args.embeddings and args.init_from:
+        raise SystemExit("error: --embeddings builds fresh weights; it cannot start from --init-from")
     try:
-        if args.tie_embeddings:
-            model = build_eval_backbone(eval_backbone_config(args.size, tie_word_embeddings=True), seed=args.seed)
+        if args.embeddings:
+            backbone = eval_backbone_config(args.size, tie_word_embeddings=args.embeddings == "tied")
+            model = build_eval_backbone(backbone, seed=args.seed)
         else:
             model = initial_model(config)
         model = model.to(device)
     except (ValueError, FileNotFoundError) as error:  # --init-from not a backbone of this size
         raise SystemExit(f"error: {error}") from None
     optimizer = make_optimizer(model, config)
-    tied = ", tied embeddings" if args.tie_embeddings else ""
-    print(f"{args.size}{tied}, {args.context}-token contexts, lr {args.lr}, {args.vocabulary} vocabulary: answer loss "
-          "and answer-token accuracy")
+    tied = "tied" if model.config.tie_word_embeddings else "untied"
+    print(f"{args.size}, {tied} embeddings, {args.context}-token contexts, lr {args.lr}, {args.vocabulary} "
+          "vocabulary: answer loss and answer-token accuracy")
     start, window = time.perf_counter(), []
     with IndexerDistillation(model) as distillation:
         for step in range(args.steps):

@@ -4,9 +4,9 @@
 #   bash examples/run_evaluation.sh STAGE [WORKDIR]        (WORKDIR: runs/paper)
 #
 # Stages, in order (times on one H200: the backbone step is measured, the rest are estimates; docs/evaluation.md):
-#   backbone  train the paper-layout backbone (16 layers, 7 CSA): first the copy tasks and small long tasks at
-#             64-512 tokens (inside the window first: from 256 on it never learns to copy), then the long
-#             mix up to 2K                                                                     ~9 + ~16 min
+#   backbone  train the paper-layout backbone (16 layers, 7 CSA) in three stages, each from the one before:
+#             associative recall at 64 tokens (it learns to copy there, and only there from fresh weights),
+#             the copy tasks and small long tasks at 64-512 tokens, then the long mix up to 2K  ~3 + ~6 + ~13 min
 #   dump      label 5,600 question documents with the frozen backbone (train/validation/test) ~10 min in 8-min runs
 #   indexer   per tau (64, 16): select the labels, train two candidate indexers, choose on
 #             validation, gate on test                                                       ~3 min per tau
@@ -26,6 +26,8 @@ if [[ "${SMOKE:-0}" == 1 ]]; then
     device=cpu
     export OMP_NUM_THREADS=1
     taus="4"; lengths="320"; parts="long"
+    recall_flags=(--size paper-smoke --steps 2 --dense-steps 2 --min-length 64 --max-length 64 --ramp-steps 0
+                  --tokens-per-step 128 --eval-lengths 64 --eval-examples 1 --answer-tokens 4)
     copy_flags=(--size paper-smoke --steps 2 --dense-steps 1 --min-length 64 --max-length 64 --ramp-steps 0
                 --tokens-per-step 128 --eval-lengths 64 --eval-examples 1 --answer-tokens 4)
     backbone_flags=(--size paper-smoke --steps 2 --dense-steps 1 --min-length 320 --max-length 320 --ramp-steps 0
@@ -39,10 +41,12 @@ if [[ "${SMOKE:-0}" == 1 ]]; then
 else
     device=cuda
     taus="64 16"; lengths="2048 4096 8192"; parts="long_needle qa_block long_chain"
-    copy_flags=(--size paper --min-length 64 --max-length 512 --steps 1200 --dense-steps 600 --ramp-steps 900
+    recall_flags=(--size paper --min-length 64 --max-length 64 --steps 400 --dense-steps 400 --ramp-steps 0
+                  --tokens-per-step 16384 --eval-lengths 64 --eval-examples 20 --answer-tokens 4)
+    copy_flags=(--size paper --min-length 64 --max-length 512 --steps 800 --dense-steps 200 --ramp-steps 600
                 --tokens-per-step 16384 --eval-lengths 512 --eval-examples 50 --answer-tokens 16)
-    backbone_flags=(--size paper --mix long --min-length 256 --max-length 2048 --steps 2000 --dense-steps 600
-                    --ramp-steps 1200 --tokens-per-step 16384 --eval-lengths 2048,4096 --eval-examples 50)
+    backbone_flags=(--size paper --min-length 256 --max-length 2048 --steps 1600 --dense-steps 500
+                    --ramp-steps 1000 --tokens-per-step 16384 --eval-lengths 2048 --eval-examples 20)
     data_flags=(--length 2048 --train-docs 5000 --validation-docs 300 --test-docs 300 --dump-tau 16)
     indexer_flags=(--steps 3000 --batch-size 256 --num-heads 16 --rank 256 --lrs 1e-3,3e-3)
     compare_flags=()
@@ -57,15 +61,27 @@ repeat_until_done() {  # `all`: run a resumable stage again while it stops at it
     while true; do SECONDS=0; "$@" && return 0 || status=$?; [[ $status == "$STOPPED" ]] || return "$status"; done
 }
 
-run_backbone() {  # two training stages; the second starts from the first's bf16 export (small enough to travel
-    [[ -f "$backbone/config.json" ]] && return 0  # between device calls, like the final backbone-bf16)
-    if [[ ! -f "$work/copy-bf16/config.json" ]]; then
-        python examples/train_eval_backbone.py --device "$device" --mix copy --seed 0 --output-dir "$work/copy" \
-            --export-bf16 "$work/copy-bf16" --resume --max-minutes "$minutes" "${copy_flags[@]}" || return
+minutes_left() { awk -v m="$minutes" -v s="$SECONDS" 'BEGIN { printf "%.2f", m - s / 60 }'; }
+
+# One backbone stage (train_stage MIX OUTPUT EXPORT INIT FLAGS...) in the minutes this call has left, so that the
+# stages run by one call stay within a device call's 10 minutes together; done once its export exists.
+train_stage() {
+    local mix=$1 output=$2 export=$3 init=$4 left from=(); shift 4
+    [[ -f "$export/config.json" ]] && return 0
+    left=$(minutes_left)
+    if awk -v left="$left" 'BEGIN { exit !(left < 0.5) }'; then
+        echo "time limit: run again to go on"; return "$STOPPED"
     fi
-    python examples/train_eval_backbone.py --device "$device" --mix long --seed 0 --output-dir "$work/backbone" \
-        --init-from "$work/copy-bf16" --export-bf16 "$backbone" --resume --max-minutes "$minutes" \
-        "${backbone_flags[@]}"
+    [[ -n "$init" ]] && from=(--init-from "$init")
+    python examples/train_eval_backbone.py --device "$device" --mix "$mix" --seed 0 --output-dir "$output" \
+        ${from[@]+"${from[@]}"} --export-bf16 "$export" --resume --max-minutes "$left" "$@"
+}
+
+# Three stages, each from the bf16 export of the one before (small enough to travel between device calls).
+run_backbone() {
+    train_stage recall "$work/recall" "$work/recall-bf16" "" "${recall_flags[@]}" &&
+        train_stage copy "$work/copy" "$work/copy-bf16" "$work/recall-bf16" "${copy_flags[@]}" &&
+        train_stage long "$work/backbone" "$backbone" "$work/copy-bf16" "${backbone_flags[@]}"
 }
 
 run_dump() {

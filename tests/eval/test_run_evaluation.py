@@ -20,9 +20,10 @@ def test_the_smoke_recipe_runs_every_stage_and_a_rerun_skips_what_is_done(tmp_pa
     done = run("all", work=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "backbone-bf16" / "config.json").is_file()
-    # two backbone stages: the copy tasks first, then the long mix from those weights
-    assert (tmp_path / "copy-bf16" / "config.json").is_file()
-    assert json.loads((tmp_path / "backbone" / "eval.json").read_text())["config"]["init_from"] == str(tmp_path / "copy-bf16")
+    # three backbone stages, each from the weights of the one before: recall, copy, long
+    for stage, started_from in (("recall", None), ("copy", "recall-bf16"), ("backbone", "copy-bf16")):
+        config = json.loads((tmp_path / stage / "eval.json").read_text())["config"]
+        assert config["init_from"] == (started_from and str(tmp_path / started_from))
     gate = json.loads((tmp_path / "indexer" / "tau4" / "gate.json").read_text())
     assert gate["chosen_on"] == "validation" and "all" in gate["test"]
     assert json.loads((tmp_path / "tuned4.json").read_text())["seed"] == 0

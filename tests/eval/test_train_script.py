@@ -108,10 +108,13 @@ def test_the_copy_learning_check_trains_and_reports_and_refuses_bad_contexts_voc
     too_small = subprocess.run([*command, "--vocabulary", "long"], capture_output=True, text=True, timeout=300)
     assert too_small.returncode == 1 and "long vocabulary needs ids up to 2047" in too_small.stderr
     assert "Traceback" not in too_small.stderr
-    tied = subprocess.run([*command, "--steps", "1", "--tie-embeddings"], capture_output=True, text=True, timeout=300)
-    assert tied.returncode == 0 and "tied embeddings" in tied.stdout, tied.stderr[-2000:]
+    assert "smoke, untied embeddings" in done.stdout  # the smoke size's own
+    tied = subprocess.run(
+        [*command, "--steps", "1", "--embeddings", "tied"], capture_output=True, text=True, timeout=300
+    )
+    assert tied.returncode == 0 and "smoke, tied embeddings" in tied.stdout, tied.stderr[-2000:]
     both = subprocess.run(
-        [*command, "--tie-embeddings", "--init-from", "x"], capture_output=True, text=True, timeout=300
+        [*command, "--embeddings", "untied", "--init-from", "x"], capture_output=True, text=True, timeout=300
     )
     assert both.returncode == 1 and "cannot start from --init-from" in both.stderr
     not_saved = subprocess.run([*command, "--init-from", "/nonexistent"], capture_output=True, text=True, timeout=300)

@@ -102,6 +102,11 @@ def test_init_from_another_size_or_a_missing_model_is_a_clear_error(smoke_config
         initial_model(dataclasses.replace(smoke_config, init_from=str(tmp_path / "small")))
     with pytest.raises(FileNotFoundError, match="no config.json"):
         initial_model(dataclasses.replace(smoke_config, init_from=str(tmp_path / "missing")))
+    # the same size with its output layer tied: loading it would silently keep one of the two matrices
+    tied = eval_backbone_config("smoke", tie_word_embeddings=True)
+    build_eval_backbone(tied, seed=0).save_pretrained(tmp_path / "tied")
+    with pytest.raises(ValueError, match="has tied embeddings, size 'smoke' untied ones"):
+        initial_model(dataclasses.replace(smoke_config, init_from=str(tmp_path / "tied")))
 
 
 def test_extra_tasks_are_drawn_more_often_and_must_be_evaluation_tasks(smoke_config):

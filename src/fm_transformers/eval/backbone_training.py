@@ -118,13 +118,20 @@ def initial_model(config: TrainingConfig) -> torch.nn.Module:
             logger.warning(
                 "fresh weights and contexts from %d tokens, beyond the %d-token sliding window: on an H200 such "
                 "a curriculum never left the loss plateau (docs/evaluation.md); start inside the window "
-                "(--min-length %d, e.g. --mix copy) and continue from those weights with --init-from",
+                "(--min-length %d, e.g. --mix recall) and continue from those weights with --init-from",
                 config.min_length, backbone.sliding_window, backbone.sliding_window,
             )
         return model
     if not (Path(config.init_from) / "config.json").is_file():
         raise FileNotFoundError(f"init_from {config.init_from!r} is not a saved backbone (no config.json in it)")
     saved = DeepseekV4ForCausalLM.from_pretrained(config.init_from, dtype=torch.float32)
+    if saved.config.tie_word_embeddings != backbone.tie_word_embeddings:  # loading would keep one of the two
+        tied = {True: "tied", False: "untied"}
+        raise ValueError(
+            f"init_from {config.init_from!r} has {tied[saved.config.tie_word_embeddings]} embeddings, size "
+            f"{config.size!r} {tied[backbone.tie_word_embeddings]} ones (the paper size is tied since the fourth "
+            "backbone run, docs/evaluation.md): train from fresh weights"
+        )
     try:
         model.load_state_dict(saved.state_dict(), strict=True)
     except RuntimeError as error:

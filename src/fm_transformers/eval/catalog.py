@@ -2,8 +2,9 @@
 
 "ruler": the RULER-style tasks of tasks.py (short answers), the evaluation of the 4-CSA-layer backbone.
 "long": the long-decoding tasks of long_tasks.py, the evaluation of the paper-layout backbone.
-"copy": the long tasks too (at short answers, --answer-tokens), the check of the paper-layout backbone's first
-stage (batches.COPY_TRAINING_MIX), which trains on them at contexts of 64-512 tokens.
+"recall", "copy": the long tasks too (at short answers, --answer-tokens), the checks of the paper-layout
+backbone's first two stages (batches.RECALL_TRAINING_MIX at 64 tokens, whose own measure is the training log's
+answer-token accuracy; batches.COPY_TRAINING_MIX, which trains on the long tasks at contexts of 64-512 tokens).
 Training draws on more generators than it evaluates (`training_example`): associative recall, the long tasks at
 random sizes that fit the context, and question documents (qa_documents.py).
 """
@@ -14,7 +15,7 @@ from .long_tasks import LONG_TASK_NAMES, SIZE_OPTIONS, TokenDraw, make_long_exam
 from .qa_documents import qa_document
 from .tasks import TASK_NAMES, TRAINING_TASKS, Example, make_examples
 
-TASK_SETS = {"ruler": TASK_NAMES, "long": LONG_TASK_NAMES, "copy": LONG_TASK_NAMES}
+TASK_SETS = {"ruler": TASK_NAMES, "recall": LONG_TASK_NAMES, "copy": LONG_TASK_NAMES, "long": LONG_TASK_NAMES}
 
 
 def sizes_for_answer(task: str, answer_tokens: int | None) -> dict:
