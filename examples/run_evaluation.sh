@@ -61,20 +61,16 @@ repeat_until_done() {  # `all`: run a resumable stage again while it stops at it
     while true; do SECONDS=0; "$@" && return 0 || status=$?; [[ $status == "$STOPPED" ]] || return "$status"; done
 }
 
-minutes_left() { awk -v m="$minutes" -v s="$SECONDS" 'BEGIN { printf "%.2f", m - s / 60 }'; }
-
-# One backbone stage (train_stage MIX OUTPUT EXPORT INIT FLAGS...) in the minutes this call has left, so that the
+# One backbone stage (train_stage MIX OUTPUT EXPORT INIT FLAGS...) in the seconds this call has left, so that the
 # stages run by one call stay within a device call's 10 minutes together; done once its export exists.
 train_stage() {
-    local mix=$1 output=$2 export=$3 init=$4 left from=(); shift 4
+    local mix=$1 output=$2 export=$3 init=$4 left=$(( 60 * minutes - SECONDS )) from=(); shift 4
     [[ -f "$export/config.json" ]] && return 0
-    left=$(minutes_left)
-    if awk -v left="$left" 'BEGIN { exit !(left < 0.5) }'; then
-        echo "time limit: run again to go on"; return "$STOPPED"
-    fi
+    if (( left < 30 )); then echo "time limit: run again to go on"; return "$STOPPED"; fi
     [[ -n "$init" ]] && from=(--init-from "$init")
     python examples/train_eval_backbone.py --device "$device" --mix "$mix" --seed 0 --output-dir "$output" \
-        ${from[@]+"${from[@]}"} --export-bf16 "$export" --resume --max-minutes "$left" "$@"
+        ${from[@]+"${from[@]}"} --export-bf16 "$export" --resume \
+        --max-minutes "$(awk -v s="$left" 'BEGIN { printf "%.2f", s / 60 }')" "$@"
 }
 
 # Three stages, each from the bf16 export of the one before (small enough to travel between device calls).
