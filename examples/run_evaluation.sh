@@ -4,9 +4,11 @@
 #   bash examples/run_evaluation.sh STAGE [WORKDIR]        (WORKDIR: runs/paper)
 #
 # Stages, in order (times on one H200: the backbone step is measured, the rest are estimates; docs/evaluation.md):
-#   backbone  train the paper-layout backbone (16 layers, 7 CSA) in three stages, each from the one before:
+#   backbone  train the paper-layout backbone (16 layers, 7 CSA) in four stages, each from the one before:
 #             associative recall at 64 tokens (it learns to copy there, and only there from fresh weights),
-#             the copy tasks and small long tasks at 64-512 tokens, then the long mix up to 2K  ~3 + ~6 + ~13 min
+#             the copy tasks and small long tasks at 64-512 tokens, the long mix up to 2K, then more of it
+#             at 1-2K (a session's device time holds the first three; carry long-bf16 to the next)
+#                                                                                  ~3 + ~6 + ~13 + ~15 min
 #   dump      label 5,600 question documents with the frozen backbone (train/validation/test) ~10 min in 8-min runs
 #   indexer   per tau (64, 16): select the labels, train two candidate indexers, choose on
 #             validation, gate on test                                                       ~3 min per tau
@@ -30,8 +32,9 @@ if [[ "${SMOKE:-0}" == 1 ]]; then
                   --tokens-per-step 128 --eval-lengths 64 --eval-examples 1 --answer-tokens 4)
     copy_flags=(--size paper-smoke --steps 2 --dense-steps 1 --min-length 64 --max-length 64 --ramp-steps 0
                 --tokens-per-step 128 --eval-lengths 64 --eval-examples 1 --answer-tokens 4)
-    backbone_flags=(--size paper-smoke --steps 2 --dense-steps 1 --min-length 320 --max-length 320 --ramp-steps 0
-                    --tokens-per-step 640 --eval-lengths 320 --eval-examples 1 --answer-tokens 16)
+    long_flags=(--size paper-smoke --steps 2 --dense-steps 1 --min-length 320 --max-length 320 --ramp-steps 0
+                --tokens-per-step 640 --eval-lengths 320 --eval-examples 1 --answer-tokens 16)
+    backbone_flags=("${long_flags[@]}" --lr 5e-4)
     data_flags=(--length 320 --spacing 128 --align 8 --train-docs 6 --validation-docs 3 --test-docs 3 --dump-tau 4
                 --block-size 6 --recency-chunks 2)
     indexer_flags=(--steps 20 --batch-size 8 --num-heads 2 --rank 8 --lrs 1e-3,3e-3)
@@ -45,8 +48,10 @@ else
                   --tokens-per-step 16384 --eval-lengths 64 --eval-examples 20 --answer-tokens 4)
     copy_flags=(--size paper --min-length 64 --max-length 512 --steps 800 --dense-steps 200 --ramp-steps 600
                 --tokens-per-step 16384 --eval-lengths 512 --eval-examples 50 --answer-tokens 16)
-    backbone_flags=(--size paper --min-length 256 --max-length 2048 --steps 1600 --dense-steps 500
-                    --ramp-steps 1000 --tokens-per-step 16384 --eval-lengths 2048 --eval-examples 20)
+    long_flags=(--size paper --min-length 256 --max-length 2048 --steps 1600 --dense-steps 500
+                --ramp-steps 1000 --tokens-per-step 16384 --eval-lengths 2048 --eval-examples 20)
+    backbone_flags=(--size paper --min-length 1024 --max-length 2048 --steps 2000 --dense-steps 0 --ramp-steps 0
+                    --lr 5e-4 --tokens-per-step 16384 --eval-lengths 2048 --eval-examples 20)
     data_flags=(--length 2048 --train-docs 5000 --validation-docs 300 --test-docs 300 --dump-tau 16)
     indexer_flags=(--steps 3000 --batch-size 256 --num-heads 16 --rank 256 --lrs 1e-3,3e-3)
     compare_flags=()
@@ -61,23 +66,29 @@ repeat_until_done() {  # `all`: run a resumable stage again while it stops at it
     while true; do SECONDS=0; "$@" && return 0 || status=$?; [[ $status == "$STOPPED" ]] || return "$status"; done
 }
 
-# One backbone stage (train_stage MIX OUTPUT EXPORT INIT FLAGS...) in the seconds this call has left, so that the
-# stages run by one call stay within a device call's 10 minutes together; done once its export exists.
+# The backbone's stages in order, each from the bf16 export of the one before (NAME-bf16, small enough to travel
+# between device calls): recall, copy, the long mix up to 2K, then more of the long mix at 1-2K (fifth run).
+backbone_stages=(recall copy long backbone)
+
+# One backbone stage (train_stage MIX NAME FLAGS...) in the seconds this call has left, so that the stages run by
+# one call stay within a device call's 10 minutes together. Done once its export or a later stage's exists: a
+# fresh machine given only the newest export goes on from there.
 train_stage() {
-    local mix=$1 output=$2 export=$3 init=$4 left=$(( 60 * minutes - SECONDS )) from=(); shift 4
-    [[ -f "$export/config.json" ]] && return 0
+    local mix=$1 name=$2 left=$(( 60 * minutes - SECONDS )) from=() i later; shift 2
+    for i in "${!backbone_stages[@]}"; do [[ ${backbone_stages[i]} == "$name" ]] && break; done
+    for later in "${backbone_stages[@]:i}"; do [[ -f "$work/$later-bf16/config.json" ]] && return 0; done
     if (( left < 30 )); then echo "time limit: run again to go on"; return "$STOPPED"; fi
-    [[ -n "$init" ]] && from=(--init-from "$init")
-    python examples/train_eval_backbone.py --device "$device" --mix "$mix" --seed 0 --output-dir "$output" \
-        ${from[@]+"${from[@]}"} --export-bf16 "$export" --resume \
+    (( i > 0 )) && from=(--init-from "$work/${backbone_stages[i - 1]}-bf16")
+    python examples/train_eval_backbone.py --device "$device" --mix "$mix" --seed 0 --output-dir "$work/$name" \
+        ${from[@]+"${from[@]}"} --export-bf16 "$work/$name-bf16" --resume \
         --max-minutes "$(awk -v s="$left" 'BEGIN { printf "%.2f", s / 60 }')" "$@"
 }
 
-# Three stages, each from the bf16 export of the one before (small enough to travel between device calls).
 run_backbone() {
-    train_stage recall "$work/recall" "$work/recall-bf16" "" "${recall_flags[@]}" &&
-        train_stage copy "$work/copy" "$work/copy-bf16" "$work/recall-bf16" "${copy_flags[@]}" &&
-        train_stage long "$work/backbone" "$backbone" "$work/copy-bf16" "${backbone_flags[@]}"
+    train_stage recall recall "${recall_flags[@]}" &&
+        train_stage copy copy "${copy_flags[@]}" &&
+        train_stage long long "${long_flags[@]}" &&
+        train_stage long backbone "${backbone_flags[@]}"
 }
 
 run_dump() {

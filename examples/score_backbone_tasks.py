@@ -11,6 +11,8 @@ the long vocabulary (vocab.VOCABULARIES): a model that finds a renamed key but c
 learned to copy only the values it was trained on. Needs a backbone of the long vocabulary (the paper sizes).
 Part 3: the mean norm of the output layer's rows (and the input embedding's) per id range, beside fresh weights':
 rows of ids a run never had as targets grow large (pushed down at every answer), which later training must undo.
+Part 4: the long tasks' answer tokens split by what writing them takes: a lookup (the first token of an item:
+which needle, the question's next key, the next hop's name) or copying on from the previous token (the rest).
 """
 
 import argparse
@@ -44,6 +46,9 @@ SCORED_TASKS = (
     ("multi_key_needle", {"value_len": 8}),
 )
 RENAMED_TASKS = (("single_needle", {"value_len": 16}), ("associative_recall", {"tokens_per_pair": 16}))
+# Tokens per answer item at long_tasks' default sizes (a qa_block key and its 4-token value, a 5-token chain
+# name); a long_needle answer is one item.
+ITEM_TOKENS = {"long_needle": None, "qa_block": 5, "long_chain": 5}
 
 
 def task_label(task: str, options: dict) -> str:
@@ -55,6 +60,20 @@ def score(model, batch: Batch) -> tuple[float, float]:
         logits = model(input_ids=batch.input_ids, use_cache=False).logits
     loss, accuracy = answer_loss(logits, batch.targets)
     return loss.item(), accuracy.item()
+
+
+def lookup_and_copy(model, batch: Batch, item_tokens: int | None) -> dict[str, tuple[float, int]]:
+    """Teacher-forced accuracy and count of the answer tokens that start an item and of the others."""
+    with torch.no_grad():
+        predicted = model(input_ids=batch.input_ids, use_cache=False).logits.argmax(-1)
+    answered = batch.targets != IGNORE
+    right = (predicted == batch.targets) & answered
+    index = answered.cumsum(1) - 1  # position within the answer
+    starts = answered & (index == 0 if item_tokens is None else index % item_tokens == 0)
+    return {
+        name: (right[mask].float().mean().item(), int(mask.sum()))
+        for name, mask in (("lookup", starts), ("copy", answered & ~starts))
+    }
 
 
 def renaming(keys: bool, values: bool, seed: int) -> torch.Tensor:
@@ -129,6 +148,13 @@ def main() -> None:
         fresh_output, fresh_embedding = fresh[name]
         print(f"{name:14s} output {output:6.3f} (fresh {fresh_output:.3f})  "
               f"embedding {embedding:6.3f} (fresh {fresh_embedding:.3f})")
+    print("\nthe long tasks' answer tokens: lookups (an item's first token) and copying on (the rest), teacher forced")
+    for length in args.lengths:
+        for index, (task, item_tokens) in enumerate(ITEM_TOKENS.items()):
+            batch = make_batch(args.seed, 200 + index, length, args.rows, ((task, {}),)).to(args.device)
+            split = lookup_and_copy(model, batch, item_tokens)
+            print(f"{length:6d}  {task:12s}" + "".join(
+                f"  {name} {accuracy:6.1%} of {count:4d}" for name, (accuracy, count) in split.items()))
 
 
 if __name__ == "__main__":

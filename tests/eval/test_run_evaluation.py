@@ -3,6 +3,7 @@ that finds everything done."""
 
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -20,8 +21,8 @@ def test_the_smoke_recipe_runs_every_stage_and_a_rerun_skips_what_is_done(tmp_pa
     done = run("all", work=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "backbone-bf16" / "config.json").is_file()
-    # three backbone stages, each from the weights of the one before: recall, copy, long
-    for stage, started_from in (("recall", None), ("copy", "recall-bf16"), ("backbone", "copy-bf16")):
+    # four backbone stages, each from the weights of the one before: recall, copy, long, more of long
+    for stage, started_from in (("recall", None), ("copy", "recall-bf16"), ("long", "copy-bf16"), ("backbone", "long-bf16")):
         config = json.loads((tmp_path / stage / "eval.json").read_text())["config"]
         assert config["init_from"] == (started_from and str(tmp_path / started_from))
     gate = json.loads((tmp_path / "indexer" / "tau4" / "gate.json").read_text())
@@ -32,3 +33,17 @@ def test_the_smoke_recipe_runs_every_stage_and_a_rerun_skips_what_is_done(tmp_pa
     assert list(result["summary"]["320"]) == ["full", "lsa", "recency (matched)", "random (matched)", "lsa (budget)", "oracle lookahead"]
     again = run("compare", work=tmp_path)
     assert again.returncode == 0 and "compare" not in again.stderr
+
+
+def test_a_fresh_machine_given_only_the_newest_export_trains_only_the_stages_after_it(tmp_path):
+    """What a device call on a fresh machine sees when a session carries one stage's bf16 export."""
+    given = tmp_path / "given"
+    assert run("backbone", work=given).returncode == 0
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    shutil.copytree(given / "long-bf16", fresh / "long-bf16")
+    done = run("backbone", work=fresh)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(path.name for path in fresh.iterdir()) == ["backbone", "backbone-bf16", "long-bf16"]
+    config = json.loads((fresh / "backbone" / "eval.json").read_text())["config"]
+    assert config["init_from"] == str(fresh / "long-bf16") and config["lr"] == 5e-4

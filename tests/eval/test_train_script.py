@@ -132,9 +132,9 @@ def test_the_task_scorer_scores_every_task_and_renaming_and_refuses_a_short_voca
     done = subprocess.run([*command, str(tmp_path / "paper")], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     scored = [line.split() for line in done.stdout.splitlines() if line.strip().startswith("64 ")]
-    assert len(scored) == 9 + 2 * 4
+    assert len(scored) == 9 + 2 * 4 + 3
     assert {"long_needle", "qa_block", "long_chain", "qa_document"} <= {fields[1] for fields in scored}
-    assert all(0.0 <= float(fields[-1].rstrip("%")) <= 100.0 for fields in scored)
+    assert all(0.0 <= float(fields[-1].rstrip("%")) <= 100.0 for fields in scored if "lookup" not in fields)
     norms = [line for line in done.stdout.splitlines() if re.search(r" output +[\d.]+ \(fresh", line)]
     assert [line.split(" output")[0].strip() for line in norms] == [
         "short keys", "short values", "filler", "long keys", "long values"
@@ -143,5 +143,10 @@ def test_the_task_scorer_scores_every_task_and_renaming_and_refuses_a_short_voca
     assert all(
         float(line.split("output")[1].split()[0]) == float(line.split("(fresh")[1].split(")")[0]) for line in norms
     )
+    # lookups are an item's first token: one per long_needle answer, one of five tokens in the others
+    split = {fields[1]: [int(fields[i]) for i in (5, 9)] for fields in scored if "lookup" in fields}
+    assert sorted(split) == ["long_chain", "long_needle", "qa_block"]
+    assert split["long_needle"][0] == 1 and all(copy == 4 * lookup > 0 for lookup, copy in
+                                                (split["qa_block"], split["long_chain"]))
     refused = subprocess.run([*command, str(tmp_path / "short")], capture_output=True, text=True, timeout=300)
     assert refused.returncode == 1 and "these tasks need 2048" in refused.stderr and "Traceback" not in refused.stderr
