@@ -60,7 +60,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument(
         "--vocabulary", choices=sorted(VOCABULARIES), default="short",
-        help="content ids of keys and values: short (256 ids) or long (the long tasks' 1,520 ids)",
+        help="content ids of keys and values: short (256 ids), long (the long tasks' 1,520 ids) or long-swapped "
+        "(keys from the long values, values from the long keys)",
     )
     parser.add_argument("--steps", type=positive, default=300)
     parser.add_argument("--tokens-per-step", type=positive, default=8192)

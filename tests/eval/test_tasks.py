@@ -179,6 +179,21 @@ def test_the_long_vocabulary_draws_keys_and_values_from_the_long_ranges_only(tas
         assert len(short.input_ids) == len(example.input_ids) == 256 and len(short.answer) == len(example.answer)
 
 
+@pytest.mark.parametrize("task, options", [("single_needle", {"value_len": 16}), ("associative_recall", {"tokens_per_pair": 16})])
+def test_the_swapped_long_vocabulary_asks_for_key_ids_copied_from_the_context(task, options):
+    """What the last backbone stage adds: answers that are key ids (qa_block's next keys, long_chain's names)."""
+    from fm_transformers.eval.tasks import example_rng, make_example
+    from fm_transformers.eval.vocab import LONG_KEYS, LONG_VALUES
+
+    for index in range(4):
+        example = make_example(task, 256, example_rng("swapped", index), vocabulary="long-swapped", **options)
+        assert example.answer and all(token in LONG_KEYS for token in example.answer)
+        asked_key, ids = example.input_ids[-1], example.input_ids
+        assert asked_key in LONG_VALUES
+        (start,) = [i for i in range(len(ids) - 2) if ids[i] == NEEDLE and ids[i + 1] == asked_key]
+        assert ids[start + 2 : start + 2 + len(example.answer)] == example.answer
+
+
 def test_an_unknown_vocabulary_is_an_error_that_lists_the_known_ones():
     from fm_transformers.eval.tasks import example_rng, make_example
 

@@ -42,4 +42,6 @@ LONG_VOCAB_SIZE = 2048
 # The content ranges a needle task may draw its keys and values from (tasks.py's `vocabulary` option). The
 # paper-layout backbone learns to copy on "long": copying learned on the short ranges did not carry over to ids
 # it had never been trained to write (docs/evaluation.md, third backbone run).
-VOCABULARIES = {"short": (KEYS, VALUES), "long": (LONG_KEYS, LONG_VALUES)}
+# "long-swapped" draws keys from the long values and values from the long keys, so that copying also writes key ids
+# (qa_block's next key, long_chain's names), which copying only values did not teach (fifth backbone run).
+VOCABULARIES = {"short": (KEYS, VALUES), "long": (LONG_KEYS, LONG_VALUES), "long-swapped": (LONG_VALUES, LONG_KEYS)}
