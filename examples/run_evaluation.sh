@@ -6,8 +6,8 @@
 # Stages, in order (times on one H200: the backbone step is measured, the rest are estimates; docs/evaluation.md):
 #   backbone  train the paper-layout backbone (16 layers, 7 CSA) in four stages, each from the one before:
 #             associative recall at 64 tokens (it learns to copy there, and only there from fresh weights),
-#             the copy tasks and small long tasks at 64-512 tokens, the long mix up to 2K, then it with
-#             copying of key ids at 1-2K (a session's device time holds the first three; carry long-bf16 on)
+#             the copy tasks and small long tasks at 64-512 tokens, the long mix up to 2K, then more of it
+#             at 1-2K (a session's device time holds the first three; carry long-bf16 to the next)
 #                                                                                  ~3 + ~6 + ~13 + ~15 min
 #   dump      label 5,600 question documents with the frozen backbone (train/validation/test) ~10 min in 8-min runs
 #   indexer   per tau (64, 16): select the labels, train two candidate indexers, choose on
@@ -67,8 +67,7 @@ repeat_until_done() {  # `all`: run a resumable stage again while it stops at it
 }
 
 # The backbone's stages in order, each from the bf16 export of the one before (NAME-bf16, small enough to travel
-# between device calls): recall, copy, the long mix up to 2K, then at 1-2K the long mix with copying of key ids
-# (the fifth run's backbone wrote none).
+# between device calls): recall, copy, the long mix up to 2K, then more of it at 1-2K.
 backbone_stages=(recall copy long backbone)
 
 # One backbone stage (train_stage MIX NAME FLAGS...) in the seconds this call has left, so that the stages run by
@@ -89,7 +88,7 @@ run_backbone() {
     train_stage recall recall "${recall_flags[@]}" &&
         train_stage copy copy "${copy_flags[@]}" &&
         train_stage long long "${long_flags[@]}" &&
-        train_stage long-keys backbone "${backbone_flags[@]}"
+        train_stage long backbone "${backbone_flags[@]}"
 }
 
 run_dump() {

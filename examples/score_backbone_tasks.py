@@ -43,6 +43,8 @@ SCORED_TASKS = (
     ("associative_recall", {"tokens_per_pair": 16, "vocabulary": "long"}),
     ("single_needle", {"value_len": 16}),
     ("single_needle", {"value_len": 16, "vocabulary": "long"}),
+    ("associative_recall", {"tokens_per_pair": 16, "vocabulary": "long-swapped"}),
+    ("single_needle", {"value_len": 16, "vocabulary": "long-swapped"}),
     ("multi_key_needle", {"value_len": 8}),
 )
 RENAMED_TASKS = (("single_needle", {"value_len": 16}), ("associative_recall", {"tokens_per_pair": 16}))
@@ -52,7 +54,8 @@ ITEM_TOKENS = {"long_needle": None, "qa_block": 5, "long_chain": 5}
 
 
 def task_label(task: str, options: dict) -> str:
-    return task + (" (long ids)" if options.get("vocabulary") == "long" else "")
+    labels = {"long": " (long ids)", "long-swapped": " (writes key ids)"}
+    return task + labels.get(options.get("vocabulary"), "")
 
 
 def score(model, batch: Batch) -> tuple[float, float]:

@@ -91,16 +91,21 @@ def test_the_copy_mix_fits_inside_the_window_and_trains_mostly_long_ids():
                 assert target in ids[max(0, i - 64) : i]
 
 
-def test_the_recall_mix_supervises_long_id_values_copied_from_its_own_context():
+def test_the_recall_mix_supervises_long_values_and_key_ids_copied_from_its_own_context():
     from fm_transformers.eval.batches import RECALL_TRAINING_MIX
-    from fm_transformers.eval.vocab import LONG_VOCAB_SIZE, TASK_TOKENS
+    from fm_transformers.eval.vocab import LONG_KEYS, LONG_VALUES, TASK_TOKENS
 
     batch = make_batch(seed=0, step=0, context_length=64, batch_size=8, mix=RECALL_TRAINING_MIX)
     assert (batch.input_ids[:, 1] == TASK_TOKENS["associative_recall"]).all()
+    written = set()
     for ids, targets in zip(batch.input_ids.tolist(), batch.targets.tolist()):
         answers = [(i, target) for i, target in enumerate(targets) if target != IGNORE]
         assert len(answers) >= 8
-        assert all(528 <= target < LONG_VOCAB_SIZE and target in ids[max(0, i - 64) : i] for i, target in answers)
+        assert all(target in ids[max(0, i - 64) : i] for i, target in answers)
+        roles = {"value" if target in LONG_VALUES else "key" if target in LONG_KEYS else None for _, target in answers}
+        assert len(roles) == 1 and None not in roles  # one role a row
+        written |= roles
+    assert written == {"value", "key"}  # half the rows write key ids (the fifth run's backbone wrote none)
 
 
 def test_every_mix_stays_inside_the_vocabulary_it_declares_and_a_backbone_too_small_is_refused():

@@ -46,4 +46,4 @@ def test_a_fresh_machine_given_only_the_newest_export_trains_only_the_stages_aft
     assert done.returncode == 0, done.stderr[-3000:]
     assert sorted(path.name for path in fresh.iterdir()) == ["backbone", "backbone-bf16", "long-bf16"]
     config = json.loads((fresh / "backbone" / "eval.json").read_text())["config"]
-    assert config["init_from"] == str(fresh / "long-bf16") and config["lr"] == 5e-4 and config["mix"] == "long-keys"
+    assert config["init_from"] == str(fresh / "long-bf16") and config["lr"] == 5e-4 and config["mix"] == "long"

@@ -132,7 +132,7 @@ def test_the_task_scorer_scores_every_task_and_renaming_and_refuses_a_short_voca
     done = subprocess.run([*command, str(tmp_path / "paper")], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     scored = [line.split() for line in done.stdout.splitlines() if line.strip().startswith("64 ")]
-    assert len(scored) == 9 + 2 * 4 + 3
+    assert len(scored) == 11 + 2 * 4 + 3
     assert {"long_needle", "qa_block", "long_chain", "qa_document"} <= {fields[1] for fields in scored}
     assert all(0.0 <= float(fields[-1].rstrip("%")) <= 100.0 for fields in scored if "lookup" not in fields)
     norms = [line for line in done.stdout.splitlines() if re.search(r" output +[\d.]+ \(fresh", line)]

@@ -29,21 +29,25 @@ TRAINING_MIX: tuple[tuple[str, dict], ...] = (
     ("single_needle", {"value_len": 16}),
     ("multi_key_needle", {"value_len": 8}),
 )
-# The paper-layout backbone's three stages, each from the weights of the one before (docs/evaluation.md, fourth
-# run). Measured on one H200 at 16K tokens a step: associative recall alone at 64 tokens learns to copy within
-# ~150-200 steps (long ids with the output layer tied to the input embedding: 75% of answer tokens by step 400;
-# short ids untied: 76%); the copy mix below never left chance from fresh weights (1,200 steps untied, 700 tied),
-# but from a model that copies it reached 56% in 800 steps. Untied, a model writes only the ids it was trained to
-# copy (third run); tied, copying is one map for every id.
-RECALL_TRAINING_MIX: tuple[tuple[str, dict], ...] = (
-    ("associative_recall", {"tokens_per_pair": 16, "vocabulary": "long"}),
-)
-# Copying over the long tasks' ids (vocab.VOCABULARIES["long"]), associative recall over the 256 short ids, and
-# the long tasks themselves at the sizes that fit half the context (at 64 tokens: a 4-token value, one question,
-# one hop); contexts of 64-512 tokens.
+# The paper-layout backbone's stages, each from the weights of the one before (docs/evaluation.md, fourth and
+# fifth runs). Measured on one H200 at 16K tokens a step: associative recall alone at 64 tokens learns to copy
+# within ~150-200 steps (long ids, output layer tied to the input embedding: 75% of answer tokens by step 400);
+# the copy mix below never left chance from fresh weights, but from a model that copies it learned. A model
+# writes only the ids it was trained to write as answers: untied, the 128 short values and no long one (third
+# run); tied, the long values and no key id (fifth run), yet qa_block's next keys and long_chain's names are key
+# ids. So every stage copies in both roles: over the long vocabulary, and over it swapped (keys drawn from the
+# long values, values from the long keys).
+LONG_ID_RECALL = ("associative_recall", {"tokens_per_pair": 16, "vocabulary": "long"})
+KEY_ID_RECALL = ("associative_recall", {"tokens_per_pair": 16, "vocabulary": "long-swapped"})
+RECALL_TRAINING_MIX: tuple[tuple[str, dict], ...] = (LONG_ID_RECALL, KEY_ID_RECALL)
+# Copying over the long tasks' ids in both roles, associative recall over the 256 short ids, and the long tasks
+# themselves at the sizes that fit half the context (at 64 tokens: a 4-token value, one question, one hop);
+# contexts of 64-512 tokens.
 LONG_COPY_TASKS: tuple[tuple[str, dict], ...] = (
-    *(("associative_recall", {"tokens_per_pair": 16, "vocabulary": "long"}),) * 2,
+    LONG_ID_RECALL,
+    KEY_ID_RECALL,
     ("single_needle", {"value_len": 16, "vocabulary": "long"}),
+    ("single_needle", {"value_len": 16, "vocabulary": "long-swapped"}),
 )
 COPY_TRAINING_MIX: tuple[tuple[str, dict], ...] = (
     *LONG_COPY_TASKS,
@@ -57,23 +61,9 @@ LONG_TRAINING_MIX: tuple[tuple[str, dict], ...] = (
     *((task, {}) for task in LONG_TASK_NAMES),
     *LONG_COPY_TASKS,
 )
-# The last stage: the long mix and copying whose answers are key ids (keys and values swapped). The fifth run's
-# backbone wrote none of them (0% teacher forced, where it copies 54-86% of value ids): no stage before had a key
-# id as an answer, yet qa_block's next keys and long_chain's names are key ids.
-KEY_COPY_TASKS: tuple[tuple[str, dict], ...] = (
-    ("associative_recall", {"tokens_per_pair": 16, "vocabulary": "long-swapped"}),
-    ("single_needle", {"value_len": 16, "vocabulary": "long-swapped"}),
-)
-LONG_KEYS_TRAINING_MIX: tuple[tuple[str, dict], ...] = (*LONG_TRAINING_MIX, *KEY_COPY_TASKS)
-MIXES = {
-    "ruler": TRAINING_MIX,
-    "recall": RECALL_TRAINING_MIX,
-    "copy": COPY_TRAINING_MIX,
-    "long": LONG_TRAINING_MIX,
-    "long-keys": LONG_KEYS_TRAINING_MIX,
-}
+MIXES = {"ruler": TRAINING_MIX, "recall": RECALL_TRAINING_MIX, "copy": COPY_TRAINING_MIX, "long": LONG_TRAINING_MIX}
 # The vocabulary a backbone needs for each mix: the long tasks' ids go up to LONG_VOCAB_SIZE.
-MIX_VOCAB_SIZES = {name: VOCAB_SIZE if name == "ruler" else LONG_VOCAB_SIZE for name in MIXES}
+MIX_VOCAB_SIZES = {"ruler": VOCAB_SIZE, "recall": LONG_VOCAB_SIZE, "copy": LONG_VOCAB_SIZE, "long": LONG_VOCAB_SIZE}
 IGNORE = -100  # target of positions whose next token is not an answer token
 LENGTH_STEP = 64  # context lengths are multiples of this (fewer distinct shapes on the GPU)
 

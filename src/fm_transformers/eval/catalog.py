@@ -15,10 +15,7 @@ from .long_tasks import LONG_TASK_NAMES, SIZE_OPTIONS, TokenDraw, make_long_exam
 from .qa_documents import qa_document
 from .tasks import TASK_NAMES, TRAINING_TASKS, Example, make_examples
 
-TASK_SETS = {
-    "ruler": TASK_NAMES, "recall": LONG_TASK_NAMES, "copy": LONG_TASK_NAMES, "long": LONG_TASK_NAMES,
-    "long-keys": LONG_TASK_NAMES,
-}
+TASK_SETS = {"ruler": TASK_NAMES, "recall": LONG_TASK_NAMES, "copy": LONG_TASK_NAMES, "long": LONG_TASK_NAMES}
 
 
 def sizes_for_answer(task: str, answer_tokens: int | None) -> dict:
