@@ -8,7 +8,7 @@
 #             associative recall at 64 tokens (it learns to copy there, and only there from fresh weights),
 #             the copy tasks and small long tasks at 64-512 tokens, the long mix up to 2K, then more of it
 #             at 1-2K (a session's device time holds the first three; carry long-bf16 to the next)
-#                                                                                  ~3 + ~6 + ~13 + ~15 min
+#                                                                                  ~4 + ~6 + ~12 + ~16 min
 #   dump      label 5,600 question documents with the frozen backbone (train/validation/test) ~10 min in 8-min runs
 #   indexer   per tau (64, 16): select the labels, train two candidate indexers, choose on
 #             validation, gate on test                                                       ~3 min per tau
@@ -44,7 +44,7 @@ if [[ "${SMOKE:-0}" == 1 ]]; then
 else
     device=cuda
     taus="64 16"; lengths="2048 4096 8192"; parts="long_needle qa_block long_chain"
-    recall_flags=(--size paper --min-length 64 --max-length 64 --steps 400 --dense-steps 400 --ramp-steps 0
+    recall_flags=(--size paper --min-length 64 --max-length 64 --steps 600 --dense-steps 600 --ramp-steps 0
                   --tokens-per-step 16384 --eval-lengths 64 --eval-examples 20 --answer-tokens 4)
     copy_flags=(--size paper --min-length 64 --max-length 512 --steps 800 --dense-steps 200 --ramp-steps 600
                 --tokens-per-step 16384 --eval-lengths 512 --eval-examples 50 --answer-tokens 16)
