@@ -22,7 +22,8 @@ def test_the_smoke_recipe_runs_every_stage_and_a_rerun_skips_what_is_done(tmp_pa
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "backbone-bf16" / "config.json").is_file()
     # four backbone stages, each from the weights of the one before: recall, copy, long, more of long
-    for stage, started_from in (("recall", None), ("copy", "recall-bf16"), ("long", "copy-bf16"), ("backbone", "long-bf16")):
+    stages = (("recall", None), ("copy", "recall-bf16"), ("long", "copy-bf16"), ("backbone", "long-bf16"))
+    for stage, started_from in stages:
         config = json.loads((tmp_path / stage / "eval.json").read_text())["config"]
         assert config["init_from"] == (started_from and str(tmp_path / started_from))
     gate = json.loads((tmp_path / "indexer" / "tau4" / "gate.json").read_text())

@@ -179,9 +179,12 @@ def test_the_long_vocabulary_draws_keys_and_values_from_the_long_ranges_only(tas
         assert len(short.input_ids) == len(example.input_ids) == 256 and len(short.answer) == len(example.answer)
 
 
-@pytest.mark.parametrize("task, options", [("single_needle", {"value_len": 16}), ("associative_recall", {"tokens_per_pair": 16})])
+@pytest.mark.parametrize(
+    "task, options", [("single_needle", {"value_len": 16}), ("associative_recall", {"tokens_per_pair": 16})]
+)
 def test_the_swapped_long_vocabulary_asks_for_key_ids_copied_from_the_context(task, options):
-    """What the last backbone stage adds: answers that are key ids (qa_block's next keys, long_chain's names)."""
+    """What every backbone stage now copies too: answers that are key ids (qa_block's next keys, long_chain's
+    names)."""
     from fm_transformers.eval.tasks import example_rng, make_example
     from fm_transformers.eval.vocab import LONG_KEYS, LONG_VALUES
 
