@@ -7,20 +7,10 @@ Stage 2 (from stage 1's weights, every context at the training length, the weake
     python examples/train_eval_backbone.py --device cuda --init-from runs/eval-bf16 --steps 1500 --dense-steps 0 \
         --ramp-steps 0 --min-length 512 --lr 3e-4 --extra-tasks variable_tracking,common_words \
         --output-dir runs/eval-backbone2 --export-bf16 runs/eval2-bf16
-The paper-layout backbone of the long-decoding evaluation (16 layers, 7 CSA), in three stages of runs of at most
-9 minutes (examples/run_evaluation.sh repeats the commands), each from the weights of the one before: associative
-recall at 64 tokens, inside the sliding window (the one place a fresh model learns to copy; docs/evaluation.md),
-the copy tasks and the long tasks at small sizes up to 512, then question documents and the long tasks up to 2K:
-    python examples/train_eval_backbone.py --device cuda --size paper --mix recall --min-length 64 --max-length 64 \
-        --steps 400 --dense-steps 400 --ramp-steps 0 --output-dir runs/paper/recall \
-        --export-bf16 runs/paper/recall-bf16 --eval-lengths 64 --answer-tokens 4 --max-minutes 9 --resume
-    python examples/train_eval_backbone.py --device cuda --size paper --mix copy --min-length 64 --max-length 512 \
-        --steps 800 --dense-steps 200 --ramp-steps 600 --init-from runs/paper/recall-bf16 \
-        --output-dir runs/paper/copy --export-bf16 runs/paper/copy-bf16 --eval-lengths 512 --answer-tokens 16 \
-        --max-minutes 9 --resume
-    python examples/train_eval_backbone.py --device cuda --size paper --mix long --min-length 256 \
-        --max-length 2048 --steps 1600 --dense-steps 500 --ramp-steps 1000 --init-from runs/paper/copy-bf16 \
-        --output-dir runs/paper/backbone --export-bf16 runs/paper/backbone-bf16 --max-minutes 9 --resume
+The paper-layout backbone of the long-decoding evaluation (16 layers, 7 CSA) trains in four stages, each from the
+bf16 export of the one before, in runs of at most 8 minutes: `bash examples/run_evaluation.sh backbone` runs them,
+and its recall_flags, copy_flags, long_flags and backbone_flags are the stages' flags (docs/evaluation.md says why
+each stage is there).
 Time a step before a run (median of N steps a phase at --max-length, the projected minutes, peak memory; no
 output): the same flags and --time-steps 8, once per --tokens-per-step worth trying.
 CPU smoke run (seconds):
