@@ -4,6 +4,11 @@ Runs on the CPU, offline, in seconds. It attaches a fresh (untrained) memory ind
 threshold LSA keeps an arbitrary subset and may diverge from stock; with threshold 0 it keeps everything
 and must match stock exactly. Both runs are printed, with the memory report.
 
+With --backbone and --indexer (a paper-layout backbone trained by examples/run_evaluation.sh and its memory
+indexer) it asks one long-task question instead (--task, a --context-token context, the evaluation's examples)
+and prints the expected answer, the full cache's and LSA's (threshold --threshold, no budget: as the paper runs
+it), and what each cache held.
+
 The first run after an install is slower, for reasons outside this project (it downloads nothing, compiles no
 Triton kernel on the CPU, uses no torch.compile). Measured on a 2-core CPU machine, warm run about 11 s (5-7 s of
 it importing torch and transformers' DeepSeek-V4, 3-4 s generating):
@@ -18,20 +23,90 @@ On a machine shared with other jobs every figure grows with the load.
 import argparse
 
 import torch
+from transformers import AutoModelForCausalLM
 
 import fm_transformers as fm
+from fm_transformers.eval.catalog import evaluation_examples
+from fm_transformers.eval.long_tasks import LONG_TASK_NAMES
+from fm_transformers.eval.vocab import EOS, PAD
+from fm_transformers.report import stock_csa_bytes, stock_layer_bytes
 from fm_transformers.tiny import tiny_deepseek_v4, tiny_tokenizer
 
 
-def main():
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prompt-length", type=int, default=400, help="prompt tokens (default 400: 100 compressed chunks)")
+    parser.add_argument("--prompt-length", type=int, default=400, help="prompt tokens (400: 100 compressed chunks)")
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--tau", type=int, default=16)
+    parser.add_argument("--tau", type=int, default=None, help="steps per recall (default 16; 64 with --backbone)")
     parser.add_argument("--threshold", type=float, default=0.5)
     parser.add_argument("--budget", type=float, default=0.25, help="resident budget as a fraction of the history")
-    args = parser.parse_args()
+    parser.add_argument("--backbone", help="a trained paper-layout backbone (a save_pretrained dir): ask it")
+    parser.add_argument("--indexer", help="the backbone's memory indexer (save_pretrained dir; with --backbone)")
+    parser.add_argument("--task", choices=LONG_TASK_NAMES, default="long_chain", help="with --backbone")
+    parser.add_argument("--context", type=int, default=4096, help="with --backbone: context tokens")
+    parser.add_argument("--answer-tokens", type=int, default=None, help="with --backbone (default: the task's 130)")
+    parser.add_argument("--seed", type=int, default=1, help="with --backbone: the draw the question comes from")
+    args = parser.parse_args(argv)
+    if (args.backbone is None) != (args.indexer is None):
+        parser.error("--backbone and --indexer go together: the backbone's memory indexer decides what LSA keeps")
+    return args
 
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.backbone is not None:
+        ask_trained_backbone(args)
+    else:
+        tiny_demo(args)
+
+
+def ask_trained_backbone(args) -> None:
+    """One long-task question answered by the full cache and by LSA, on the CPU: the answers beside the expected
+    one, then the stock cache's bytes and LSA's memory report."""
+    model = AutoModelForCausalLM.from_pretrained(args.backbone, dtype=torch.float32).eval()
+    fm.attach_memory_indexer(model, args.indexer)
+    example = evaluation_examples(args.task, args.context, 1, seed=args.seed, answer_tokens=args.answer_tokens)[0]
+    input_ids = torch.tensor([example.input_ids])
+    prompt_length, answer_length = input_ids.shape[1], len(example.answer)
+    settings = dict(
+        attention_mask=torch.ones_like(input_ids), max_new_tokens=answer_length, min_new_tokens=answer_length,
+        do_sample=False, pad_token_id=PAD, eos_token_id=EOS, return_dict_in_generate=True,
+    )
+    tau = 64 if args.tau is None else args.tau
+    with torch.no_grad():
+        full = model.generate(input_ids, **settings)
+        lsa = model.generate(
+            input_ids, **settings, cache_implementation="lsa", cache_config={"tau": tau, "threshold": args.threshold}
+        )
+    print(f"{args.task}: a {prompt_length}-token context, an answer of {answer_length} tokens (token ids)")
+    print(f"expected : {shown(example.answer)}")
+    answers = {name: output.sequences[0, prompt_length:].tolist() for name, output in (("full", full), ("LSA", lsa))}
+    for name, tokens in answers.items():
+        print(f"{name:9s}: {shown(tokens, example.answer)}")
+    print(f"LSA (tau {tau}, threshold {args.threshold}) writes the full cache's answer token for token: "
+          f"{answers['LSA'] == answers['full']}")
+    cache = full.past_key_values
+    print("stock cache (full)")
+    csa, every_layer = stock_csa_bytes(cache, model.config.layer_types), sum(map(stock_layer_bytes, cache.layers))
+    print(f"  device CSA entries (compressed KV + index keys) {csa / 2**20:10.3f} MiB")
+    print(f"  device all layers                              {every_layer / 2**20:10.3f} MiB")
+    print(fm.format_memory_report(lsa.past_key_values.memory_report()))
+
+
+def shown(tokens: list[int], expected: list[int] | None = None, head: int = 10) -> str:
+    """The first `head` ids, and against an expected answer: whole or where it first differs."""
+    text = " ".join(map(str, tokens[:head])) + (" ..." if len(tokens) > head else "")
+    if expected is None:
+        return text
+    wrong = [index for index, (token, want) in enumerate(zip(tokens, expected)) if token != want]
+    if not wrong:
+        return text + "   (exact)"
+    return text + f"   (wrong from token {wrong[0]}, {len(wrong)} of {len(expected)} wrong)"
+
+
+def tiny_demo(args) -> None:
+    """A tiny random DeepSeek-V4 and a fresh indexer: LSA keeping everything must equal the stock cache."""
+    args.tau = 16 if args.tau is None else args.tau
     model, tokenizer = tiny_deepseek_v4(seed=0), tiny_tokenizer()
     fm.attach_memory_indexer(model, fm.MemoryIndexerModel.from_backbone(model, layers=[2, 4], num_heads=8, rank=32))
     text = "".join(chr(32 + (7 * i * i + 3 * i) % 95) for i in range(args.prompt_length))

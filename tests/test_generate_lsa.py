@@ -1,0 +1,47 @@
+"""The README's main job asked a question with a saved paper-layout backbone and its indexer (--backbone,
+--indexer), on an untrained smoke-size backbone: what holds for any weights."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import fm_transformers as fm
+from fm_transformers.eval import build_eval_backbone, eval_backbone_config
+
+SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "generate_lsa.py"
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    root = tmp_path_factory.mktemp("paper-smoke")
+    torch.manual_seed(0)
+    model = build_eval_backbone(eval_backbone_config("paper-smoke"), seed=0)
+    model.save_pretrained(root / "backbone")
+    fm.MemoryIndexerModel.from_backbone(model, num_heads=2, rank=8).save_pretrained(root / "indexer")
+    return root
+
+
+def ask(saved, *flags):
+    command = [sys.executable, str(SCRIPT), "--backbone", str(saved / "backbone"), "--indexer", str(saved / "indexer")]
+    return subprocess.run(command + list(flags), capture_output=True, text=True, timeout=300)
+
+
+def test_lsa_keeping_every_chunk_answers_as_the_full_cache_and_both_caches_are_reported(saved):
+    flags = ["--task", "qa_block", "--context", "256", "--answer-tokens", "15", "--tau", "4", "--threshold", "0"]
+    result = ask(saved, *flags)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "qa_block: a 256-token context, an answer of 15 tokens (token ids)"
+    assert "writes the full cache's answer token for token: True" in result.stdout
+    assert "stock cache (full)" in result.stdout and "LSA memory report" in result.stdout
+    recalls = next(line for line in lines if "recalls per layer" in line)
+    assert recalls.split("recalls per layer: ")[1].startswith("4 ")  # 1 + (15 - 1) // 4 triggers
+
+
+def test_a_backbone_without_its_indexer_is_a_clear_error(saved):
+    command = [sys.executable, str(SCRIPT), "--backbone", str(saved / "backbone")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "--backbone and --indexer go together" in result.stderr
