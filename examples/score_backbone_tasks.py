@@ -13,6 +13,9 @@ Part 3: the mean norm of the output layer's rows (and the input embedding's) per
 rows of ids a run never had as targets grow large (pushed down at every answer), which later training must undo.
 Part 4: the long tasks' answer tokens split by what writing them takes: a lookup (the first token of an item:
 which needle, the question's next key, the next hop's name) or copying on from the previous token (the rest).
+Part 5 (--greedy N): N examples of each long task at each length (the evaluation's examples of --seed) answered
+by greedy decoding with the stock cache: how many come out whole, and where and how each of the others first
+goes wrong (a lookup, two neighbours swapped, or another copied token; long_tasks.first_error).
 """
 
 import argparse
@@ -24,6 +27,9 @@ from transformers import DeepseekV4ForCausalLM
 from fm_transformers.eval.backbone import build_eval_backbone
 from fm_transformers.eval.backbone_training import answer_loss
 from fm_transformers.eval.batches import IGNORE, Batch, make_batch
+from fm_transformers.eval.catalog import evaluation_examples
+from fm_transformers.eval.compare import full_cache_generate
+from fm_transformers.eval.long_tasks import ITEM_TOKENS, first_error
 from fm_transformers.eval.vocab import FILLER, LONG_KEYS, LONG_VALUES, LONG_VOCAB_SIZE, VOCABULARIES
 
 ID_RANGES = {
@@ -48,9 +54,6 @@ SCORED_TASKS = (
     ("multi_key_needle", {"value_len": 8}),
 )
 RENAMED_TASKS = (("single_needle", {"value_len": 16}), ("associative_recall", {"tokens_per_pair": 16}))
-# Tokens per answer item at long_tasks' default sizes (a qa_block key and its 4-token value, a 5-token chain
-# name); a long_needle answer is one item.
-ITEM_TOKENS = {"long_needle": None, "qa_block": 5, "long_chain": 5}
 
 
 def task_label(task: str, options: dict) -> str:
@@ -115,13 +118,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rows", type=int, default=4, help="examples per task and length")
     parser.add_argument("--seed", type=int, default=123, help="draw of the examples (training seeds are 0)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--greedy", type=int, default=0, help="part 5: long-task examples answered greedily")
     args = parser.parse_args()
     try:
         args.lengths = [int(length) for length in args.lengths.split(",")]
     except ValueError:
         parser.error(f"--lengths must be comma-separated integers, got {args.lengths!r}")
-    if args.rows < 1 or any(length < 64 for length in args.lengths):
-        parser.error("--rows must be at least 1 and every length at least 64")
+    if args.rows < 1 or args.greedy < 0 or any(length < 64 for length in args.lengths):
+        parser.error("--rows must be at least 1, --greedy at least 0 and every length at least 64")
     return args
 
 
@@ -131,6 +135,13 @@ def main() -> None:
     if model.config.vocab_size < LONG_VOCAB_SIZE:
         vocab_size = model.config.vocab_size
         raise SystemExit(f"error: {args.backbone} has {vocab_size} ids; these tasks need {LONG_VOCAB_SIZE}")
+    try:  # part 5's examples first: a context too short for a long task's answer is an error before any work
+        greedy_examples = {
+            (length, task): evaluation_examples(task, length, args.greedy, seed=args.seed)
+            for length in args.lengths for task in ITEM_TOKENS if args.greedy
+        }
+    except ValueError as error:
+        raise SystemExit(f"error: --greedy: {error}") from None
     print("answer loss and answer-token accuracy, teacher forced")
     for length in args.lengths:
         for index, (task, options) in enumerate(SCORED_TASKS):
@@ -158,6 +169,23 @@ def main() -> None:
             split = lookup_and_copy(model, batch, item_tokens)
             print(f"{length:6d}  {task:12s}" + "".join(
                 f"  {name} {accuracy:6.1%} of {count:4d}" for name, (accuracy, count) in split.items()))
+    if args.greedy:
+        print("\ngreedy answers of the long tasks (stock cache): whole, and where and how the others first go wrong")
+        for (length, task), examples in greedy_examples.items():
+            print(f"{length:6d}  {task:12s}  {greedy_errors(model, examples, ITEM_TOKENS[task], args.device)}")
+
+
+def greedy_errors(model, examples: list, item_tokens: int | None, device: str) -> str:
+    input_ids = torch.tensor([example.input_ids for example in examples], device=device)
+    with torch.no_grad():
+        predictions = full_cache_generate(model, input_ids, len(examples[0].answer)).tolist()
+    errors = [first_error(prediction, example.answer, item_tokens) for prediction, example in
+              zip(predictions, examples)]
+    wrong = [error for error in errors if error is not None]
+    kinds = ", ".join(f"{kind} {sum(k == kind for _, k in wrong)}" for kind in ("lookup", "swap", "copy"))
+    at = ", ".join(str(index) for index, _ in wrong)
+    whole = f"whole {len(errors) - len(wrong)} of {len(errors)}"
+    return whole + (f"; first errors: {kinds} (at tokens {at})" if wrong else "")
 
 
 if __name__ == "__main__":

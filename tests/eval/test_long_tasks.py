@@ -7,6 +7,7 @@ from fm_transformers.eval.long_tasks import (
     LONG_TASK_NAMES,
     TokenDraw,
     expected_triggers,
+    first_error,
     long_example,
     make_long_examples,
     random_facts,
@@ -123,3 +124,16 @@ def test_question_triggers_are_the_question_end_and_every_tau_steps_of_its_answe
 def test_a_document_too_short_for_its_questions_is_an_error():
     with pytest.raises(ValueError, match="questions need more than"):
         qa_document(400, random.Random(0), spacing=100, align=200)  # three questions to align: 597 tokens
+
+
+def test_first_error_says_where_a_generated_answer_first_goes_wrong_and_how():
+    answer = list(range(100, 115))  # three items of five tokens
+    assert first_error(answer, answer, 5) is None
+    assert first_error([999, *answer[1:]], answer, None) == (0, "lookup")
+    assert first_error([*answer[:5], 999, *answer[6:]], answer, 5) == (5, "lookup")  # an item's first token
+    assert first_error([*answer[:5], 999, *answer[6:]], answer, None) == (5, "copy")  # one item: copying on
+    swapped = [*answer[:7], answer[8], answer[7], *answer[9:]]
+    assert first_error(swapped, answer, 5) == (7, "swap")
+    assert first_error([*answer[:7], answer[8], 999, *answer[9:]], answer, 5) == (7, "copy")  # not a swap
+    assert first_error([*answer[:14], answer[13]], answer, 5) == (14, "copy")  # the last token: nothing to swap
+    assert first_error(answer[:10], answer, 5) == (10, "copy")  # stopped early

@@ -150,3 +150,21 @@ def test_the_task_scorer_scores_every_task_and_renaming_and_refuses_a_short_voca
                                                 (split["qa_block"], split["long_chain"]))
     refused = subprocess.run([*command, str(tmp_path / "short")], capture_output=True, text=True, timeout=300)
     assert refused.returncode == 1 and "these tasks need 2048" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_the_task_scorer_answers_the_long_tasks_greedily_and_refuses_a_context_too_short_for_them(tmp_path):
+    from fm_transformers.eval.backbone import build_eval_backbone, eval_backbone_config
+
+    build_eval_backbone(eval_backbone_config("paper-smoke"), seed=0).save_pretrained(tmp_path / "paper")
+    scorer = Path(__file__).resolve().parents[2] / "examples" / "score_backbone_tasks.py"
+    command = [sys.executable, str(scorer), str(tmp_path / "paper"), "--rows", "1", "--device", "cpu", "--greedy", "2"]
+    done = subprocess.run([*command, "--lengths", "640"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    greedy = done.stdout.split("greedy answers of the long tasks")[1].splitlines()[1:]
+    assert [line.split()[:2] for line in greedy] == [["640", task] for task in ("long_needle", "qa_block", "long_chain")]
+    for line in greedy:  # an untrained model: counts that add up to the examples, errors named and placed
+        whole = int(line.split("whole ")[1].split(" of 2")[0])
+        kinds = [int(count) for count in re.findall(r"(?:lookup|swap|copy) (\d+)", line)]
+        assert whole + sum(kinds) == 2 and (whole == 2 or len(line.split("at tokens ")[1].split(",")) == 2 - whole)
+    refused = subprocess.run([*command, "--lengths", "64"], capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 1 and "error: --greedy:" in refused.stderr and "answer loss" not in refused.stdout

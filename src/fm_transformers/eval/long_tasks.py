@@ -115,6 +115,10 @@ LONG_FACTS: dict[str, Callable[..., Facts]] = {
 LONG_TASK_NAMES = tuple(LONG_FACTS)
 # The option that sets each task's answer length, and its default (130 answer tokens).
 SIZE_OPTIONS = {"long_needle": ("value_len", 130), "qa_block": ("questions", 26), "long_chain": ("hops", 26)}
+# Tokens per answer item (a qa_block key and its 4-token value, a 5-token chain name); a long_needle answer is one
+# item. An item's first token is a lookup (which needle, the question's next key, the next hop's name), every
+# other token copies on from the one before.
+ITEM_TOKENS = {"long_needle": None, "qa_block": 5, "long_chain": 5}
 
 
 def make_facts(task: str, draw: TokenDraw, rng: random.Random, **sizes) -> Facts:
@@ -171,3 +175,15 @@ def random_facts(task: str, draw: TokenDraw, rng: random.Random, budget: int) ->
     if _footprint(task, size) > budget:
         raise ValueError(f"{task} needs at least {_footprint(task, 1)} tokens for one question, the budget is {budget}")
     return make_facts(task, draw, rng, **{option: size})
+
+
+def first_error(prediction: list[int], answer: list[int], item_tokens: int | None) -> tuple[int, str] | None:
+    """Where a generated answer first goes wrong and how, None when it is whole: "swap" (the next two tokens
+    written in swapped order), "lookup" (an item's first token, ITEM_TOKENS), or "copy" (any other token)."""
+    wrong = next((index for index, (token, want) in enumerate(zip(prediction, answer)) if token != want), None)
+    if wrong is None:
+        return None if len(prediction) == len(answer) else (min(len(prediction), len(answer)), "copy")
+    if prediction[wrong : wrong + 2] == answer[wrong : wrong + 2][::-1]:
+        return wrong, "swap"
+    starts_item = wrong == 0 if item_tokens is None else wrong % item_tokens == 0
+    return wrong, "lookup" if starts_item else "copy"
