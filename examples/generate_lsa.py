@@ -106,7 +106,7 @@ def shown(tokens: list[int], expected: list[int] | None = None, head: int = 10) 
 
 def tiny_demo(args) -> None:
     """A tiny random DeepSeek-V4 and a fresh indexer: LSA keeping everything must equal the stock cache."""
-    args.tau = 16 if args.tau is None else args.tau
+    tau = 16 if args.tau is None else args.tau
     model, tokenizer = tiny_deepseek_v4(seed=0), tiny_tokenizer()
     fm.attach_memory_indexer(model, fm.MemoryIndexerModel.from_backbone(model, layers=[2, 4], num_heads=8, rank=32))
     text = "".join(chr(32 + (7 * i * i + 3 * i) % 95) for i in range(args.prompt_length))
@@ -114,16 +114,16 @@ def tiny_demo(args) -> None:
     settings = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, return_dict_in_generate=True)
 
     stock = model.generate(**inputs, **settings)
-    keep_all = model.generate(**inputs, **settings, cache_implementation="lsa", cache_config={"tau": args.tau, "threshold": 0.0})
+    keep_all = model.generate(**inputs, **settings, cache_implementation="lsa", cache_config={"tau": tau, "threshold": 0.0})
     sparse = model.generate(
         **inputs, **settings, cache_implementation="lsa",
-        cache_config={"tau": args.tau, "threshold": args.threshold, "resident_budget": args.budget, "recency_chunks": 8, "sink_chunks": 2},
+        cache_config={"tau": tau, "threshold": args.threshold, "resident_budget": args.budget, "recency_chunks": 8, "sink_chunks": 2},
     )
     prompt_length = inputs["input_ids"].shape[1]
     decode = lambda out: repr(tokenizer.decode(out.sequences[0, prompt_length:]))  # noqa: E731
     print("a tiny DeepSeek-V4 with random weights and an untrained memory indexer: the tokens are noise; what counts")
     print("is that LSA keeping every chunk equals stock, and what the budget leaves on the device (memory report)")
-    print(f"prompt: {prompt_length} tokens, {args.new_tokens} new tokens, tau={args.tau}")
+    print(f"prompt: {prompt_length} tokens, {args.new_tokens} new tokens, tau={tau}")
     print(f"stock cache             : {decode(stock)}")
     print(f"LSA, threshold 0        : {decode(keep_all)}")
     print(f"LSA, threshold {args.threshold}, budget {args.budget:.0%}: {decode(sparse)}")
