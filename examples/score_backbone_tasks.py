@@ -29,7 +29,7 @@ from fm_transformers.eval.backbone_training import answer_loss
 from fm_transformers.eval.batches import IGNORE, Batch, make_batch
 from fm_transformers.eval.catalog import evaluation_examples
 from fm_transformers.eval.compare import full_cache_generate
-from fm_transformers.eval.long_tasks import ITEM_TOKENS, first_error
+from fm_transformers.eval.long_tasks import ITEM_TOKENS, first_error, starts_item
 from fm_transformers.eval.vocab import FILLER, LONG_KEYS, LONG_VALUES, LONG_VOCAB_SIZE, VOCABULARIES
 
 ID_RANGES = {
@@ -75,7 +75,7 @@ def lookup_and_copy(model, batch: Batch, item_tokens: int | None) -> dict[str, t
     answered = batch.targets != IGNORE
     right = (predicted == batch.targets) & answered
     index = answered.cumsum(1) - 1  # position within the answer
-    starts = answered & (index == 0 if item_tokens is None else index % item_tokens == 0)
+    starts = answered & starts_item(index, item_tokens)
     return {
         name: (right[mask].float().mean().item(), int(mask.sum()))
         for name, mask in (("lookup", starts), ("copy", answered & ~starts))
@@ -138,8 +138,8 @@ def main() -> None:
     try:  # part 5's examples first: a context too short for a long task's answer is an error before any work
         greedy_examples = {
             (length, task): evaluation_examples(task, length, args.greedy, seed=args.seed)
-            for length in args.lengths for task in ITEM_TOKENS if args.greedy
-        }
+            for length in args.lengths for task in ITEM_TOKENS
+        } if args.greedy else {}
     except ValueError as error:
         raise SystemExit(f"error: --greedy: {error}") from None
     print("answer loss and answer-token accuracy, teacher forced")

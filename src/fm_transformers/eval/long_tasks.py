@@ -185,5 +185,9 @@ def first_error(prediction: list[int], answer: list[int], item_tokens: int | Non
         return None if len(prediction) == len(answer) else (min(len(prediction), len(answer)), "copy")
     if prediction[wrong : wrong + 2] == answer[wrong : wrong + 2][::-1]:
         return wrong, "swap"
-    starts_item = wrong == 0 if item_tokens is None else wrong % item_tokens == 0
-    return wrong, "lookup" if starts_item else "copy"
+    return wrong, "lookup" if starts_item(wrong, item_tokens) else "copy"
+
+
+def starts_item(position, item_tokens: int | None):
+    """Whether an answer position (an int, or a tensor of them) is an item's first token, a lookup (ITEM_TOKENS)."""
+    return position == 0 if item_tokens is None else position % item_tokens == 0
