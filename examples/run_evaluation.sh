@@ -7,7 +7,7 @@
 #   backbone  train the paper-layout backbone (16 layers, 7 CSA) in four stages, each from the one before:
 #             associative recall at 64 tokens (it learns to copy there, and only there from fresh weights),
 #             the copy tasks and small long tasks at 64-512 tokens, the long mix up to 2K, then more of it
-#             at 1-2K (a session's device time holds the first three; carry long-bf16 to the next)
+#             at 1-2K (a session's device time holds the first three; checkpoints/long-bf16 is their export)
 #                                                                                  ~4 + ~6 + ~12 + ~16 min
 #   dump      label 5,600 question documents with the frozen backbone (train/validation/test) ~10 min in 8-min runs
 #   indexer   per tau (64, 16): select the labels, train two candidate indexers, choose on
