@@ -10,14 +10,14 @@
 #             at 1-2K (a session's device time holds the first three; checkpoints/long-bf16 is their export)
 #                                                                                  ~4 + ~6 + ~12 + ~16 min
 #   dump      label 5,600 question documents with the frozen backbone (train/validation/test) ~10 min in 8-min runs
-#   indexer   per tau (64, 16): select the labels, train two candidate indexers, choose on
-#             validation, gate on test                                                       ~3 min per tau
+#   indexer   per tau (64, 16): select the labels at votes 1-3 (one dump serves all), train an indexer per
+#             vote and learning rate (6), choose on validation, gate on test                ~9 min per tau
 #   tune      per tau: recency tail and budget threshold chosen on a validation draw (seed 0) ~3 min per tau
 #   compare   per tau, length (2048, 4096, 8192) and task: 200 examples on draw seed 1       ~3-8 min a part, 18 parts
 #   report    join the parts per tau: WORKDIR/tau{64,16}.json, .png, and the printed table   seconds
 # A stage that stops at its time limit exits with status 75: run the same command again (finished work is kept
 # and skipped). `all` runs every stage to its end. SMOKE=1 runs them all at CPU sizes (one tau, one length), about
-# a minute for `SMOKE=1 bash examples/run_evaluation.sh all /tmp/smoke` on 2 cores.
+# 2.5 minutes for `SMOKE=1 bash examples/run_evaluation.sh all /tmp/smoke` on 2 cores.
 set -euo pipefail
 stage=${1:?usage: bash examples/run_evaluation.sh backbone|dump|indexer|tune|compare|report|all [WORKDIR]}
 work=${2:-runs/paper}
@@ -37,7 +37,7 @@ if [[ "${SMOKE:-0}" == 1 ]]; then
     backbone_flags=("${long_flags[@]}" --lr 5e-4)
     data_flags=(--length 320 --spacing 128 --align 8 --train-docs 6 --validation-docs 3 --test-docs 3 --dump-tau 4
                 --block-size 6 --recency-chunks 2)
-    indexer_flags=(--steps 20 --batch-size 8 --num-heads 2 --rank 8 --lrs 1e-3,3e-3)
+    indexer_flags=(--steps 20 --batch-size 8 --num-heads 2 --rank 8 --lrs 3e-3 --votes 1,2)
     compare_flags=(--answer-tokens 16 --batch-size 4 --no-paging)
     tune_flags=(--lengths 320 --examples 1 --tails 2,4 --thresholds 0)
     examples=1; minutes=1
@@ -53,7 +53,7 @@ else
     backbone_flags=(--size paper --min-length 1024 --max-length 2048 --steps 2000 --dense-steps 0 --ramp-steps 0
                     --lr 5e-4 --tokens-per-step 16384 --eval-lengths 2048 --eval-examples 20)
     data_flags=(--length 2048 --train-docs 5000 --validation-docs 300 --test-docs 300 --dump-tau 16)
-    indexer_flags=(--steps 3000 --batch-size 256 --num-heads 16 --rank 256 --lrs 1e-3,3e-3)
+    indexer_flags=(--steps 3000 --batch-size 256 --num-heads 16 --rank 256 --lrs 1e-3,3e-3 --votes 1,2,3)
     compare_flags=()
     tune_flags=(--lengths 2048 --examples 40)
     examples=200; minutes=8

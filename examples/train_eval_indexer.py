@@ -9,14 +9,17 @@ dump: question documents (a question every ~320 tokens, answered in place; fm_tr
 three splits, labelled by the frozen backbone every --dump-tau tokens in blocks (dump_blocks.py). With
 --max-minutes it stops between blocks and exits with status 75: the same command goes on.
 train: for --tau, the triggers that carry meaning (each question's end, every tau steps of each answer) and their
-labels, widened from the dump's tau (label_selection.py); one indexer per candidate learning rate on the three
-target layers, trained with fm_transformers.training; the one with the best validation gate score is kept in
-WORKDIR/tau<TAU>/indexer and gated on the test split (gate.py). Written: WORKDIR/tau<TAU>/gate.json.
+labels, widened from the dump's tau at each candidate vote (label_selection.py); one indexer per candidate vote and
+learning rate on the three target layers, trained with fm_transformers.training; the one validation prefers
+(gate.choose_candidate: among those whose resident set at threshold 0.5 holds at most 15% of the chunks, the best
+gate score) is kept in WORKDIR/tau<TAU>/indexer and gated on the test split (gate.py). Written:
+WORKDIR/tau<TAU>/gate.json.
 
 Labels follow the paper's recipe (nucleus 0.6 of the native top-k, lookahead union over tau) with the vote scaled
-to the backbone's CSA layers (3 of 21 -> 1 of 7) unless --vote sets it: with the paper-layout backbone 1 of 7
-marks most of the context (docs/evaluation.md, sixth run), so the vote is worth choosing (one dump per vote, each
-in its own WORKDIR). Every split is seeded apart from the others and from the comparison's examples.
+to the backbone's CSA layers (3 of 21 -> 1 of 7) unless --votes lists candidates: with the paper-layout backbone
+1 of 7 marks most of the context (docs/evaluation.md, sixth run), so the vote is worth choosing; the dump stores
+every chunk's votes, so one dump serves every vote. Every split is seeded apart from the others and from the
+comparison's examples.
 """
 
 import argparse
@@ -26,10 +29,10 @@ import shutil
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from fm_transformers.eval.dump_blocks import block_directories, dump_in_blocks, is_complete
-from fm_transformers.eval.gate import gate_metrics, selection_score
+from fm_transformers.eval.gate import CHOICE_RULE, choose_candidate, gate_metrics, selection_score
 from fm_transformers.eval.indexer_data import question_documents, question_trigger_warmup, scaled_vote
 from fm_transformers.eval.label_selection import select_labels
 from fm_transformers.indexer import MemoryIndexerModel, default_target_layers
@@ -55,7 +58,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seeds the documents of every split")
     parser.add_argument("--dump-tau", type=int, default=16, help="the dump's tau; every trained tau is a multiple")
     parser.add_argument(
-        "--vote", type=int, default=None, help="dump: CSA layers that must keep a chunk (default: 3 of 21 scaled)"
+        "--votes", default=None,
+        help="train: candidate votes, CSA layers that must keep a chunk, chosen on validation (default: 3 of 21 scaled)",
     )
     parser.add_argument("--block-size", type=int, default=250, help="documents per dump block")
     parser.add_argument("--max-minutes", type=float, default=None, help="dump: start no block after this")
@@ -69,8 +73,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--recency-chunks", type=int, default=16, help="gate: newest chunks always resident")
     parser.add_argument("--sink-chunks", type=int, default=1, help="gate: first chunks always resident")
     args = parser.parse_args()
-    if args.vote is not None and args.vote < 1:
-        parser.error(f"--vote must be at least 1 CSA layer, got {args.vote}")
+    if args.votes is not None:
+        try:
+            args.votes = [int(vote) for vote in args.votes.split(",")]
+        except ValueError:
+            parser.error(f"--votes must be CSA layer counts separated by commas, got {args.votes!r}")
+        if min(args.votes) < 1:
+            parser.error(f"--votes must be at least 1 CSA layer each, got {args.votes}")
     return args
 
 
@@ -81,10 +90,7 @@ def split_documents(args, split: str):
 
 def dump(args, workdir: Path) -> bool:
     backbone = AutoModelForCausalLM.from_pretrained(args.backbone).to(args.device).eval()
-    layers = len(csa_layers(backbone.config))
-    vote = scaled_vote(layers) if args.vote is None else args.vote
-    if vote > layers:
-        raise SystemExit(f"error: --vote {vote} asks more CSA layers than the backbone's {layers}")
+    vote = scaled_vote(len(csa_layers(backbone.config)))  # the dump's own labels; its votes serve any other
     labels = LabelConfig(tau=args.dump_tau, warmup=question_trigger_warmup(args.length, args.dump_tau), vote=vote)
     config = DumpConfig(target_layers=tuple(default_target_layers(backbone.config)), labels=labels, chunk_size=512)
     for split in SPLITS:
@@ -94,43 +100,73 @@ def dump(args, workdir: Path) -> bool:
     return True
 
 
+def candidate_votes(args) -> list[int]:
+    """The votes to choose among; each checked against the backbone's CSA layers before any work."""
+    layers = len(csa_layers(AutoConfig.from_pretrained(args.backbone)))
+    votes = args.votes or [scaled_vote(layers)]
+    if max(votes) > layers:
+        raise SystemExit(f"error: --votes {max(votes)} asks more CSA layers than the backbone's {layers}")
+    return votes
+
+
 def train_tau(args, workdir: Path) -> dict:
     out = workdir / f"tau{args.tau}"
+    votes = candidate_votes(args)
     for split in SPLITS:
         documents = split_documents(args, split)
         blocks = block_directories(workdir / "raw" / split, len(documents), args.block_size)
         if not all(is_complete(block) for block in blocks):
             raise SystemExit(f"error: the {split} dump in {workdir / 'raw'} is not complete: run --stage dump first")
         questions = {document.doc_id: asked for document, asked in documents}
-        select_labels(blocks, out / split, questions, args.tau)
+        for vote in votes:
+            try:
+                select_labels(blocks, out / f"vote{vote}" / split, questions, args.tau, vote)
+            except ValueError as error:
+                raise SystemExit(f"error: {error}") from None
     gate = dict(budget=args.budget, recency_chunks=args.recency_chunks, sink_chunks=args.sink_chunks)
     validation = {}
-    for lr in [float(value) for value in args.lrs.split(",")]:
-        run_dir = out / f"lr{lr:g}"
-        if not (run_dir / "training_summary.json").is_file():
-            checkpoints = (run_dir / "checkpoints").is_dir()
-            train(TrainConfig(
-                data=str(out / "train"), eval_data=str(out / "validation"), output_dir=str(run_dir),
-                num_heads=args.num_heads, rank=args.rank, max_steps=args.steps, batch_size=args.batch_size,
-                learning_rate=lr, warmup_steps=min(100, args.steps // 10), cpu=args.device == "cpu",
-                bf16=args.device == "cuda", save_every=500, resume=checkpoints,
-            ))
-        indexer = MemoryIndexerModel.from_pretrained(run_dir).to(args.device)
-        validation[f"{lr:g}"] = gate_metrics(indexer, out / "validation", **gate)
-    chosen = max(validation, key=lambda lr: selection_score(validation[lr]))
+    for vote in votes:
+        for lr in [float(value) for value in args.lrs.split(",")]:
+            name = f"vote{vote}-lr{lr:g}"
+            indexer = train_candidate(args, out / f"vote{vote}", out / name, lr)
+            validation[name] = gate_metrics(indexer, out / f"vote{vote}" / "validation", **gate)
+    chosen, meets = choose_candidate(validation)
+    vote = int(chosen.removeprefix("vote").split("-")[0])
     shutil.rmtree(out / "indexer", ignore_errors=True)
-    shutil.copytree(out / f"lr{chosen}", out / "indexer", ignore=shutil.ignore_patterns("checkpoints"))
-    test = gate_metrics(MemoryIndexerModel.from_pretrained(out / "indexer").to(args.device), out / "test", **gate)
+    shutil.copytree(out / chosen, out / "indexer", ignore=shutil.ignore_patterns("checkpoints"))
+    indexer = MemoryIndexerModel.from_pretrained(out / "indexer").to(args.device)
+    test = gate_metrics(indexer, out / f"vote{vote}" / "test", **gate)
     report = {
-        "tau": args.tau, "chosen_lr": chosen, "chosen_on": "validation", "selection_score": selection_score(validation[chosen]),
-        "gate_settings": gate, "validation": validation, "test": test, "documents": {s: getattr(args, f"{s}_docs") for s in SPLITS},
+        "tau": args.tau, "chosen": chosen, "chosen_vote": vote, "chosen_lr": chosen.split("-lr")[1],
+        "chosen_on": "validation", "criterion": CHOICE_RULE,
+        "meets_resident_target": meets, "selection_score": selection_score(validation[chosen]),
+        "gate_settings": gate, "validation": validation, "test": test,
+        "documents": {s: getattr(args, f"{s}_docs") for s in SPLITS},
     }
     (out / "gate.json").write_text(json.dumps(report, indent=2))
     return report
 
 
+def train_candidate(args, data: Path, run_dir: Path, lr: float) -> MemoryIndexerModel:
+    """One candidate indexer on the labels in `data` (train, validation), trained unless already done."""
+    if not (run_dir / "training_summary.json").is_file():
+        train(TrainConfig(
+            data=str(data / "train"), eval_data=str(data / "validation"), output_dir=str(run_dir),
+            num_heads=args.num_heads, rank=args.rank, max_steps=args.steps, batch_size=args.batch_size,
+            learning_rate=lr, warmup_steps=min(100, args.steps // 10), cpu=args.device == "cpu",
+            bf16=args.device == "cuda", save_every=500, resume=(run_dir / "checkpoints").is_dir(),
+        ))
+    return MemoryIndexerModel.from_pretrained(run_dir).to(args.device)
+
+
 def print_gate(report: dict) -> None:
-    print(f"\ntau {report['tau']}: lr {report['chosen_lr']} chosen on validation; test split, per task:")
+    meets = "" if report["meets_resident_target"] else " (none met the resident target: the smallest chosen)"
+    print(f"\ntau {report['tau']}: vote {report['chosen_vote']}, lr {report['chosen_lr']} chosen on validation{meets}")
+    print("validation, all tasks:")
+    for name, metrics in report["validation"].items():
+        m = metrics["all"]
+        print(f"  {name:<16} score {selection_score(metrics):.3f}  resident paper {m['paper_resident_fraction']:.3f}")
+    print("test split, per task:")
     print(f"{'task':<12}{'questions':>10}{'evid. paper':>12}{'evid. budget':>13}{'used paper':>11}{'used budget':>12}{'resident paper':>15}")
     for task in sorted(report["test"], key=lambda name: (name == "all", name)):
         m = report["test"][task]

@@ -25,19 +25,22 @@ def documents():
     return question_documents(3, LENGTH, "train", spacing=128, align=ALIGN)
 
 
-def dump_config(model, tau):
-    labels = LabelConfig(tau=tau, warmup=question_trigger_warmup(LENGTH, tau), vote=scaled_vote(7))
+def dump_config(model, tau, vote=None):
+    vote = scaled_vote(7) if vote is None else vote
+    labels = LabelConfig(tau=tau, warmup=question_trigger_warmup(LENGTH, tau), vote=vote)
     return DumpConfig(target_layers=tuple(default_target_layers(model.config)), labels=labels, chunk_size=128)
 
 
 @pytest.fixture(scope="module")
 def raw(model, documents, tmp_path_factory):
-    """Raw dumps at tau 4 (in blocks of two documents) and at tau 8, of the same documents."""
+    """Raw dumps at tau 4 (in blocks of two documents) and at tau 8, of the same documents, and one at tau 8 with
+    vote 2."""
     root = tmp_path_factory.mktemp("labels")
     plain = [document for document, _ in documents]
     assert dump_in_blocks(model, plain, root / "tau4", dump_config(model, 4), "smoke", block_size=2)
     with torch.no_grad():
         dump_labels(model, plain, root / "tau8", dump_config(model, 8), "smoke")
+        dump_labels(model, plain, root / "tau8-vote2", dump_config(model, 8, vote=2), "smoke")
     return root, {document.doc_id: questions for document, questions in documents}
 
 
@@ -90,6 +93,29 @@ def test_labels_widened_from_a_finer_dump_equal_a_dump_at_that_tau(raw, tmp_path
         assert sorted(a) == sorted(b)
         assert all(torch.equal(a[name], b[name]) for name in a), [n for n in a if not torch.equal(a[n], b[n])]
         assert a["labels/indices"].numel() > 0
+
+
+def test_labels_at_another_vote_from_the_dumps_votes_equal_a_dump_at_that_vote(raw, tmp_path):
+    root, questions = raw
+    select_labels(block_directories(root / "tau4", 3, 2), tmp_path / "revoted", questions, tau=8, vote=2)
+    select_labels([root / "tau8-vote2"], tmp_path / "direct", questions, tau=8)
+    revoted, direct = LabelShards(tmp_path / "revoted"), LabelShards(tmp_path / "direct")
+    assert revoted.manifest["labels"]["vote_applied"] == 2 == direct.manifest["labels"]["vote_applied"]
+    select_labels([root / "tau8"], tmp_path / "vote1", questions, tau=8)
+    fewer = 0
+    for index in range(3):
+        a, b, one = revoted.load(index), direct.load(index), LabelShards(tmp_path / "vote1").load(index)
+        assert sorted(a) == sorted(b)
+        assert all(torch.equal(a[name], b[name]) for name in a), [n for n in a if not torch.equal(a[n], b[n])]
+        fewer += one["labels/indices"].numel() - a["labels/indices"].numel()
+    assert fewer > 0  # vote 2 is a real filter here, not vote 1 again
+
+
+@pytest.mark.parametrize("vote, message", [(0, "not a number of CSA layers"), (8, "not a number of CSA layers")])
+def test_a_vote_the_backbone_cannot_give_is_an_error(raw, tmp_path, vote, message):
+    root, questions = raw
+    with pytest.raises(ValueError, match=message):
+        select_labels([root / "tau8"], tmp_path, questions, tau=8, vote=vote)
 
 
 def test_a_tau_the_dump_cannot_make_is_an_error(raw, tmp_path):

@@ -1,5 +1,6 @@
-"""examples/train_eval_indexer.py --vote: the dump's labels use the vote asked for, and a vote the backbone cannot
-give is a clear error before any work."""
+"""examples/train_eval_indexer.py --votes: one dump serves every candidate vote, validation chooses among votes
+and learning rates by the rule gate.py states, and a vote the backbone cannot give is a clear error before any
+work."""
 
 import json
 import subprocess
@@ -9,10 +10,13 @@ from pathlib import Path
 import pytest
 
 from fm_transformers.eval import build_eval_backbone, eval_backbone_config
+from fm_transformers.eval.gate import BYTES_TARGET, choose_candidate
 
 SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "train_eval_indexer.py"
 SMALL = ["--device", "cpu", "--length", "320", "--spacing", "128", "--align", "8", "--dump-tau", "4",
-         "--train-docs", "1", "--validation-docs", "1", "--test-docs", "1", "--block-size", "1"]
+         "--train-docs", "2", "--validation-docs", "1", "--test-docs", "1", "--block-size", "2"]
+TRAIN = ["--stage", "train", "--tau", "8", "--steps", "3", "--batch-size", "4", "--num-heads", "2", "--rank", "8",
+         "--recency-chunks", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -22,22 +26,52 @@ def backbone(tmp_path_factory):
     return path
 
 
-def dump(backbone, workdir, *flags):
-    command = [sys.executable, str(SCRIPT), "--backbone", str(backbone), "--workdir", str(workdir), "--stage", "dump"]
-    return subprocess.run(command + SMALL + list(flags), capture_output=True, text=True, timeout=300)
+@pytest.fixture(scope="module")
+def dumped(backbone, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("indexer")
+    done = run(backbone, workdir, "--stage", "dump")
+    assert done.returncode == 0, done.stderr[-2000:]
+    return workdir
 
 
-def test_the_dump_labels_with_the_vote_asked_for_and_the_scaled_one_by_default(backbone, tmp_path):
-    for flags, vote in (([], 1), (["--vote", "2"], 2)):  # paper-smoke has 7 CSA layers: 3 of 21 scaled is 1
-        workdir = tmp_path / f"vote{vote}"
-        done = dump(backbone, workdir, *flags)
-        assert done.returncode == 0, done.stderr[-2000:]
-        manifest = json.loads((workdir / "raw" / "train" / "block-0000" / "manifest.json").read_text())
-        assert manifest["labels"]["vote"] == vote and manifest["complete"]
+def run(backbone, workdir, *flags):
+    command = [sys.executable, str(SCRIPT), "--backbone", str(backbone), "--workdir", str(workdir)]
+    return subprocess.run(command + SMALL + list(flags), capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.parametrize("vote, message", [("0", "--vote must be at least 1"), ("8", "--vote 8 asks more CSA layers")])
-def test_a_vote_the_backbone_cannot_give_is_a_clear_error(backbone, tmp_path, vote, message):
-    refused = dump(backbone, tmp_path / "refused", "--vote", vote)
+def test_one_dump_trains_every_candidate_vote_and_validation_chooses(backbone, dumped):
+    manifest = json.loads((dumped / "raw" / "train" / "block-0000" / "manifest.json").read_text())
+    assert manifest["labels"]["vote"] == 1  # paper-smoke has 7 CSA layers: 3 of 21 scaled is 1
+    done = run(backbone, dumped, *TRAIN, "--votes", "1,3", "--lrs", "1e-3")
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((dumped / "tau8" / "gate.json").read_text())
+    assert set(report["validation"]) == {"vote1-lr0.001", "vote3-lr0.001"}
+    assert (report["chosen"], report["meets_resident_target"]) == choose_candidate(report["validation"])
+    assert report["chosen"] == f"vote{report['chosen_vote']}-lr{report['chosen_lr']}"
+    for vote in (1, 3):
+        labels = json.loads((dumped / "tau8" / f"vote{vote}" / "train" / "manifest.json").read_text())["labels"]
+        assert labels["vote_applied"] == vote and labels["tau"] == 8
+    assert f"vote {report['chosen_vote']}, lr {report['chosen_lr']} chosen on validation" in done.stdout
+
+
+@pytest.mark.parametrize("votes, message", [("0", "--votes must be at least 1"), ("2,8", "--votes 8 asks more CSA"),
+                                            ("two", "--votes must be CSA layer counts")])
+def test_a_vote_the_backbone_cannot_give_is_a_clear_error(backbone, dumped, votes, message):
+    refused = run(backbone, dumped, *TRAIN, "--tau", "4", "--votes", votes)
     assert refused.returncode in (1, 2) and message in refused.stderr and "Traceback" not in refused.stderr
-    assert not (tmp_path / "refused" / "raw").exists()
+    assert not (dumped / "tau4").exists()
+
+
+def metrics(resident: float, recall: float) -> dict:
+    task = {f"{selection}_{metric}": recall for selection in ("paper", "budget")
+            for metric in ("evidence_recall", "used_recall")}
+    return {"all": {**task, "paper_resident_fraction": resident}, "qa_block": task}
+
+
+def test_validation_takes_the_best_score_among_candidates_that_meet_the_resident_target():
+    candidates = {"dense": metrics(0.9, 0.99), "good": metrics(0.1, 0.8), "sparse": metrics(0.02, 0.4)}
+    assert choose_candidate(candidates) == ("good", True)
+    assert choose_candidate({"dense": metrics(0.9, 0.99), "denser": metrics(0.95, 1.0)}) == ("dense", False)
+    assert choose_candidate({"edge": metrics(BYTES_TARGET, 0.5)}) == ("edge", True)
+    with pytest.raises(ValueError, match="no candidate"):
+        choose_candidate({})

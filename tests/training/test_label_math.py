@@ -10,6 +10,7 @@ from fm_transformers.training.labels import (
     LabelConfig,
     LookaheadUnion,
     effective_vote,
+    layer_votes,
     nucleus_top_k,
     picked_pairs,
     trigger_positions,
@@ -140,6 +141,27 @@ def test_lookahead_union_merges_calls_and_counts_repeats():
     union.add(torch.tensor([31]), torch.tensor([0]))
     indptr, indices, counts = union.to_csr()
     assert indices.tolist() == [0, 2] and counts.tolist() == [1, 3] and indptr.tolist() == [0, 2]
+
+
+def test_layer_votes_count_the_layers_per_token_and_chunk():
+    layers = [_layer([{5, 7}, {1}]), _layer([{5, 7}, {2}]), _layer([{7, 9}, {1}])]
+    rows, chunks, votes = layer_votes(layers)
+    assert sorted(zip(rows.tolist(), chunks.tolist(), votes.tolist(), strict=True)) == [
+        (0, 5, 2), (0, 7, 3), (0, 9, 1), (1, 1, 2), (1, 2, 1)
+    ]
+
+
+def test_lookahead_union_by_max_keeps_the_most_layers_at_one_token_of_the_window():
+    union = LookaheadUnion(torch.tensor([16]), tau=16, compress_rate=RATE, reduce="max")
+    union.add(torch.tensor([16, 17, 20]), torch.tensor([2, 2, 3]), torch.tensor([1, 3, 2]))
+    union.add(torch.tensor([30, 40]), torch.tensor([2, 1]), torch.tensor([2, 7]))  # 40: outside the window
+    indptr, indices, layers = union.to_csr()
+    assert indices.tolist() == [2, 3] and layers.tolist() == [3, 2] and indptr.tolist() == [0, 2]
+
+
+def test_lookahead_union_refuses_an_unknown_reduction():
+    with pytest.raises(ValueError, match="reduce must be"):
+        LookaheadUnion(torch.tensor([16]), tau=16, compress_rate=RATE, reduce="mean")
 
 
 def test_lookahead_union_of_nothing_is_empty_rows():

@@ -106,8 +106,31 @@ def _means(total) -> dict[str, float]:
     return means
 
 
+BYTES_TARGET = 0.15  # the issue's target for LSA as the paper runs it: CSA device bytes at most 15% of full's
+CHOICE_RULE = (
+    f"among the candidates whose paper resident set holds at most {BYTES_TARGET:.0%} of the chunks on validation, "
+    "the best selection score; if none does, the smallest paper resident set"
+)
+
+
 def selection_score(metrics: dict[str, dict[str, float]]) -> float:
     """What validation maximizes: over the tasks, the mean of evidence recall at questions and used recall at
-    every trigger, both under the budget (the resident sets whose size is fixed, so they compare fairly)."""
+    every trigger, for both resident sets (the paper's, which LSA serves with, and the budget's, whose size is
+    fixed so that it compares rankings fairly)."""
     tasks = [task for task in metrics if task != "all"]
-    return sum((metrics[t]["budget_evidence_recall"] + metrics[t]["budget_used_recall"]) / 2 for t in tasks) / len(tasks)
+    recalls = [f"{selection}_{metric}" for selection in SELECTIONS for metric in ("evidence_recall", "used_recall")]
+    return sum(sum(metrics[t][name] for name in recalls) / len(recalls) for t in tasks) / len(tasks)
+
+
+def choose_candidate(validation: dict[str, dict], max_resident: float = BYTES_TARGET) -> tuple[str, bool]:
+    """The candidate (a key of `validation`, each a gate_metrics result) that validation prefers, and whether it
+    meets `max_resident`: among those whose paper resident set holds at most that share of the chunks (so that
+    LSA as the paper runs it can meet the bytes target), the best selection_score; when none does, the one with
+    the smallest paper resident set, the nearest to the target."""
+    if not validation:
+        raise ValueError("no candidate to choose from")
+    resident = {name: metrics["all"]["paper_resident_fraction"] for name, metrics in validation.items()}
+    meeting = [name for name in validation if resident[name] <= max_resident]
+    if meeting:
+        return max(meeting, key=lambda name: selection_score(validation[name])), True
+    return min(validation, key=lambda name: resident[name]), False

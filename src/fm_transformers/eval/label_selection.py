@@ -6,7 +6,9 @@ end and every tau steps of its answer (AskedQuestion.trigger_positions), all on 
 A coarser tau is made from the same dump: the lookahead window [t, t + tau) of a trigger t is the union of the
 raw windows starting at t, t + tau_raw, ..., so its golden chunks are the union of theirs and its native picks
 the sum of theirs, each cut to the chunks that exist at t (the dump's own causality rule). That equals a dump
-made at tau directly (tested), for the cost of one dump for every tau.
+made at tau directly (tested), for the cost of one dump for every tau. The vote is chosen here too, where the dump
+stores its votes (the most CSA layers that kept a chunk at one token of a window): the labels at vote v are the
+chunks whose most layers over the widened window reach v, equal to a dump made at that vote (tested).
 
 The selected set is a normal label directory (manifest, shards) with the questions of its documents beside it
 (QUESTIONS, read by gate.py).
@@ -20,17 +22,21 @@ from pathlib import Path
 import torch
 
 from ..training import LabelShards
-from ..training.labels import visible_chunks
+from ..training.labels import reduce_groups, visible_chunks
 from ..training.shard_writer import ShardWriter
-from ..training.shards import MANIFEST, atomic_write_json
+from ..training.shards import MANIFEST, atomic_write_json, read_header
 from .qa_documents import AskedQuestion
 
 QUESTIONS = "questions.json"
 
 
-def select_labels(sources: list[Path], target: Path, questions: dict[str, tuple[AskedQuestion, ...]], tau: int) -> dict:
+def select_labels(
+    sources: list[Path], target: Path, questions: dict[str, tuple[AskedQuestion, ...]], tau: int,
+    vote: int | None = None,
+) -> dict:
     """Write to `target` (replacing it) the labels at the question triggers for `tau`, from the raw dumps in
-    `sources` (one or more directories of one backbone and label settings). Returns the manifest."""
+    `sources` (one or more directories of one backbone and label settings), at `vote` CSA layers (None: the
+    dump's own). Returns the manifest."""
     raw = [LabelShards(source) for source in sources]
     first = raw[0]
     for other in raw[1:]:
@@ -40,11 +46,15 @@ def select_labels(sources: list[Path], target: Path, questions: dict[str, tuple[
     raw_tau = first.manifest["labels"]["tau"]
     if tau % raw_tau:
         raise ValueError(f"tau {tau} is not a multiple of the dump's tau {raw_tau}: dump at a tau dividing it")
+    labels = {**first.manifest["labels"], "tau": tau}
+    if vote is not None:
+        _check_vote(vote, first)
+        labels.update(vote=vote, vote_applied=vote)
     shutil.rmtree(target, ignore_errors=True)
     target.mkdir(parents=True)
     manifest = {
         **{key: value for key, value in first.manifest.items() if key not in ("shards", "documents")},
-        "labels": {**first.manifest["labels"], "tau": tau},
+        "labels": labels,
         "selected": {"from_tau": raw_tau, "triggers": "each question's end and every tau steps of its answer"},
         "documents": [],
         "shards": [],
@@ -56,7 +66,8 @@ def select_labels(sources: list[Path], target: Path, questions: dict[str, tuple[
         for index, document in enumerate(shards.documents):
             positions = [p for q in questions[document.doc_id] for p in q.trigger_positions(tau)]
             data = shards.load(index)
-            writer.add(document.doc_id, document.tokens, select_triggers(data, positions, raw_tau, tau, shards.compress_rate))
+            selected = select_triggers(data, positions, raw_tau, tau, shards.compress_rate, vote)
+            writer.add(document.doc_id, document.tokens, selected)
             manifest["documents"].append(document.doc_id)
             kept[document.doc_id] = [asdict(q) for q in questions[document.doc_id]]
     writer.close()
@@ -75,8 +86,22 @@ def read_questions(directory: Path) -> dict[str, list[AskedQuestion]]:
     }
 
 
-def select_triggers(data: dict, positions: list[int], raw_tau: int, tau: int, compress_rate: int) -> dict:
-    """One document's tensors (LabelShards.load) at the triggers `positions`, each widened to a window of tau."""
+def _check_vote(vote: int, shards: LabelShards) -> None:
+    layers = len(shards.backbone["csa_layers"])
+    if not 1 <= vote <= layers:
+        raise ValueError(f"vote {vote} is not a number of CSA layers of this backbone (1 to {layers})")
+    first = shards.documents[0].parts[0] if shards.documents else None
+    if first is not None and first.prefix + "votes/indptr" not in read_header(first.path)[1]:
+        raise ValueError(
+            f"{shards.directory} stores no votes (dumped before they were stored): dump again to choose the vote"
+        )
+
+
+def select_triggers(
+    data: dict, positions: list[int], raw_tau: int, tau: int, compress_rate: int, vote: int | None = None
+) -> dict:
+    """One document's tensors (LabelShards.load) at the triggers `positions`, each widened to a window of tau;
+    with `vote`, the labels are the chunks the dump's votes hold in at least that many layers."""
     row_of = {position: row for row, position in enumerate(data["positions"].tolist())}
     steps = range(0, tau, raw_tau)
     missing = [p + step for p in positions for step in steps if p + step not in row_of]
@@ -88,16 +113,32 @@ def select_triggers(data: dict, positions: list[int], raw_tau: int, tau: int, co
     for name, tensor in data.items():
         if name.startswith(("hidden/", "keys/")):
             selected[name] = tensor[rows] if name.startswith("hidden/") else tensor
-    for kind in ("labels", "used"):
-        groups = [[row_of[p + step] for step in steps] for p in positions]
-        selected.update(_union_rows(data, kind, groups, limits))
+    groups = [[row_of[p + step] for step in steps] for p in positions]
+    selected.update(_union_rows(data, "used", groups, limits))
+    if vote is None:
+        selected.update(_union_rows(data, "labels", groups, limits))
+    else:
+        votes = _union_rows(data, "votes", groups, limits, reduce="max")
+        selected.update(_at_least(votes, vote))
     return selected
 
 
-def _union_rows(data: dict, kind: str, groups: list[list[int]], limits: torch.Tensor) -> dict:
-    """CSR rows that are the union of each group of `kind`'s rows (counts summed), cut below each limit."""
+def _at_least(votes: dict, vote: int) -> dict:
+    """Labels CSR: the chunks of the votes CSR held by at least `vote` layers."""
+    kept = votes["votes/counts"] >= vote
+    rows = torch.repeat_interleave(torch.arange(votes["votes/indptr"].numel() - 1), torch.diff(votes["votes/indptr"]))
+    lengths = torch.bincount(rows[kept], minlength=votes["votes/indptr"].numel() - 1)
+    indptr = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    return {"labels/indptr": indptr, "labels/indices": votes["votes/indices"][kept]}
+
+
+def _union_rows(data: dict, kind: str, groups: list[list[int]], limits: torch.Tensor, reduce: str = "sum") -> dict:
+    """CSR rows that are the union of each group of `kind`'s rows (counts summed, or their max), cut below each
+    limit."""
     indptr, indices = data[f"{kind}/indptr"], data[f"{kind}/indices"]
     counts = data.get(f"{kind}/counts")
+    if counts is not None:
+        counts = counts.long()
     out_indices, out_counts, lengths = [], [], []
     for group, limit in zip(groups, limits.tolist()):
         spans = [slice(int(indptr[row]), int(indptr[row + 1])) for row in group]
@@ -106,7 +147,7 @@ def _union_rows(data: dict, kind: str, groups: list[list[int]], limits: torch.Te
         keep = chunks < limit
         unique, inverse = torch.unique(chunks[keep], return_inverse=True)
         out_indices.append(unique)
-        out_counts.append(torch.zeros_like(unique).index_add_(0, inverse, weights[keep]))
+        out_counts.append(reduce_groups(weights[keep], inverse, unique.numel(), reduce))
         lengths.append(unique.numel())
     result = {
         f"{kind}/indptr": torch.cat([torch.zeros(1, dtype=torch.long), torch.tensor(lengths, dtype=torch.long).cumsum(0)]),

@@ -18,7 +18,7 @@ from transformers import DynamicCache
 from ..document import Document
 from ..layout import csa_compress_rate
 from .capture import IndexerCapture
-from .labels import LabelConfig, LookaheadUnion, effective_vote, picked_pairs, trigger_positions, vote_golden
+from .labels import LabelConfig, LookaheadUnion, effective_vote, layer_votes, picked_pairs, trigger_positions
 from .shard_writer import ShardWriter
 from .shards import FORMAT, MANIFEST, VERSION, atomic_write_json, backbone_identity, read_manifest
 
@@ -141,6 +141,7 @@ def label_document(model, capture: IndexerCapture, input_ids: list[int], setting
     triggers = trigger_positions(len(input_ids), labels["warmup"], labels["tau"])
     golden = LookaheadUnion(triggers, labels["tau"], compress_rate)
     used = LookaheadUnion(triggers, labels["tau"], compress_rate)
+    votes = LookaheadUnion(triggers, labels["tau"], compress_rate, reduce="max")
     hidden = {layer: [] for layer in settings["target_layers"]}
     ids = torch.tensor(input_ids, dtype=torch.long, device=model.device).unsqueeze(0)
     cache = DynamicCache(config=model.config)
@@ -148,8 +149,9 @@ def label_document(model, capture: IndexerCapture, input_ids: list[int], setting
     for start in range(0, ids.shape[1], chunk_size):
         model(input_ids=ids[:, start : start + chunk_size], past_key_values=cache, use_cache=True, logits_to_keep=1)
         taken = capture.take()
-        rows, chunks = vote_golden(list(taken.nucleus_sets.values()), labels["vote_applied"])
-        golden.add(taken.positions[rows], chunks)
+        rows, chunks, layers = layer_votes(list(taken.nucleus_sets.values()))
+        golden.add(taken.positions[rows][layers >= labels["vote_applied"]], chunks[layers >= labels["vote_applied"]])
+        votes.add(taken.positions[rows], chunks, layers)
         rows, chunks = picked_pairs(list(taken.used.values()))
         used.add(taken.positions[rows], chunks)
         for layer, states in taken.hidden.items():
@@ -157,6 +159,7 @@ def label_document(model, capture: IndexerCapture, input_ids: list[int], setting
         progress.update(min(chunk_size, ids.shape[1] - start))
     label_indptr, label_indices, _ = golden.to_csr()
     used_indptr, used_indices, used_counts = used.to_csr()
+    votes_indptr, votes_indices, votes_layers = votes.to_csr()
     tensors = {
         "positions": triggers,
         "labels/indptr": label_indptr,
@@ -164,6 +167,9 @@ def label_document(model, capture: IndexerCapture, input_ids: list[int], setting
         "used/indptr": used_indptr,
         "used/indices": used_indices,
         "used/counts": used_counts,
+        "votes/indptr": votes_indptr,
+        "votes/indices": votes_indices,
+        "votes/counts": votes_layers.to(torch.uint8),
     }
     for layer in settings["target_layers"]:
         tensors[f"hidden/{layer}"] = torch.cat(hidden[layer])

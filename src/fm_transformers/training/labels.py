@@ -4,6 +4,8 @@ For decode token t and CSA layer l: the native scores over the chunks visible to
 s < (t + 1) // compress_rate), their top-k, a softmax over those k logits, and the nucleus that reaches the
 probability mass `nucleus`. A chunk is golden for t if it survives in at least `vote` CSA layers. The positive set
 of a trigger step t is the union of the golden sets of tokens t .. t + tau - 1, restricted to chunks visible at t.
+A chunk is golden for a window at vote v iff one of its tokens keeps it in at least v layers, so the window's most
+layers per chunk (LookaheadUnion with reduce="max") serves every vote from one pass over the backbone.
 
 Everything here is pure tensor math on one chunk of tokens at a time: no function ever needs the whole
 sequence x history score matrix, which is what lets the dump run over documents of any length.
@@ -99,15 +101,22 @@ def nucleus_top_k(
     return indices, keep
 
 
-def vote_golden(per_layer: list[tuple[torch.Tensor, torch.Tensor]], vote: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(token row, chunk) pairs that are in the nucleus of at least `vote` layers, as two 1-D tensors."""
+def layer_votes(per_layer: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(token row, chunk, votes) triples, one per pair kept by at least one layer: votes counts the layers whose
+    nucleus holds the chunk for that token, so any vote is a filter on them (vote_golden)."""
     rows, chunks = _kept_pairs(per_layer)
     if rows.numel() == 0:
-        return rows, chunks
+        return rows, chunks, rows
     width = int(chunks.max()) + 1
     keys, counts = torch.unique(rows * width + chunks, return_counts=True)
-    keys = keys[counts >= vote]
-    return keys // width, keys % width
+    return keys // width, keys % width, counts
+
+
+def vote_golden(per_layer: list[tuple[torch.Tensor, torch.Tensor]], vote: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token row, chunk) pairs that are in the nucleus of at least `vote` layers, as two 1-D tensors."""
+    rows, chunks, votes = layer_votes(per_layer)
+    kept = votes >= vote
+    return rows[kept], chunks[kept]
 
 
 def picked_pairs(per_layer_indices: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,40 +144,54 @@ class LookaheadUnion:
     """Accumulates per-token chunk sets of one document into one set per trigger step (CSR at the end).
 
     Tokens arrive chunk by chunk in any number of calls; each token belongs to at most one lookahead window
-    (windows are tau long and start tau apart), so only (window, chunk) pairs with a count are kept, never a
-    token x chunk matrix. Invariant: a stored chunk is always visible at its trigger step (causality),
-    whatever the tokens of the window report.
+    (windows are tau long and start tau apart), so only (window, chunk) pairs with a value are kept, never a
+    token x chunk matrix. A pair's value joins those of the window's tokens by `reduce`: "sum" (how often the
+    chunk was picked; a pair counts 1 unless given a value) or "max" (the most layers that kept it at one token,
+    which is what a vote over the window asks). Invariant: a stored chunk is always visible at its trigger
+    step (causality), whatever the tokens of the window report.
     """
 
-    def __init__(self, triggers: torch.Tensor, tau: int, compress_rate: int):
+    def __init__(self, triggers: torch.Tensor, tau: int, compress_rate: int, reduce: str = "sum"):
+        if reduce not in ("sum", "max"):
+            raise ValueError(f"reduce must be 'sum' or 'max', got {reduce!r}")
         self.triggers = triggers
         self.tau = tau
+        self.reduce = reduce
         self.limits = visible_chunks(triggers, compress_rate)  # (windows,)
         self._keys: list[torch.Tensor] = []
-        self._counts: list[torch.Tensor] = []
+        self._values: list[torch.Tensor] = []
         self._width = int(self.limits.max()) + 1 if triggers.numel() else 1
 
-    def add(self, positions: torch.Tensor, chunks: torch.Tensor) -> None:
-        """positions, chunks: 1-D, one (token position, chunk) pair per entry; repeats add to the count."""
+    def add(self, positions: torch.Tensor, chunks: torch.Tensor, values: torch.Tensor | None = None) -> None:
+        """positions, chunks (and values, default 1 each): 1-D, one (token position, chunk) pair per entry."""
         if positions.numel() == 0 or self.triggers.numel() == 0:
             return
         positions, chunks = positions.cpu(), chunks.cpu()
+        values = torch.ones_like(chunks) if values is None else values.cpu().long()
         window = torch.searchsorted(self.triggers, positions, right=True) - 1
         inside = (window >= 0) & (positions < self.triggers[window.clamp(min=0)] + self.tau)
-        window, chunks = window[inside], chunks[inside]
+        window, chunks, values = window[inside], chunks[inside], values[inside]
         existing = chunks < self.limits[window]
-        keys, counts = torch.unique(window[existing] * self._width + chunks[existing], return_counts=True)
+        keys, inverse = torch.unique(window[existing] * self._width + chunks[existing], return_inverse=True)
         self._keys.append(keys)
-        self._counts.append(counts)
+        self._values.append(reduce_groups(values[existing], inverse, keys.numel(), self.reduce))
 
     def to_csr(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """indptr (windows + 1,), indices (nnz,) sorted ascending within each window, counts (nnz,)."""
+        """indptr (windows + 1,), indices (nnz,) sorted ascending within each window, values (nnz,)."""
         if self._keys:
             keys, inverse = torch.unique(torch.cat(self._keys), return_inverse=True)
-            counts = torch.zeros(keys.numel(), dtype=torch.long).index_add_(0, inverse, torch.cat(self._counts))
+            values = reduce_groups(torch.cat(self._values), inverse, keys.numel(), self.reduce)
         else:
-            keys = counts = torch.zeros(0, dtype=torch.long)
+            keys = values = torch.zeros(0, dtype=torch.long)
         window, chunks = keys // self._width, keys % self._width
         indptr = torch.zeros(self.triggers.numel() + 1, dtype=torch.long)
         indptr[1:] = torch.cumsum(torch.bincount(window, minlength=self.triggers.numel()), dim=0)
-        return indptr, chunks, counts
+        return indptr, chunks, values
+
+
+def reduce_groups(values: torch.Tensor, groups: torch.Tensor, size: int, how: str) -> torch.Tensor:
+    """Per group (0..size-1), the sum or the max of its values."""
+    out = torch.zeros(size, dtype=torch.long)
+    if how == "sum":
+        return out.index_add_(0, groups, values)
+    return out.scatter_reduce_(0, groups, values, reduce="amax", include_self=False)

@@ -19,7 +19,7 @@ from .labels import visible_chunks
 from .shards import MANIFEST, atomic_write_json, write_shard
 
 ROW_NAMES = ("positions",)  # besides hidden/{layer}: one entry per trigger step
-CSR_NAMES = ("labels", "used")
+CSR_NAMES = ("labels", "used", "votes")  # "votes" only in dumps that store it (dump.py)
 
 
 class ShardWriter:
@@ -149,7 +149,7 @@ def _row_bytes(tensors: dict) -> torch.Tensor:
     """(triggers,) bytes of each trigger row: hidden states, position, pointer and its CSR entries."""
     row = sum(_entry_bytes(t) for name, t in tensors.items() if name.startswith("hidden/") or name in ROW_NAMES)
     total = torch.full((_triggers(tensors),), row, dtype=torch.long)
-    for kind in CSR_NAMES:
+    for kind in [kind for kind in CSR_NAMES if f"{kind}/indptr" in tensors]:
         lengths = torch.diff(tensors[f"{kind}/indptr"])
         entry = sum(_entry_bytes(t) for name, t in tensors.items() if name in (f"{kind}/indices", f"{kind}/counts"))
         total += lengths * entry + tensors[f"{kind}/indptr"].element_size()

@@ -11,6 +11,10 @@ with the document). Per part a shard stores
     {part}/used/indptr, {part}/used/indices, {part}/used/counts
                                                    CSR chunks the native top-k picked in the window, with how
                                                    many (token, CSA layer) picks each got
+    {part}/votes/indptr, {part}/votes/indices, {part}/votes/counts
+                                                   CSR chunks in the nucleus of at least one CSA layer at a token
+                                                   of the window, with the most layers that kept each at one token
+                                                   (uint8): the labels at any vote (absent from older dumps)
 A part's keys are the chunks that first become visible at its triggers (the last part also holds the chunks no
 trigger sees), so a trigger of part p reads the keys of parts 0..p. The manifest names the backbone (name,
 dimensions, and a fingerprint of its weights) and the label settings; every shard repeats the fingerprint, so a
