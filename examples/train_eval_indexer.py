@@ -89,7 +89,8 @@ def split_documents(args, split: str):
 
 
 def dump(args, workdir: Path) -> bool:
-    backbone = AutoModelForCausalLM.from_pretrained(args.backbone).to(args.device).eval()
+    dtype = torch.float32 if args.device == "cpu" else "auto"  # 2-core CPU: 3.9 s a document in fp32, 54 s in bf16
+    backbone = AutoModelForCausalLM.from_pretrained(args.backbone, dtype=dtype).to(args.device).eval()
     vote = scaled_vote(len(csa_layers(backbone.config)))  # the dump's own labels; its votes serve any other
     labels = LabelConfig(tau=args.dump_tau, warmup=question_trigger_warmup(args.length, args.dump_tau), vote=vote)
     config = DumpConfig(target_layers=tuple(default_target_layers(backbone.config)), labels=labels, chunk_size=512)

@@ -1,8 +1,12 @@
 """The memory indexer's data for the paper-layout backbone: question documents, a dump in blocks, the triggers
 kept (question ends and every tau steps of answers), a coarser tau made from the same dump, and the gate."""
 
+import shutil
+
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from fm_transformers.eval import build_eval_backbone, eval_backbone_config
 from fm_transformers.eval.dump_blocks import block_directories, dump_in_blocks, is_complete
@@ -116,6 +120,19 @@ def test_a_vote_the_backbone_cannot_give_is_an_error(raw, tmp_path, vote, messag
     root, questions = raw
     with pytest.raises(ValueError, match=message):
         select_labels([root / "tau8"], tmp_path, questions, tau=8, vote=vote)
+
+
+def test_a_dump_without_votes_cannot_be_revoted(raw, tmp_path):
+    root, questions = raw
+    shutil.copytree(root / "tau8", tmp_path / "old")
+    for path in (tmp_path / "old").glob("*.safetensors"):  # as written before the votes were stored
+        with safe_open(str(path), framework="pt") as shard:
+            kept = {name: shard.get_tensor(name) for name in shard.keys() if "/votes/" not in name}  # noqa: SIM118
+            metadata = shard.metadata()
+        save_file(kept, str(path), metadata=metadata)
+    select_labels([tmp_path / "old"], tmp_path / "plain", questions, tau=8)  # the dump's own vote still works
+    with pytest.raises(ValueError, match="stores no votes"):
+        select_labels([tmp_path / "old"], tmp_path / "revoted", questions, tau=8, vote=2)
 
 
 def test_a_tau_the_dump_cannot_make_is_an_error(raw, tmp_path):

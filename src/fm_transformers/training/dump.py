@@ -150,7 +150,8 @@ def label_document(model, capture: IndexerCapture, input_ids: list[int], setting
         model(input_ids=ids[:, start : start + chunk_size], past_key_values=cache, use_cache=True, logits_to_keep=1)
         taken = capture.take()
         rows, chunks, layers = layer_votes(list(taken.nucleus_sets.values()))
-        golden.add(taken.positions[rows][layers >= labels["vote_applied"]], chunks[layers >= labels["vote_applied"]])
+        voted = layers >= labels["vote_applied"]
+        golden.add(taken.positions[rows[voted]], chunks[voted])
         votes.add(taken.positions[rows], chunks, layers)
         rows, chunks = picked_pairs(list(taken.used.values()))
         used.add(taken.positions[rows], chunks)
