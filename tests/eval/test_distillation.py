@@ -89,3 +89,20 @@ def test_hooks_are_removed_on_exit(smoke_model):
 def test_loss_without_a_forward_is_an_error(smoke_model):
     with IndexerDistillation(smoke_model) as distillation, pytest.raises(RuntimeError, match="forward"):
         distillation.loss()
+
+
+def test_the_hooked_paper_layout_forward_traces_as_one_graph():
+    """--compile's premise: with every CSA layer hooked, the training forward is one graph. Hooks that differed per
+    layer made torch.compile trace each CSA layer apart (14 graphs), past its recompile limit (deep layers eager)."""
+    import torch._dynamo
+
+    from fm_transformers.eval import build_eval_backbone, eval_backbone_config
+
+    model = build_eval_backbone(eval_backbone_config("paper-smoke"), seed=0).train()
+    input_ids = torch.randint(8, 200, (2, 48))
+    torch._dynamo.reset()
+    with IndexerDistillation(model) as distillation:
+        explained = torch._dynamo.explain(model)(input_ids=input_ids, use_cache=False)
+        distillation.loss()  # the traced forward captured every CSA layer once
+    torch._dynamo.reset()
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons

@@ -71,6 +71,11 @@ class IndexerDistillation:
     Set `rows` (flat indices into batch * seq, or None for every position) before a forward to choose the
     query positions to distill; `loss()` then returns the KL summed over CSA layers and clears what the forward
     captured. What is kept per layer is reduced to those rows inside the hooks.
+
+    The hooks are the same three callables on every CSA layer and what they capture is appended in the order the
+    layers run (each layer's scorer, then its selection, then its attention): a hook that named its layer would be
+    a different function per layer, and torch.compile would then compile each CSA layer apart, past its
+    recompile limit, leaving the deep layers eager.
     """
 
     def __init__(self, model):
@@ -80,11 +85,12 @@ class IndexerDistillation:
             raise ValueError("the model has no compressed_sparse_attention layer: there is no indexer to distill")
         self.rows: torch.Tensor | None = None
         self._handles = []
-        self._scores: dict[int, torch.Tensor] = {}
-        self._selected: dict[int, torch.Tensor] = {}
-        self._mass: dict[int, torch.Tensor] = {}
+        self._scores: list[torch.Tensor] = []
+        self._selected: list[torch.Tensor] = []
+        self._mass: list[torch.Tensor] = []
 
     def __enter__(self) -> "IndexerDistillation":
+        on_scores, on_selection, on_attention = self._on_scores, self._on_selection, self._on_attention
         for index in self.layers:
             attention = self.model.model.layers[index].self_attn
             indexer = attention.compressor.indexer
@@ -94,9 +100,9 @@ class IndexerDistillation:
                 raise TypeError(f"layer {index} has no stock DeepseekV4IndexerScorer: distill an unpatched model")
             self._handles += [
                 indexer.register_forward_pre_hook(_detach_indexer_inputs),
-                indexer.scorer.register_forward_hook(self._scores_hook(index)),
-                indexer.register_forward_hook(self._selection_hook(index)),
-                attention.register_forward_hook(self._attention_hook(index)),
+                indexer.scorer.register_forward_hook(on_scores),
+                indexer.register_forward_hook(on_selection),
+                attention.register_forward_hook(on_attention),
             ]
         return self
 
@@ -116,38 +122,33 @@ class IndexerDistillation:
         flat = tensor.flatten(0, 1)
         return flat if self.rows is None else flat.index_select(0, self.rows.to(tensor.device))
 
-    def _scores_hook(self, index: int):
-        def hook(module, args, scores):  # scores: (batch, seq, entries)
-            self._scores[index] = self._take_rows(scores)
+    def _on_scores(self, module, args, scores):  # scores: (batch, seq, entries)
+        self._scores.append(self._take_rows(scores))
 
-        return hook
+    def _on_selection(self, module, args, top_k):  # top_k: (batch, seq, k), -1 where no causal entry is left
+        entries = self._scores[-1].shape[-1]
+        slots = torch.where(top_k >= 0, top_k, entries)
+        selected = torch.zeros(*top_k.shape[:2], entries + 1, dtype=torch.bool, device=top_k.device)
+        self._selected.append(self._take_rows(selected.scatter_(-1, slots, True)[..., :entries]))
 
-    def _selection_hook(self, index: int):
-        def hook(module, args, top_k):  # top_k: (batch, seq, k), -1 where no causal entry is left
-            entries = self._scores[index].shape[-1]
-            slots = torch.where(top_k >= 0, top_k, entries)
-            selected = torch.zeros(*top_k.shape[:2], entries + 1, dtype=torch.bool, device=top_k.device)
-            self._selected[index] = self._take_rows(selected.scatter_(-1, slots, True)[..., :entries])
-
-        return hook
-
-    def _attention_hook(self, index: int):
-        def hook(module, args, output):
-            weights = output[1]  # (batch, heads, seq, window keys + entries)
-            if weights is None:
-                raise RuntimeError("attention weights are missing: distillation needs the eager attention")
-            entries = self._scores[index].shape[-1]
-            mass = weights[..., weights.shape[-1] - entries :].detach().float().sum(dim=1)
-            self._mass[index] = self._take_rows(mass)
-
-        return hook
+    def _on_attention(self, module, args, output):
+        weights = output[1]  # (batch, heads, seq, window keys + entries)
+        if weights is None:
+            raise RuntimeError("attention weights are missing: distillation needs the eager attention")
+        entries = self._scores[-1].shape[-1]
+        mass = weights[..., weights.shape[-1] - entries :].detach().float().sum(dim=1)
+        self._mass.append(self._take_rows(mass))
 
     def loss(self) -> torch.Tensor:
         """KL summed over CSA layers (each layer's indexer learns its own layer's attention)."""
-        missing = [index for index in self.layers if index not in self._mass]
-        if missing:
-            raise RuntimeError(f"no captured forward for CSA layers {missing}: run a forward inside the context first")
-        total = sum(indexer_kl(self._scores[i], self._mass[i], self._selected[i]) for i in self.layers)
+        captured = (len(self._scores), len(self._selected), len(self._mass))
+        if captured != (len(self.layers),) * 3:
+            self._clear()
+            raise RuntimeError(
+                f"captured {captured} (scores, selections, attentions) for {len(self.layers)} CSA layers: run one "
+                "forward inside the context before each loss()"
+            )
+        total = sum(indexer_kl(*captured) for captured in zip(self._scores, self._mass, self._selected, strict=True))
         self._clear()
         return total
 
