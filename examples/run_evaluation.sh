@@ -17,7 +17,8 @@
 #   report    join the parts per tau: WORKDIR/tau{64,16}.json, .png, and the printed table   seconds
 # A stage that stops at its time limit exits with status 75: run the same command again (finished work is kept
 # and skipped). `all` runs every stage to its end. SMOKE=1 runs them all at CPU sizes (one tau, one length), about
-# 2.5 minutes for `SMOKE=1 bash examples/run_evaluation.sh all /tmp/smoke` on 2 cores.
+# 2.5 minutes for `SMOKE=1 bash examples/run_evaluation.sh all /tmp/smoke` on 2 cores. COMPILE=1 trains the
+# backbone's stages through torch.compile (one graph for every context length; its speed on the GPU is not measured).
 set -euo pipefail
 stage=${1:?usage: bash examples/run_evaluation.sh backbone|dump|indexer|tune|compare|report|all [WORKDIR]}
 work=${2:-runs/paper}
@@ -59,6 +60,7 @@ else
     examples=200; minutes=8
 fi
 backbone="$work/backbone-bf16"
+compile=(); [[ "${COMPILE:-0}" == 1 ]] && compile=(--compile)
 indexer_args=(--backbone "$backbone" --workdir "$work/indexer" --device "$device" "${data_flags[@]}")
 
 repeat_until_done() {  # `all`: run a resumable stage again while it stops at its time limit
@@ -80,7 +82,7 @@ train_stage() {
     if (( left < 30 )); then echo "time limit: run again to go on"; return "$STOPPED"; fi
     (( i > 0 )) && from=(--init-from "$work/${backbone_stages[i - 1]}-bf16")
     python examples/train_eval_backbone.py --device "$device" --mix "$mix" --seed 0 --output-dir "$work/$name" \
-        ${from[@]+"${from[@]}"} --export-bf16 "$work/$name-bf16" --resume \
+        ${from[@]+"${from[@]}"} ${compile[@]+"${compile[@]}"} --export-bf16 "$work/$name-bf16" --resume \
         --max-minutes "$(awk -v s="$left" 'BEGIN { printf "%.2f", s / 60 }')" "$@"
 }
 
