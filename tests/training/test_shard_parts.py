@@ -31,13 +31,13 @@ def test_documents_larger_than_the_budget_are_cut_into_files_within_it(split_tra
 
 
 def test_short_documents_are_packed_together_up_to_the_budget(backbone, tmp_path):
-    documents = as_documents(needle_documents(5, 96, seed=0))
-    dump_labels(backbone, documents, tmp_path / "labels", dump_config(shard_bytes=20_000, docs_per_shard=16), "tiny")
+    documents = as_documents(needle_documents(5, 96, seed=0))  # about 10 KB each: two or three fit the budget
+    dump_labels(backbone, documents, tmp_path / "labels", dump_config(shard_bytes=25_000, docs_per_shard=16), "tiny")
     shards = LabelShards(tmp_path / "labels")
     files = sorted((tmp_path / "labels").glob("*.safetensors"))
     assert 1 < len(files) < len(documents)
     assert all(len(document.parts) == 1 for document in shards.documents)
-    assert max(stored_bytes(path) for path in files) <= 20_000
+    assert max(stored_bytes(path) for path in files) <= 25_000
 
 
 def test_a_cut_document_reads_back_as_the_whole_one(train_labels, split_train_labels):

@@ -95,7 +95,10 @@ def split_document(
     """
     visible = visible_chunks(tensors["positions"], compress_rate).clamp(max=_chunks(tensors))
     new_chunks = torch.diff(visible, prepend=visible.new_zeros(1))
-    cost = torch.cumsum(_row_bytes(tensors) + new_chunks * _key_row_bytes(tensors), 0)  # bytes through each row
+    row_cost = _row_bytes(tensors) + new_chunks * _key_row_bytes(tensors)
+    row_cost[-1] += (_chunks(tensors) - int(visible[-1])) * _key_row_bytes(tensors)  # the rest go with the last part
+    cost = torch.cumsum(row_cost, 0)  # bytes through each row
+    budget = max(1, budget - _part_overhead(tensors))
     parts, start, spent = [], 0, 0
     while start < cost.numel():
         end = max(start + 1, int(torch.searchsorted(cost, spent + budget, right=True)))
@@ -145,11 +148,20 @@ def _key_row_bytes(tensors: dict) -> int:
     return sum(_entry_bytes(tensor) for name, tensor in tensors.items() if name.startswith("keys/"))
 
 
+def _csr_kinds(tensors: dict) -> list[str]:
+    return [kind for kind in CSR_NAMES if f"{kind}/indptr" in tensors]
+
+
+def _part_overhead(tensors: dict) -> int:
+    """Bytes a part holds beyond its rows: each CSR pointer array has one entry more than the part's rows."""
+    return sum(tensors[f"{kind}/indptr"].element_size() for kind in _csr_kinds(tensors))
+
+
 def _row_bytes(tensors: dict) -> torch.Tensor:
     """(triggers,) bytes of each trigger row: hidden states, position, pointer and its CSR entries."""
     row = sum(_entry_bytes(t) for name, t in tensors.items() if name.startswith("hidden/") or name in ROW_NAMES)
     total = torch.full((_triggers(tensors),), row, dtype=torch.long)
-    for kind in [kind for kind in CSR_NAMES if f"{kind}/indptr" in tensors]:
+    for kind in _csr_kinds(tensors):
         lengths = torch.diff(tensors[f"{kind}/indptr"])
         entry = sum(_entry_bytes(t) for name, t in tensors.items() if name in (f"{kind}/indices", f"{kind}/counts"))
         total += lengths * entry + tensors[f"{kind}/indptr"].element_size()
