@@ -125,20 +125,19 @@ def train_tau(args, workdir: Path) -> dict:
             except ValueError as error:
                 raise SystemExit(f"error: {error}") from None
     gate = dict(budget=args.budget, recency_chunks=args.recency_chunks, sink_chunks=args.sink_chunks)
+    candidates = {f"vote{v}-lr{lr:g}": (v, lr) for v in votes for lr in [float(x) for x in args.lrs.split(",")]}
     validation = {}
-    for vote in votes:
-        for lr in [float(value) for value in args.lrs.split(",")]:
-            name = f"vote{vote}-lr{lr:g}"
-            indexer = train_candidate(args, out / f"vote{vote}", out / name, lr)
-            validation[name] = gate_metrics(indexer, out / f"vote{vote}" / "validation", **gate)
+    for name, (vote, lr) in candidates.items():
+        indexer = train_candidate(args, out / f"vote{vote}", out / name, lr)
+        validation[name] = gate_metrics(indexer, out / f"vote{vote}" / "validation", **gate)
     chosen, meets = choose_candidate(validation)
-    vote = int(chosen.removeprefix("vote").split("-")[0])
+    vote, lr = candidates[chosen]
     shutil.rmtree(out / "indexer", ignore_errors=True)
     shutil.copytree(out / chosen, out / "indexer", ignore=shutil.ignore_patterns("checkpoints"))
     indexer = MemoryIndexerModel.from_pretrained(out / "indexer").to(args.device)
     test = gate_metrics(indexer, out / f"vote{vote}" / "test", **gate)
     report = {
-        "tau": args.tau, "chosen": chosen, "chosen_vote": vote, "chosen_lr": chosen.split("-lr")[1],
+        "tau": args.tau, "chosen": chosen, "chosen_vote": vote, "chosen_lr": f"{lr:g}",
         "chosen_on": "validation", "criterion": CHOICE_RULE,
         "meets_resident_target": meets, "selection_score": selection_score(validation[chosen]),
         "gate_settings": gate, "validation": validation, "test": test,
