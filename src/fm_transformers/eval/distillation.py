@@ -148,7 +148,7 @@ class IndexerDistillation:
                 f"captured {captured} (scores, selections, attentions) for {len(self.layers)} CSA layers: run one "
                 "forward inside the context before each loss()"
             )
-        total = sum(indexer_kl(*captured) for captured in zip(self._scores, self._mass, self._selected, strict=True))
+        total = sum(indexer_kl(*layer) for layer in zip(self._scores, self._mass, self._selected, strict=True))
         self._clear()
         return total
 
