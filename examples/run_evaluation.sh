@@ -7,8 +7,8 @@
 #   backbone  train the paper-layout backbone (16 layers, 7 CSA) in four stages, each from the one before:
 #             associative recall at 64 tokens (it learns to copy there, and only there from fresh weights),
 #             the copy tasks and small long tasks at 64-512 tokens, the long mix up to 2K, then more of it
-#             at 1-2K (a session's device time holds the first three; checkpoints/long-bf16 is their export)
-#                                                                                  ~4 + ~6 + ~12 + ~16 min
+#             at 1-2K (a session's device time holds the first three or the fourth; checkpoints/backbone-bf16
+#             is the fourth's export)                                  ~4 + ~6 + ~12 + 16 min, each + ~2 min eval
 #   dump      label 5,600 question documents with the frozen backbone (train/validation/test) ~10 min in 8-min runs
 #   indexer   per tau (64, 16): select the labels at votes 1-3 (one dump serves all), train an indexer per
 #             vote and learning rate (6), choose on validation, gate on test                ~9 min per tau
@@ -41,7 +41,7 @@ if [[ "${SMOKE:-0}" == 1 ]]; then
     indexer_flags=(--steps 20 --batch-size 8 --num-heads 2 --rank 8 --lrs 3e-3 --votes 1,2)
     compare_flags=(--answer-tokens 16 --batch-size 4 --no-paging)
     tune_flags=(--lengths 320 --examples 1 --tails 2,4 --thresholds 0)
-    examples=1; minutes=1
+    examples=1; minutes=1; eval_seconds=0
 else
     device=cuda
     taus="64 16"; lengths="2048 4096 8192"; parts="long_needle qa_block long_chain"
@@ -57,7 +57,7 @@ else
     indexer_flags=(--steps 3000 --batch-size 256 --num-heads 16 --rank 256 --lrs 1e-3,3e-3 --votes 1,2,3)
     compare_flags=()
     tune_flags=(--lengths 2048 --examples 40)
-    examples=200; minutes=8
+    examples=200; minutes=8; eval_seconds=150  # a stage's evaluation after its last step: ~2 min on an H200
 fi
 backbone="$work/backbone-bf16"
 compile=(); [[ "${COMPILE:-0}" == 1 ]] && compile=(--compile)
@@ -72,13 +72,17 @@ repeat_until_done() {  # `all`: run a resumable stage again while it stops at it
 # between device calls): recall, copy, the long mix up to 2K, then more of it at 1-2K.
 backbone_stages=(recall copy long backbone)
 
-# One backbone stage (train_stage MIX NAME FLAGS...) in the seconds this call has left, so that the stages run by
-# one call stay within a device call's 10 minutes together. Done once its export or a later stage's exists: a
-# fresh machine given only the newest export goes on from there.
+# One backbone stage (train_stage MIX NAME FLAGS...) in the seconds this call has left, its evaluation after the
+# last step included, so that the stages run by one call stay within a device call's 10 minutes together. Done
+# once a later stage's export exists, or its own without a checkpoint that still lacks its evaluation (a call cut
+# short while evaluating: run again, it resumes at the last step and evaluates): a fresh machine given only the
+# newest export goes on from there.
 train_stage() {
-    local mix=$1 name=$2 left=$(( 60 * minutes - SECONDS )) from=() i later; shift 2
+    local mix=$1 name=$2 left=$(( 60 * minutes - SECONDS - eval_seconds )) from=() i later; shift 2
     for i in "${!backbone_stages[@]}"; do [[ ${backbone_stages[i]} == "$name" ]] && break; done
-    for later in "${backbone_stages[@]:i}"; do [[ -f "$work/$later-bf16/config.json" ]] && return 0; done
+    for later in "${backbone_stages[@]:i+1}"; do [[ -f "$work/$later-bf16/config.json" ]] && return 0; done
+    if [[ -f "$work/$name-bf16/config.json" && ( -f "$work/$name/eval.json" || ! -f "$work/$name/checkpoint.pt" ) ]]
+    then return 0; fi
     if (( left < 30 )); then echo "time limit: run again to go on"; return "$STOPPED"; fi
     (( i > 0 )) && from=(--init-from "$work/${backbone_stages[i - 1]}-bf16")
     python examples/train_eval_backbone.py --device "$device" --mix "$mix" --seed 0 --output-dir "$work/$name" \

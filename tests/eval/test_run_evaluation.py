@@ -57,3 +57,10 @@ def test_a_fresh_machine_given_only_the_newest_export_trains_only_the_stages_aft
     assert sorted(path.name for path in fresh.iterdir()) == ["backbone", "backbone-bf16", "long-bf16"]
     config = json.loads((fresh / "backbone" / "eval.json").read_text())["config"]
     assert config["init_from"] == str(fresh / "long-bf16") and config["lr"] == 5e-4 and config["mix"] == "long"
+    # a call cut short while the last stage evaluated (its export written first, its eval.json not yet):
+    # the next run resumes at the last step and evaluates, without training again
+    (fresh / "backbone" / "eval.json").unlink()
+    again = run("backbone", work=fresh)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming from" in again.stderr and "at step 2 of 2" in again.stderr
+    assert json.loads((fresh / "backbone" / "eval.json").read_text())["config"]["init_from"] == str(fresh / "long-bf16")
