@@ -34,7 +34,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from fm_transformers.eval.dump_blocks import block_directories, dump_in_blocks, is_complete
 from fm_transformers.eval.gate import CHOICE_RULE, choose_candidate, gate_metrics, selection_score
 from fm_transformers.eval.indexer_data import question_documents, question_trigger_warmup, scaled_vote
-from fm_transformers.eval.label_selection import select_labels
+from fm_transformers.eval.label_selection import select_label_sets
 from fm_transformers.indexer import MemoryIndexerModel, default_target_layers
 from fm_transformers.layout import csa_layers
 from fm_transformers.training import DumpConfig, LabelConfig, TrainConfig, train
@@ -119,11 +119,10 @@ def train_tau(args, workdir: Path) -> dict:
         if not all(is_complete(block) for block in blocks):
             raise SystemExit(f"error: the {split} dump in {workdir / 'raw'} is not complete: run --stage dump first")
         questions = {document.doc_id: asked for document, asked in documents}
-        for vote in votes:
-            try:
-                select_labels(blocks, out / f"vote{vote}" / split, questions, args.tau, vote)
-            except ValueError as error:
-                raise SystemExit(f"error: {error}") from None
+        try:
+            select_label_sets(blocks, {vote: out / f"vote{vote}" / split for vote in votes}, questions, args.tau)
+        except ValueError as error:
+            raise SystemExit(f"error: {error}") from None
     gate = dict(budget=args.budget, recency_chunks=args.recency_chunks, sink_chunks=args.sink_chunks)
     candidates = {f"vote{v}-lr{lr:g}": (v, lr) for v in votes for lr in [float(x) for x in args.lrs.split(",")]}
     validation = {}

@@ -1,6 +1,7 @@
 """The memory indexer's data for the paper-layout backbone: question documents, a dump in blocks, the triggers
 kept (question ends and every tau steps of answers), a coarser tau made from the same dump, and the gate."""
 
+import json
 import shutil
 
 import pytest
@@ -12,9 +13,10 @@ from fm_transformers.eval import build_eval_backbone, eval_backbone_config
 from fm_transformers.eval.dump_blocks import block_directories, dump_in_blocks, is_complete
 from fm_transformers.eval.gate import gate_metrics, selection_score
 from fm_transformers.eval.indexer_data import question_documents, question_trigger_warmup, scaled_vote
-from fm_transformers.eval.label_selection import read_questions, select_labels
+from fm_transformers.eval.label_selection import QUESTIONS, read_questions, select_label_sets, select_labels
 from fm_transformers.indexer import MemoryIndexerModel, default_target_layers
 from fm_transformers.training import DumpConfig, LabelConfig, LabelShards, dump_labels
+from fm_transformers.training.shards import MANIFEST
 
 LENGTH, ALIGN = 384, 8
 
@@ -113,6 +115,24 @@ def test_labels_at_another_vote_from_the_dumps_votes_equal_a_dump_at_that_vote(r
         assert all(torch.equal(a[name], b[name]) for name in a), [n for n in a if not torch.equal(a[n], b[n])]
         fewer += one["labels/indices"].numel() - a["labels/indices"].numel()
     assert fewer > 0  # vote 2 is a real filter here, not vote 1 again
+
+
+def test_one_pass_over_the_dump_selects_every_vote_as_one_pass_each_does(raw, tmp_path):
+    root, questions = raw
+    blocks = block_directories(root / "tau4", 3, 2)
+    targets = {None: tmp_path / "own", 1: tmp_path / "vote1", 2: tmp_path / "vote2"}
+    manifests = select_label_sets(blocks, targets, questions, tau=8)
+    for vote, target in targets.items():
+        alone = select_labels(blocks, tmp_path / "alone", questions, tau=8, vote=vote)
+        assert manifests[vote] == json.loads((target / MANIFEST).read_text())
+        assert {**manifests[vote], "shards": None} == {**alone, "shards": None}
+        assert (target / QUESTIONS).read_text() == (tmp_path / "alone" / QUESTIONS).read_text()
+        together, one = LabelShards(target), LabelShards(tmp_path / "alone")
+        for index in range(3):
+            a, b = together.load(index), one.load(index)
+            assert sorted(a) == sorted(b) and all(torch.equal(a[name], b[name]) for name in a)
+    sizes = [LabelShards(target).load(0)["labels/indices"].numel() for target in targets.values()]
+    assert sizes[1] > sizes[2]  # the votes' label sets differ: each went to its own directory
 
 
 @pytest.mark.parametrize("vote, message", [(0, "not a number of CSA layers"), (8, "not a number of CSA layers")])

@@ -37,6 +37,15 @@ def select_labels(
     """Write to `target` (replacing it) the labels at the question triggers for `tau`, from the raw dumps in
     `sources` (one or more directories of one backbone and label settings), at `vote` CSA layers (None: the
     dump's own). Returns the manifest."""
+    return select_label_sets(sources, {vote: target}, questions, tau)[vote]
+
+
+def select_label_sets(
+    sources: list[Path], targets: dict[int | None, Path], questions: dict[str, tuple[AskedQuestion, ...]], tau: int
+) -> dict[int | None, dict]:
+    """select_labels for several votes in one pass over the dump (each document read and widened once; the
+    votes differ only in their labels): `targets` maps a vote (None: the dump's own) to its directory. Returns
+    the manifests by vote."""
     raw = [LabelShards(source) for source in sources]
     first = raw[0]
     for other in raw[1:]:
@@ -46,35 +55,48 @@ def select_labels(
     raw_tau = first.manifest["labels"]["tau"]
     if tau % raw_tau:
         raise ValueError(f"tau {tau} is not a multiple of the dump's tau {raw_tau}: dump at a tau dividing it")
-    labels = {**first.manifest["labels"], "tau": tau}
-    if vote is not None:
-        _check_vote(vote, first)
-        labels.update(vote=vote, vote_applied=vote)
-    shutil.rmtree(target, ignore_errors=True)
-    target.mkdir(parents=True)
-    manifest = {
-        **{key: value for key, value in first.manifest.items() if key not in ("shards", "documents")},
-        "labels": labels,
-        "selected": {"from_tau": raw_tau, "triggers": "each question's end and every tau steps of its answer"},
-        "documents": [],
-        "shards": [],
-        "complete": False,
-    }
-    writer = ShardWriter(target, manifest, manifest["shard_bytes"], manifest["docs_per_shard"])
+    for vote in targets:
+        if vote is not None:
+            _check_vote(vote, first)
+    manifests = {vote: _selected_manifest(first.manifest, tau, vote) for vote in targets}
+    writers = {}
+    for vote, target in targets.items():
+        shutil.rmtree(target, ignore_errors=True)
+        target.mkdir(parents=True)
+        manifest = manifests[vote]
+        writers[vote] = ShardWriter(target, manifest, manifest["shard_bytes"], manifest["docs_per_shard"])
     kept = {}
     for shards in raw:
         for index, document in enumerate(shards.documents):
             positions = [p for q in questions[document.doc_id] for p in q.trigger_positions(tau)]
-            data = shards.load(index)
-            selected = select_triggers(data, positions, raw_tau, tau, shards.compress_rate, vote)
-            writer.add(document.doc_id, document.tokens, selected)
-            manifest["documents"].append(document.doc_id)
+            by_vote = select_triggers(shards.load(index), positions, raw_tau, tau, shards.compress_rate, list(targets))
+            for vote, selected in by_vote.items():
+                writers[vote].add(document.doc_id, document.tokens, selected)
+                manifests[vote]["documents"].append(document.doc_id)
             kept[document.doc_id] = [asdict(q) for q in questions[document.doc_id]]
-    writer.close()
-    manifest["complete"] = True
-    atomic_write_json(target / MANIFEST, manifest)
-    (target / QUESTIONS).write_text(json.dumps(kept))
-    return manifest
+    for vote, target in targets.items():
+        writers[vote].close()
+        manifests[vote]["complete"] = True
+        atomic_write_json(target / MANIFEST, manifests[vote])
+        (target / QUESTIONS).write_text(json.dumps(kept))
+    return manifests
+
+
+def _selected_manifest(raw: dict, tau: int, vote: int | None) -> dict:
+    """The manifest of a selected label set, before its documents are written."""
+    labels = {**raw["labels"], "tau": tau}
+    if vote is not None:
+        labels.update(vote=vote, vote_applied=vote)
+    return {
+        **{key: value for key, value in raw.items() if key not in ("shards", "documents")},
+        "labels": labels,
+        "selected": {
+            "from_tau": raw["labels"]["tau"], "triggers": "each question's end and every tau steps of its answer",
+        },
+        "documents": [],
+        "shards": [],
+        "complete": False,
+    }
 
 
 def read_questions(directory: Path) -> dict[str, list[AskedQuestion]]:
@@ -98,10 +120,11 @@ def _check_vote(vote: int, shards: LabelShards) -> None:
 
 
 def select_triggers(
-    data: dict, positions: list[int], raw_tau: int, tau: int, compress_rate: int, vote: int | None = None
-) -> dict:
-    """One document's tensors (LabelShards.load) at the triggers `positions`, each widened to a window of tau;
-    with `vote`, the labels are the chunks the dump's votes hold in at least that many layers."""
+    data: dict, positions: list[int], raw_tau: int, tau: int, compress_rate: int, votes: list[int | None]
+) -> dict[int | None, dict]:
+    """One document's tensors (LabelShards.load) at the triggers `positions`, each widened to a window of tau,
+    once per vote: at vote v the labels are the chunks the dump's votes hold in at least v layers (None: the
+    dump's own labels). Everything but the labels is the same tensors for every vote."""
     row_of = {position: row for row, position in enumerate(data["positions"].tolist())}
     steps = range(0, tau, raw_tau)
     missing = [p + step for p in positions for step in steps if p + step not in row_of]
@@ -109,18 +132,18 @@ def select_triggers(
         raise ValueError(f"the dump has no trigger at positions {missing[:5]}: dump with the warm-up of the questions")
     rows = torch.tensor([row_of[p] for p in positions], dtype=torch.long)
     limits = visible_chunks(torch.tensor(positions, dtype=torch.long), compress_rate)
-    selected = {"positions": data["positions"][rows]}
+    shared = {"positions": data["positions"][rows]}
     for name, tensor in data.items():
         if name.startswith(("hidden/", "keys/")):
-            selected[name] = tensor[rows] if name.startswith("hidden/") else tensor
+            shared[name] = tensor[rows] if name.startswith("hidden/") else tensor
     groups = [[row_of[p + step] for step in steps] for p in positions]
-    selected.update(_union_rows(data, "used", groups, limits))
-    if vote is None:
-        selected.update(_union_rows(data, "labels", groups, limits))
-    else:
-        votes = _union_rows(data, "votes", groups, limits, reduce="max")
-        selected.update(_at_least(votes, vote))
-    return selected
+    shared.update(_union_rows(data, "used", groups, limits))
+    if any(vote is not None for vote in votes):
+        widened = _union_rows(data, "votes", groups, limits, reduce="max")
+    return {
+        vote: {**shared, **(_union_rows(data, "labels", groups, limits) if vote is None else _at_least(widened, vote))}
+        for vote in votes
+    }
 
 
 def _at_least(votes: dict, vote: int) -> dict:
