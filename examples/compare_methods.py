@@ -162,26 +162,32 @@ def merge(paths: list[str]) -> dict:
 
 
 def plot(summary: dict, path: str) -> None:
+    """Exact match and token accuracy against the context length, a panel each, every row with its interval."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     lengths = sorted(summary, key=int)
-    figure, axis = plt.subplots(figsize=(8, 4.5))
-    for name in summary[lengths[0]]:
-        full = [100 * summary[n]["full"]["mean_accuracy"] for n in lengths]
-        means = [100 * summary[n][name]["mean_accuracy"] for n in lengths]
-        intervals = [summary[n][name]["vs_full"] for n in lengths]
-        below = [0 if i is None else m - (f + 100 * i["low"]) for m, f, i in zip(means, full, intervals)]
-        above = [0 if i is None else (f + 100 * i["high"]) - m for m, f, i in zip(means, full, intervals)]
-        axis.errorbar([int(n) for n in lengths], means, yerr=[below, above], label=name, marker="o", capsize=3)
-    axis.set_xscale("log", base=2)
-    axis.set_xticks([int(n) for n in lengths], lengths)
-    axis.set_xlabel("context length (tokens)")
-    axis.set_ylabel("mean exact match (%)")
-    axis.set_title("Rows against full (bars: paired bootstrap 95% interval of the difference)")
-    axis.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharex=True)
+    panels = (
+        ("mean_accuracy", "vs_full", "mean exact match (%)"),
+        ("mean_token_accuracy", "tokens_vs_full", "mean token accuracy (%)"),
+    )
+    for axis, (mean, versus, label) in zip(axes, panels):
+        for name in summary[lengths[0]]:
+            full = [100 * summary[n]["full"][mean] for n in lengths]
+            means = [100 * summary[n][name][mean] for n in lengths]
+            intervals = [summary[n][name][versus] for n in lengths]
+            below = [0 if i is None else m - (f + 100 * i["low"]) for m, f, i in zip(means, full, intervals)]
+            above = [0 if i is None else (f + 100 * i["high"]) - m for m, f, i in zip(means, full, intervals)]
+            axis.errorbar([int(n) for n in lengths], means, yerr=[below, above], label=name, marker="o", capsize=3)
+        axis.set_xscale("log", base=2)
+        axis.set_xticks([int(n) for n in lengths], lengths)
+        axis.set_xlabel("context length (tokens)")
+        axis.set_ylabel(label)
+    figure.suptitle("Rows against full (bars: paired bootstrap 95% interval of the difference)")
+    axes[1].legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
 

@@ -5,7 +5,8 @@ Batches share task, context length and answer length (compare.example_batches), 
 before the next batch starts, in row order, so rows that read an earlier row's run (`shared`) find it. Each
 generation is greedy and writes exactly as many tokens as the answer has (EOS is not allowed to end it early), so
 every row runs the same number of decode steps and level-1 triggers. A record per example and row:
-- correct: exact match; tokens: the answer's length (the tokens generated);
+- correct: exact match; tokens_right: answer tokens written at their place; tokens: the answer's length (the
+  tokens generated);
 - triggers: level-1 recalls of the generation (cache.trigger_count; None for the stock cache);
 - chunks_fetched: chunks brought from the host pool, summed over CSA layers (memory_report()["chunks_fetched"]);
 - refreshes, refresh_checks, refresh_scored_chunks: the native-paging rows' recalls inside the window, the refresh
@@ -29,7 +30,7 @@ from .compare import example_batches
 from .measures import host_syncs, phase_peaks
 from .methods import PagingCache, Row
 from .oracle import NativePicks
-from .tasks import Example, exact_match
+from .tasks import Example, exact_match, tokens_right
 from .vocab import EOS, PAD
 
 MEASURES = (
@@ -99,7 +100,10 @@ def run_comparison(
             with torch.no_grad():
                 tokens, measures = decode_batch(model, row, input_ids, len(batch[0].answer), shared, graph)
             for example, generated in zip(batch, tokens.tolist()):
-                record = {"task": example.task, "correct": exact_match(generated, example.answer), "tokens": len(example.answer)}
+                record = {
+                    "task": example.task, "correct": exact_match(generated, example.answer),
+                    "tokens_right": tokens_right(generated, example.answer), "tokens": len(example.answer),
+                }
                 record.update({name: None if value is None else value / len(batch) for name, value in measures.items()})
                 records[row.name][position[id(example)]] = record
     return records

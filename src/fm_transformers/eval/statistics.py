@@ -1,4 +1,5 @@
-"""Paired bootstrap intervals for the difference in accuracy between a row and the full cache.
+"""Paired bootstrap intervals for the difference in accuracy between a row and the full cache, for any score
+in [0, 1] per example (an exact match, a share of tokens right).
 
 Paired: both rows answered the same examples, so an example is resampled with both of its answers, and the
 noise of which examples were drawn cancels. Stratified: each task's examples are resampled among themselves and
@@ -10,7 +11,8 @@ import torch
 
 
 def paired_bootstrap(
-    method: dict[str, list[bool]], reference: dict[str, list[bool]], samples: int = 2000, level: float = 0.95, seed: int = 0
+    method: dict[str, list[float]], reference: dict[str, list[float]], samples: int = 2000, level: float = 0.95,
+    seed: int = 0,
 ) -> dict[str, float]:
     """{"difference", "low", "high"}: the mean over tasks of accuracy(method) - accuracy(reference), and the
     `level` percentile interval of that difference over `samples` resamples (a function of `seed`)."""

@@ -1,6 +1,10 @@
 """From the comparison's per-example records to the table: accuracy per task with paired bootstrap intervals
 against full, memory and recall costs per row; and the joining of runs made in parts.
 
+Two accuracies, each with its interval: exact match (the whole answer right) and token accuracy (the share of
+answer tokens written at their place). A 26-question block or a 26-hop chain fails its exact match on one wrong
+token, so where the full cache itself rarely answers whole, token accuracy is what still tells rows apart.
+
 A run's records are {length: {row: [record, ...]}}, each record naming its task and its example index (the
 example's place among that task's examples of that length and seed). Parts of one comparison (other lengths,
 tasks or example ranges, same settings) join into one set of records; an example found twice is an error.
@@ -30,11 +34,23 @@ def join_records(parts: list[dict]) -> dict:
     }
 
 
-def _by_task(records: list[dict]) -> dict[str, list[bool]]:
-    tasks: dict[str, list[bool]] = defaultdict(list)
+def _by_task(records: list[dict], score: str = "correct") -> dict[str, list[float]]:
+    """Each task's per-example scores: exact match ("correct") or the share of answer tokens right ("tokens")."""
+    tasks: dict[str, list[float]] = defaultdict(list)
     for record in records:
-        tasks[record["task"]].append(record["correct"])
+        value = record["correct"] if score == "correct" else record["tokens_right"] / record["tokens"]
+        tasks[record["task"]].append(value)
     return dict(tasks)
+
+
+def _means(tasks: dict[str, list[float]]) -> dict[str, float]:
+    return {task: sum(scores) / len(scores) for task, scores in tasks.items()}
+
+
+def mean_over_tasks(records: list[dict], score: str = "correct") -> float:
+    """The mean over tasks of a row's per-task mean score: exact match ("correct") or token accuracy ("tokens")."""
+    means = _means(_by_task(records, score))
+    return sum(means.values()) / len(means)
 
 
 def _mean(records: list[dict], name: str) -> float | None:
@@ -48,10 +64,12 @@ def _max(records: list[dict], name: str) -> float | None:
 
 
 def summarize_row(records: list[dict], reference: list[dict], samples: int = 2000, seed: int = 0) -> dict:
-    """One row at one length: accuracy per task and its mean over tasks, the bootstrap of the difference to the
-    reference (None for the reference itself), and the mean costs per generation."""
-    tasks = _by_task(records)
-    accuracy = {task: sum(answers) / len(answers) for task, answers in tasks.items()}
+    """One row at one length: exact match and token accuracy per task and their means over tasks, the bootstrap
+    of each's difference to the reference (None for the reference itself), and the mean costs per generation."""
+    tasks, token_tasks = _by_task(records), _by_task(records, "tokens")
+    accuracy, token_accuracy = _means(tasks), _means(token_tasks)
+    itself = records is reference
+    tokens_vs_full = None if itself else paired_bootstrap(token_tasks, _by_task(reference, "tokens"), samples, seed=seed)
     full_bytes = _mean(reference, "csa_device_bytes")
     device_bytes = _mean(records, "csa_device_bytes")
     tokens = _mean(records, "tokens")
@@ -59,8 +77,11 @@ def summarize_row(records: list[dict], reference: list[dict], samples: int = 200
     return {
         "examples": len(records),
         "accuracy": accuracy,
-        "mean_accuracy": sum(accuracy.values()) / len(accuracy),
-        "vs_full": None if records is reference else paired_bootstrap(tasks, _by_task(reference), samples, seed=seed),
+        "mean_accuracy": mean_over_tasks(records),
+        "vs_full": None if itself else paired_bootstrap(tasks, _by_task(reference), samples, seed=seed),
+        "token_accuracy": token_accuracy,
+        "mean_token_accuracy": mean_over_tasks(records, "tokens"),
+        "tokens_vs_full": tokens_vs_full,
         "csa_device_bytes": device_bytes,
         "csa_device_ratio": device_bytes / full_bytes if full_bytes else None,
         "triggers": _mean(records, "triggers"),
@@ -86,23 +107,28 @@ def _cell(value, scale: float = 1.0, digits: int = 1) -> str:
     return "-" if value is None else f"{value * scale:.{digits}f}"
 
 
+def _versus(interval: dict | None) -> str:
+    if interval is None:
+        return "-"
+    return f"{100 * interval['difference']:+.1f} ({100 * interval['low']:+.1f}, {100 * interval['high']:+.1f})"
+
+
 def format_table(summary: dict) -> str:
-    """Mean exact match % with its 95% interval against full, CSA bytes on the device over full's, triggers and
-    chunks fetched per generation, peak device MiB in prefill / decode, host syncs per token."""
+    """Mean exact match % and token accuracy %, each with its 95% interval against full, CSA bytes on the device
+    over full's, triggers and chunks fetched per generation, peak device MiB in prefill / decode, host syncs per
+    token."""
     header = (
-        f"{'length':>6} | {'row':<20} | {'EM %':>5} | {'vs full (95% CI), points':<26} | {'CSA/full':>8} | "
-        f"{'triggers':>8} | {'fetched':>8} | {'prefill/decode peak MiB':>23} | {'syncs/tok':>9}"
+        f"{'length':>6} | {'row':<20} | {'EM %':>5} | {'vs full (95% CI), points':<26} | {'tok %':>5} | "
+        f"{'tokens vs full (95% CI)':<26} | {'CSA/full':>8} | {'triggers':>8} | {'fetched':>8} | "
+        f"{'prefill/decode peak MiB':>23} | {'syncs/tok':>9}"
     )
     lines = [header, "-" * len(header)]
     for length, rows in summary.items():
         for row, entry in rows.items():
-            interval = entry["vs_full"]
-            versus = "-" if interval is None else (
-                f"{100 * interval['difference']:+.1f} ({100 * interval['low']:+.1f}, {100 * interval['high']:+.1f})"
-            )
             peaks = f"{_cell(entry['prefill_peak_bytes'], 2**-20)} / {_cell(entry['decode_peak_bytes'], 2**-20)}"
             lines.append(
-                f"{length:>6} | {row:<20} | {100 * entry['mean_accuracy']:>5.1f} | {versus:<26} | "
+                f"{length:>6} | {row:<20} | {100 * entry['mean_accuracy']:>5.1f} | {_versus(entry['vs_full']):<26} | "
+                f"{100 * entry['mean_token_accuracy']:>5.1f} | {_versus(entry['tokens_vs_full']):<26} | "
                 f"{_cell(entry['csa_device_ratio'], digits=3):>8} | {_cell(entry['triggers']):>8} | "
                 f"{_cell(entry['chunks_fetched']):>8} | {peaks:>23} | {_cell(entry['host_syncs_per_token'], digits=2):>9}"
             )
@@ -110,10 +136,13 @@ def format_table(summary: dict) -> str:
 
 
 def format_tasks(summary: dict) -> str:
-    """Exact match % per task, one line per length and row."""
+    """Exact match % per task (token accuracy % in parentheses), one line per length and row."""
     lines = []
     for length, rows in summary.items():
         for row, entry in rows.items():
-            tasks = "  ".join(f"{task} {100 * value:5.1f}" for task, value in entry["accuracy"].items())
+            tasks = "  ".join(
+                f"{task} {100 * value:5.1f} ({100 * entry['token_accuracy'][task]:5.1f})"
+                for task, value in entry["accuracy"].items()
+            )
             lines.append(f"{length:>6} | {row:<20} | {tasks}")
     return "\n".join(lines)

@@ -231,6 +231,12 @@ def exact_match(prediction: Sequence[int], answer: Sequence[int]) -> bool:
     return list(prediction[: len(answer)]) == list(answer)
 
 
+def tokens_right(prediction: Sequence[int], answer: Sequence[int]) -> int:
+    """Answer tokens written at their place: the partial credit of a long answer, where one wrong token fails
+    the exact match of all of them (a qa_block of 26 questions, a 26-hop chain)."""
+    return sum(predicted == expected for predicted, expected in zip(prediction[: len(answer)], answer))
+
+
 def accuracy(predictions: Sequence[Sequence[int]], examples: Sequence[Example]) -> float:
     """Fraction of examples answered exactly."""
     if len(predictions) != len(examples):

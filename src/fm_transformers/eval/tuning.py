@@ -3,14 +3,17 @@
 Two settings are left open by the paper at this scale: the recency tail of LSA (the release keeps 2048 entries at
 1M tokens; nothing says what a 2K-token context needs), and the score a chunk needs to compete for the fixed
 budget of "lsa (budget)". Each candidate runs on the validation examples: the tail with the best "lsa" mean
-accuracy is chosen (ties: the shorter tail, fewer bytes), then at that tail the threshold with the best
-"lsa (budget)" accuracy (ties: the lower one). Every candidate's accuracy goes into the report.
+exact match is chosen (ties: the better token accuracy, then the shorter tail, fewer bytes), then at that tail
+the threshold with the best "lsa (budget)" exact match (ties: token accuracy, then the lower threshold). Token
+accuracy breaks ties because long answers are rarely whole: where every candidate's exact match is 0, it is
+what tells them apart. Every candidate's two accuracies go into the report.
 """
 
 from dataclasses import asdict, replace
 
 from .comparison import run_comparison
 from .methods import Row, RowSettings, paper_rows
+from .summary import mean_over_tasks
 from .tasks import Example
 
 
@@ -23,7 +26,7 @@ def tune(
     model, indexer, examples: list[Example], base: RowSettings, tails: list[int], thresholds: list[float],
     batch_size: int = 16, progress: bool = True, graph: bool | None = None,
 ) -> tuple[RowSettings, dict]:
-    """(the chosen settings, a report of every candidate's mean accuracy)."""
+    """(the chosen settings, a report of every candidate's mean exact match and token accuracy)."""
     rows, lsa, budgeted = [Row("full")], {}, {}
     for tail in tails:
         lsa[tail] = f"lsa | tail {tail}"
@@ -33,15 +36,21 @@ def tune(
             settings = replace(base, recency_chunks=tail, budget_threshold=threshold)
             rows.append(_row(indexer, settings, "lsa (budget)", budgeted[tail, threshold]))
     records = run_comparison(model, examples, rows, batch_size, progress, graph)
-    accuracy = {name: _mean_accuracy(found) for name, found in records.items()}
-    tail = min(tails, key=lambda t: (-accuracy[lsa[t]], t))
-    threshold = min(thresholds, key=lambda h: (-accuracy[budgeted[tail, h]], h))
+    accuracy = {
+        name: {"exact_match": mean_over_tasks(found), "token_accuracy": mean_over_tasks(found, "tokens")}
+        for name, found in records.items()
+    }
+    tail = best_setting({t: lsa[t] for t in tails}, accuracy)
+    threshold = best_setting({h: budgeted[tail, h] for h in thresholds}, accuracy)
     chosen = replace(base, recency_chunks=tail, budget_threshold=threshold)
     return chosen, {"candidates": accuracy, "chosen": {"recency_chunks": tail, "budget_threshold": threshold}, "settings": asdict(chosen)}
 
 
-def _mean_accuracy(records: list[dict]) -> float:
-    tasks: dict[str, list[bool]] = {}
-    for record in records:
-        tasks.setdefault(record["task"], []).append(record["correct"])
-    return sum(sum(answers) / len(answers) for answers in tasks.values()) / len(tasks)
+def best_setting(candidates: dict[float, str], accuracy: dict[str, dict[str, float]]) -> float:
+    """The setting (a tail, a threshold) whose row has the best exact match, then token accuracy, then the
+    smallest setting; `candidates` maps a setting to its row's name in `accuracy`."""
+    def rank(value: float) -> tuple[float, float, float]:
+        row = accuracy[candidates[value]]
+        return -row["exact_match"], -row["token_accuracy"], value
+
+    return min(candidates, key=rank)
