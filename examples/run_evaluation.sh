@@ -13,7 +13,8 @@
 #   indexer   per tau (64, 16): select the labels at votes 1-3 (one dump serves all), train an indexer per
 #             vote and learning rate (6), choose on validation, gate on test                ~9 min per tau
 #   tune      per tau: recency tail and budget threshold chosen on a validation draw (seed 0) ~3 min per tau
-#   compare   per tau, length (2048, 4096, 8192) and task: 200 examples on draw seed 1       ~3-8 min a part, 18 parts
+#   compare   per tau, length (2048, 4096, 8192) and task: 200 examples on draw seed 1, in parts of 50
+#             examples (72 parts; a call starts a part only if the last one it ran would still fit)   ~1-3 min a part
 #   report    join the parts per tau: WORKDIR/tau{64,16}.json, .png, and the printed table   seconds
 # A stage that stops at its time limit exits with status 75: run the same command again (finished work is kept
 # and skipped). `all` runs every stage to its end. SMOKE=1 runs them all at CPU sizes (one tau, one length), about
@@ -42,7 +43,7 @@ if [[ "${SMOKE:-0}" == 1 ]]; then
     indexer_flags=(--steps 20 --batch-size 8 --num-heads 2 --rank 8 --lrs 3e-3 --votes 1,2)
     compare_flags=(--answer-tokens 16 --batch-size 4 --no-paging)
     tune_flags=(--lengths 320 --examples 1 --tails 2,4 --thresholds 0)
-    examples=1; minutes=1; eval_seconds=0
+    examples=1; part_examples=1; minutes=1; eval_seconds=0
 else
     device=cuda
     taus="64 16"; lengths="2048 4096 8192"; parts="long_needle qa_block long_chain"
@@ -58,7 +59,8 @@ else
     indexer_flags=(--steps 3000 --batch-size 256 --num-heads 16 --rank 256 --lrs 1e-3,3e-3 --votes 1,2,3)
     compare_flags=()
     tune_flags=(--lengths 2048 --examples 40)
-    examples=200; minutes=8; eval_seconds=150  # a stage's evaluation after its last step: ~2 min on an H200
+    examples=200; part_examples=50; minutes=8
+    eval_seconds=150  # a backbone stage's evaluation after its last step: ~2 min on an H200
 fi
 backbone="$work/backbone-bf16"
 compile=(); [[ "${COMPILE:-0}" == 1 ]] && compile=(--compile)
@@ -122,14 +124,20 @@ run_tune() {
     done
 }
 
-run_compare() {
+run_compare() {  # parts of part_examples examples: a call cut short loses one small part, not a task's 200
     mkdir -p "$work/compare"
+    local last=0 started first
     for tau in $taus; do for length in $lengths; do for tasks in $parts; do
-        local out="$work/compare/tau$tau-$length-$tasks.json"
-        [[ -f "$out" ]] && continue
-        if (( SECONDS > 60 * minutes )); then echo "time limit: run again to go on"; return "$STOPPED"; fi
-        compare "$tau" "$out.tmp" --settings "$work/tuned$tau.json" --seed 1 --lengths "$length" --tasks "$tasks" --examples "$examples"
-        mv "$out.tmp" "$out"
+        for (( first = 0; first < examples; first += part_examples )); do
+            local out="$work/compare/tau$tau-$length-$tasks-$first.json"
+            [[ -f "$out" ]] && continue
+            if (( SECONDS + last > 60 * minutes )); then echo "time limit: run again to go on"; return "$STOPPED"; fi
+            started=$SECONDS
+            compare "$tau" "$out.tmp" --settings "$work/tuned$tau.json" --seed 1 --lengths "$length" --tasks "$tasks" \
+                --first "$first" --examples "$(( examples - first < part_examples ? examples - first : part_examples ))"
+            mv "$out.tmp" "$out"
+            last=$(( SECONDS - started ))
+        done
     done; done; done
 }
 
