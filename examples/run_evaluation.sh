@@ -11,7 +11,7 @@
 #             is the fourth's export)                                  ~4 + ~6 + ~12 + 16 min, each + ~2 min eval
 #   dump      label 5,600 question documents with the frozen backbone (train/validation/test) ~10 min in 8-min runs
 #   indexer   per tau (64, 16): select the labels at votes 1-3 (one dump serves all), train an indexer per
-#             vote and learning rate (6), choose on validation, gate on test                ~9 min per tau
+#             vote and learning rate (6), choose on validation, gate on test; in 8-min runs ~9 min per tau
 #   tune      per tau: recency tail and budget threshold chosen on a validation draw (seed 0) ~3 min per tau
 #   compare   per tau, length (2048, 4096, 8192) and task: 200 examples on draw seed 1, in parts of 50
 #             examples (72 parts; a call starts a part only if the last one it ran would still fit)   ~1-3 min a part
@@ -104,10 +104,14 @@ run_dump() {
     python examples/train_eval_indexer.py "${indexer_args[@]}" --stage dump --max-minutes "$minutes"
 }
 
-run_indexer() {
+run_indexer() {  # each tau in what is left of the call; a candidate not begun waits for the next run
+    local left
     for tau in $taus; do
         [[ -f "$work/indexer/tau$tau/gate.json" ]] && continue
-        python examples/train_eval_indexer.py "${indexer_args[@]}" --stage train --tau "$tau" "${indexer_flags[@]}"
+        left=$(( 60 * minutes - SECONDS ))
+        if (( left < 30 )); then echo "time limit: run again to go on"; return "$STOPPED"; fi
+        python examples/train_eval_indexer.py "${indexer_args[@]}" --stage train --tau "$tau" "${indexer_flags[@]}" \
+            --max-minutes "$(awk -v s="$left" 'BEGIN { printf "%.2f", s / 60 }')"
     done
 }
 
@@ -157,7 +161,7 @@ case "$stage" in
     all)
         repeat_until_done run_backbone
         repeat_until_done run_dump
-        run_indexer
+        repeat_until_done run_indexer
         run_tune
         repeat_until_done run_compare
         run_report ;;

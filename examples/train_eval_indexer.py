@@ -13,7 +13,8 @@ labels, widened from the dump's tau at each candidate vote (label_selection.py);
 learning rate on the three target layers, trained with fm_transformers.training; the one validation prefers
 (gate.choose_candidate: among those whose resident set at threshold 0.5 holds at most 15% of the chunks, the best
 gate score) is kept in WORKDIR/tau<TAU>/indexer and gated on the test split (gate.py). Written:
-WORKDIR/tau<TAU>/gate.json.
+WORKDIR/tau<TAU>/gate.json. With --max-minutes it starts no candidate once the last one's time would not fit
+and exits with status 75: the same command goes on (selected labels and trained candidates are kept).
 
 Labels follow the paper's recipe (nucleus 0.6 of the native top-k, lookahead union over tau) with the vote scaled
 to the backbone's CSA layers (3 of 21 -> 1 of 7) unless --votes lists candidates: with the paper-layout backbone
@@ -26,6 +27,7 @@ import argparse
 import json
 import logging
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -62,7 +64,10 @@ def parse_args() -> argparse.Namespace:
         help="train: candidate votes, CSA layers that must keep a chunk, chosen on validation (default: 3 of 21 scaled)",
     )
     parser.add_argument("--block-size", type=int, default=250, help="documents per dump block")
-    parser.add_argument("--max-minutes", type=float, default=None, help="dump: start no block after this")
+    parser.add_argument(
+        "--max-minutes", type=float, default=None,
+        help="dump: start no block after this; train: start no candidate whose predecessor's time would not fit",
+    )
     parser.add_argument("--tau", type=int, default=16, help="train: decode steps between recalls")
     parser.add_argument("--lrs", default="1e-3,3e-3", help="train: candidate learning rates (chosen on validation)")
     parser.add_argument("--steps", type=int, default=3000)
@@ -110,25 +115,42 @@ def candidate_votes(args) -> list[int]:
     return votes
 
 
-def train_tau(args, workdir: Path) -> dict:
-    out = workdir / f"tau{args.tau}"
-    votes = candidate_votes(args)
+def select_tau(args, workdir: Path, out: Path, votes: list[int]) -> None:
+    """Each split's labels for --tau at every candidate vote, in one pass over the dump; a split whose label
+    sets are all complete (a run that stopped at its time limit) is kept."""
     for split in SPLITS:
         documents = split_documents(args, split)
+        targets = {vote: out / f"vote{vote}" / split for vote in votes}
+        if all(is_complete(target) for target in targets.values()):
+            continue
         blocks = block_directories(workdir / "raw" / split, len(documents), args.block_size)
         if not all(is_complete(block) for block in blocks):
             raise SystemExit(f"error: the {split} dump in {workdir / 'raw'} is not complete: run --stage dump first")
         questions = {document.doc_id: asked for document, asked in documents}
         try:
-            select_label_sets(blocks, {vote: out / f"vote{vote}" / split for vote in votes}, questions, args.tau)
+            select_label_sets(blocks, targets, questions, args.tau)
         except ValueError as error:
             raise SystemExit(f"error: {error}") from None
+
+
+def train_tau(args, workdir: Path) -> dict | None:
+    """The gate report, or None when --max-minutes stopped it before every candidate was trained."""
+    start, last = time.monotonic(), 0.0
+    out = workdir / f"tau{args.tau}"
+    votes = candidate_votes(args)
+    select_tau(args, workdir, out, votes)
     gate = dict(budget=args.budget, recency_chunks=args.recency_chunks, sink_chunks=args.sink_chunks)
     candidates = {f"vote{v}-lr{lr:g}": (v, lr) for v in votes for lr in [float(x) for x in args.lrs.split(",")]}
     validation = {}
     for name, (vote, lr) in candidates.items():
+        trained = (out / name / "training_summary.json").is_file()
+        if not trained and args.max_minutes is not None and time.monotonic() - start + last > 60 * args.max_minutes:
+            return None
+        began = time.monotonic()
         indexer = train_candidate(args, out / f"vote{vote}", out / name, lr)
         validation[name] = gate_metrics(indexer, out / f"vote{vote}" / "validation", **gate)
+        if not trained:
+            last = time.monotonic() - began
     chosen, meets = choose_candidate(validation)
     vote, lr = candidates[chosen]
     shutil.rmtree(out / "indexer", ignore_errors=True)
@@ -186,7 +208,11 @@ def main() -> None:
         return
     if args.tau % args.dump_tau or args.align % args.tau:
         raise SystemExit(f"error: --tau {args.tau} must be a multiple of --dump-tau {args.dump_tau} and divide --align {args.align}")
-    print_gate(train_tau(args, workdir))
+    report = train_tau(args, workdir)
+    if report is None:
+        print("stopped by --max-minutes between candidates: run again to go on")
+        raise SystemExit(STOPPED_EARLY)
+    print_gate(report)
 
 
 if __name__ == "__main__":

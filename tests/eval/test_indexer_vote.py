@@ -3,6 +3,7 @@ and learning rates by the rule gate.py states, and a vote the backbone cannot gi
 work."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -75,3 +76,19 @@ def test_validation_takes_the_best_score_among_candidates_that_meet_the_resident
     assert choose_candidate({"edge": metrics(BYTES_TARGET, 0.5)}) == ("edge", True)
     with pytest.raises(ValueError, match="no candidate"):
         choose_candidate({})
+
+
+def test_a_train_stage_stopped_by_its_time_limit_goes_on_where_it_stopped(backbone, dumped, tmp_path):
+    """--max-minutes starts no candidate that would not fit: status 75, and the rerun keeps the selected labels
+    and every trained candidate (as a device call cut at its limit needs)."""
+    shutil.copytree(dumped / "raw", tmp_path / "raw")
+    flags = [*TRAIN, "--tau", "4", "--votes", "1,2", "--lrs", "1e-3"]
+    stopped = run(backbone, tmp_path, *flags, "--max-minutes", "0")
+    assert stopped.returncode == 75 and "run again to go on" in stopped.stdout, stopped.stderr[-2000:]
+    selected = tmp_path / "tau4" / "vote2" / "train" / "manifest.json"
+    written = selected.stat().st_mtime_ns
+    assert not (tmp_path / "tau4" / "vote1-lr0.001").exists()  # no candidate began
+    done = run(backbone, tmp_path, *flags, "--max-minutes", "10")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert selected.stat().st_mtime_ns == written  # the labels selected before the stop were kept
+    assert set(json.loads((tmp_path / "tau4" / "gate.json").read_text())["validation"]) == {"vote1-lr0.001", "vote2-lr0.001"}
