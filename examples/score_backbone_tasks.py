@@ -12,7 +12,9 @@ learned to copy only the values it was trained on. Needs a backbone of the long 
 Part 3: the mean norm of the output layer's rows (and the input embedding's) per id range, beside fresh weights':
 rows of ids a run never had as targets grow large (pushed down at every answer), which later training must undo.
 Part 4: the long tasks' answer tokens split by what writing them takes: a lookup (the first token of an item:
-which needle, the question's next key, the next hop's name) or copying on from the previous token (the rest).
+which needle, the question's next key, the next hop's name) or copying on from the previous token (the rest);
+lookups split again by whether the token they copy lies inside the sliding window or only in compressed entries
+beyond it (qa_block's next key leaves the window from about its tenth item on; eighth backbone run).
 Part 5 (--greedy N): N examples of each long task at each length (the evaluation's examples of --seed) answered
 by greedy decoding with the stock cache: how many come out whole, and where and how each of the others first
 goes wrong (a lookup, two neighbours swapped, or another copied token; long_tasks.first_error).
@@ -69,17 +71,29 @@ def score(model, batch: Batch) -> tuple[float, float]:
 
 
 def lookup_and_copy(model, batch: Batch, item_tokens: int | None) -> dict[str, tuple[float, int]]:
-    """Teacher-forced accuracy and count of the answer tokens that start an item and of the others."""
+    """Teacher-forced accuracy and count of the answer tokens that start an item, split by whether the nearest
+    earlier copy of the token lies inside the sliding window, and of the others."""
     with torch.no_grad():
         predicted = model(input_ids=batch.input_ids, use_cache=False).logits.argmax(-1)
     answered = batch.targets != IGNORE
     right = (predicted == batch.targets) & answered
     index = answered.cumsum(1) - 1  # position within the answer
     starts = answered & starts_item(index, item_tokens)
+    near = starts & source_in_window(batch, starts, model.config.sliding_window)
     return {
-        name: (right[mask].float().mean().item(), int(mask.sum()))
-        for name, mask in (("lookup", starts), ("copy", answered & ~starts))
+        name: (right[mask].float().mean().item() if mask.any() else float("nan"), int(mask.sum()))
+        for name, mask in (("lookup-near", near), ("lookup-far", starts & ~near), ("copy", answered & ~starts))
     }
+
+
+def source_in_window(batch: Batch, positions: torch.Tensor, window: int) -> torch.Tensor:
+    """At each marked position t (predicting targets[t]), whether the target id occurs among the inputs the
+    sliding window covers there, [t - window + 1, t]: a copy attention can reach without compressed entries."""
+    found = torch.zeros_like(positions)
+    for row, t in positions.nonzero().tolist():
+        seen = batch.input_ids[row, max(0, t - window + 1) : t + 1].cpu()
+        found[row, t] = bool((seen == batch.targets[row, t].cpu()).any())
+    return found
 
 
 def renaming(keys: bool, values: bool, seed: int) -> torch.Tensor:
@@ -162,7 +176,8 @@ def main() -> None:
         fresh_output, fresh_embedding = fresh[name]
         print(f"{name:14s} output {output:6.3f} (fresh {fresh_output:.3f})  "
               f"embedding {embedding:6.3f} (fresh {fresh_embedding:.3f})")
-    print("\nthe long tasks' answer tokens: lookups (an item's first token) and copying on (the rest), teacher forced")
+    print("\nthe long tasks' answer tokens, teacher forced: lookups (an item's first token) whose token lies inside the "
+          "sliding window (near) or only beyond it (far), and copying on (the rest)")
     for length in args.lengths:
         for index, (task, item_tokens) in enumerate(ITEM_TOKENS.items()):
             batch = make_batch(args.seed, 200 + index, length, args.rows, ((task, {}),)).to(args.device)

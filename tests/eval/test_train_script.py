@@ -134,7 +134,7 @@ def test_the_task_scorer_scores_every_task_and_renaming_and_refuses_a_short_voca
     scored = [line.split() for line in done.stdout.splitlines() if line.strip().startswith("64 ")]
     assert len(scored) == 11 + 2 * 4 + 3
     assert {"long_needle", "qa_block", "long_chain", "qa_document"} <= {fields[1] for fields in scored}
-    assert all(0.0 <= float(fields[-1].rstrip("%")) <= 100.0 for fields in scored if "lookup" not in fields)
+    assert all(0.0 <= float(fields[-1].rstrip("%")) <= 100.0 for fields in scored if "lookup-near" not in fields)
     norms = [line for line in done.stdout.splitlines() if re.search(r" output +[\d.]+ \(fresh", line)]
     assert [line.split(" output")[0].strip() for line in norms] == [
         "short keys", "short values", "filler", "long keys", "long values"
@@ -144,10 +144,11 @@ def test_the_task_scorer_scores_every_task_and_renaming_and_refuses_a_short_voca
         float(line.split("output")[1].split()[0]) == float(line.split("(fresh")[1].split(")")[0]) for line in norms
     )
     # lookups are an item's first token: one per long_needle answer, one of five tokens in the others
-    split = {fields[1]: [int(fields[i]) for i in (5, 9)] for fields in scored if "lookup" in fields}
+    split = {fields[1]: [int(fields[i]) for i in (5, 9, 13)] for fields in scored if "lookup-near" in fields}
     assert sorted(split) == ["long_chain", "long_needle", "qa_block"]
-    assert split["long_needle"][0] == 1 and all(copy == 4 * lookup > 0 for lookup, copy in
-                                                (split["qa_block"], split["long_chain"]))
+    lookups = {task: (near + far, copy) for task, (near, far, copy) in split.items()}
+    assert lookups["long_needle"][0] == 1 and all(copy == 4 * lookup > 0 for lookup, copy in
+                                                  (lookups["qa_block"], lookups["long_chain"]))
     refused = subprocess.run([*command, str(tmp_path / "short")], capture_output=True, text=True, timeout=300)
     assert refused.returncode == 1 and "these tasks need 2048" in refused.stderr and "Traceback" not in refused.stderr
 
@@ -168,3 +169,23 @@ def test_the_task_scorer_answers_the_long_tasks_greedily_and_refuses_a_context_t
         assert whole + sum(kinds) == 2 and (whole == 2 or len(line.split("at tokens ")[1].split(",")) == 2 - whole)
     refused = subprocess.run([*command, "--lengths", "64"], capture_output=True, text=True, timeout=300)
     assert refused.returncode == 1 and "error: --greedy:" in refused.stderr and "answer loss" not in refused.stdout
+
+
+def test_a_lookup_is_near_when_its_token_lies_inside_the_sliding_window():
+    import importlib.util
+
+    import torch
+
+    from fm_transformers.eval.batches import IGNORE, Batch
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "score_backbone_tasks.py"
+    spec = importlib.util.spec_from_file_location("score_backbone_tasks", path)
+    scorer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scorer)
+    input_ids = torch.tensor([[5, 7, 9, 11, 13, 15, 17]])
+    targets = torch.full_like(input_ids, IGNORE)
+    targets[0, 4], targets[0, 5] = 7, 15  # 7 sits at position 1; 15 at position 5, the predicting position itself
+    batch = Batch(input_ids, targets, torch.zeros(0, dtype=torch.long), 7)
+    marked = targets != IGNORE
+    assert scorer.source_in_window(batch, marked, 4)[0].tolist() == [False] * 4 + [True, True, False]
+    assert scorer.source_in_window(batch, marked, 3)[0].tolist() == [False] * 5 + [True, False]
