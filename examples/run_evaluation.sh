@@ -66,6 +66,18 @@ backbone="$work/backbone-bf16"
 compile=(); [[ "${COMPILE:-0}" == 1 ]] && compile=(--compile)
 indexer_args=(--backbone "$backbone" --workdir "$work/indexer" --device "$device" "${data_flags[@]}")
 
+# The minutes a stage may run in what is left of this call, RESERVE seconds kept back (minutes_left RESERVE);
+# fails when under 30 s are left.
+minutes_left() {
+    local left=$(( 60 * minutes - SECONDS - $1 ))
+    (( left >= 30 )) && awk -v s="$left" 'BEGIN { printf "%.2f", s / 60 }'
+}
+
+stop_for_now() {  # a stage out of this call's time: status 75, the same command goes on
+    echo "time limit: run again to go on"
+    return "$STOPPED"
+}
+
 repeat_until_done() {  # `all`: run a resumable stage again while it stops at its time limit
     local status=0
     while true; do SECONDS=0; "$@" && return 0 || status=$?; [[ $status == "$STOPPED" ]] || return "$status"; done
@@ -81,16 +93,16 @@ backbone_stages=(recall copy long backbone)
 # short while evaluating: run again, it resumes at the last step and evaluates): a fresh machine given only the
 # newest export goes on from there.
 train_stage() {
-    local mix=$1 name=$2 left=$(( 60 * minutes - SECONDS - eval_seconds )) from=() i later; shift 2
+    local mix=$1 name=$2 budget from=() i later; shift 2
     for i in "${!backbone_stages[@]}"; do [[ ${backbone_stages[i]} == "$name" ]] && break; done
     for later in "${backbone_stages[@]:i+1}"; do [[ -f "$work/$later-bf16/config.json" ]] && return 0; done
     if [[ -f "$work/$name-bf16/config.json" && ( -f "$work/$name/eval.json" || ! -f "$work/$name/checkpoint.pt" ) ]]
     then return 0; fi
-    if (( left < 30 )); then echo "time limit: run again to go on"; return "$STOPPED"; fi
+    budget=$(minutes_left "$eval_seconds") || { stop_for_now; return; }
     (( i > 0 )) && from=(--init-from "$work/${backbone_stages[i - 1]}-bf16")
     python examples/train_eval_backbone.py --device "$device" --mix "$mix" --seed 0 --output-dir "$work/$name" \
         ${from[@]+"${from[@]}"} ${compile[@]+"${compile[@]}"} --export-bf16 "$work/$name-bf16" --resume \
-        --max-minutes "$(awk -v s="$left" 'BEGIN { printf "%.2f", s / 60 }')" "$@"
+        --max-minutes "$budget" "$@"
 }
 
 run_backbone() {
@@ -105,13 +117,12 @@ run_dump() {
 }
 
 run_indexer() {  # each tau in what is left of the call; a candidate not begun waits for the next run
-    local left
+    local budget
     for tau in $taus; do
         [[ -f "$work/indexer/tau$tau/gate.json" ]] && continue
-        left=$(( 60 * minutes - SECONDS ))
-        if (( left < 30 )); then echo "time limit: run again to go on"; return "$STOPPED"; fi
+        budget=$(minutes_left 0) || { stop_for_now; return; }
         python examples/train_eval_indexer.py "${indexer_args[@]}" --stage train --tau "$tau" "${indexer_flags[@]}" \
-            --max-minutes "$(awk -v s="$left" 'BEGIN { printf "%.2f", s / 60 }')"
+            --max-minutes "$budget"
     done
 }
 
@@ -135,7 +146,7 @@ run_compare() {  # parts of part_examples examples: a call cut short loses one s
         for (( first = 0; first < examples; first += part_examples )); do
             local out="$work/compare/tau$tau-$length-$tasks-$first.json"
             [[ -f "$out" ]] && continue
-            if (( SECONDS + last > 60 * minutes )); then echo "time limit: run again to go on"; return "$STOPPED"; fi
+            if (( SECONDS + last > 60 * minutes )); then stop_for_now; return; fi
             started=$SECONDS
             compare "$tau" "$out.tmp" --settings "$work/tuned$tau.json" --seed 1 --lengths "$length" --tasks "$tasks" \
                 --first "$first" --examples "$(( examples - first < part_examples ? examples - first : part_examples ))"

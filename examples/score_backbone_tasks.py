@@ -89,11 +89,11 @@ def lookup_and_copy(model, batch: Batch, item_tokens: int | None) -> dict[str, t
 def source_in_window(batch: Batch, positions: torch.Tensor, window: int) -> torch.Tensor:
     """At each marked position t (predicting targets[t]), whether the target id occurs among the inputs the
     sliding window covers there, [t - window + 1, t]: a copy attention can reach without compressed entries."""
-    found = torch.zeros_like(positions)
+    input_ids, targets = batch.input_ids.cpu(), batch.targets.cpu()  # once, not a device read per lookup
+    found = torch.zeros(positions.shape, dtype=torch.bool)
     for row, t in positions.nonzero().tolist():
-        seen = batch.input_ids[row, max(0, t - window + 1) : t + 1].cpu()
-        found[row, t] = bool((seen == batch.targets[row, t].cpu()).any())
-    return found
+        found[row, t] = bool((input_ids[row, max(0, t - window + 1) : t + 1] == targets[row, t]).any())
+    return found.to(positions.device)
 
 
 def renaming(keys: bool, values: bool, seed: int) -> torch.Tensor:

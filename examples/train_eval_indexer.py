@@ -143,7 +143,7 @@ def train_tau(args, workdir: Path) -> dict | None:
     candidates = {f"vote{v}-lr{lr:g}": (v, lr) for v in votes for lr in [float(x) for x in args.lrs.split(",")]}
     validation = {}
     for name, (vote, lr) in candidates.items():
-        trained = (out / name / "training_summary.json").is_file()
+        trained = is_trained(out / name)
         if not trained and args.max_minutes is not None and time.monotonic() - start + last > 60 * args.max_minutes:
             return None
         began = time.monotonic()
@@ -168,9 +168,13 @@ def train_tau(args, workdir: Path) -> dict | None:
     return report
 
 
+def is_trained(run_dir: Path) -> bool:
+    return (run_dir / "training_summary.json").is_file()
+
+
 def train_candidate(args, data: Path, run_dir: Path, lr: float) -> MemoryIndexerModel:
     """One candidate indexer on the labels in `data` (train, validation), trained unless already done."""
-    if not (run_dir / "training_summary.json").is_file():
+    if not is_trained(run_dir):
         train(TrainConfig(
             data=str(data / "train"), eval_data=str(data / "validation"), output_dir=str(run_dir),
             num_heads=args.num_heads, rank=args.rank, max_steps=args.steps, batch_size=args.batch_size,

@@ -47,10 +47,13 @@ def _means(tasks: dict[str, list[float]]) -> dict[str, float]:
     return {task: sum(scores) / len(scores) for task, scores in tasks.items()}
 
 
+def _over_tasks(means: dict[str, float]) -> float:
+    return sum(means.values()) / len(means)
+
+
 def mean_over_tasks(records: list[dict], score: str = "correct") -> float:
     """The mean over tasks of a row's per-task mean score: exact match ("correct") or token accuracy ("tokens")."""
-    means = _means(_by_task(records, score))
-    return sum(means.values()) / len(means)
+    return _over_tasks(_means(_by_task(records, score)))
 
 
 def _mean(records: list[dict], name: str) -> float | None:
@@ -77,10 +80,10 @@ def summarize_row(records: list[dict], reference: list[dict], samples: int = 200
     return {
         "examples": len(records),
         "accuracy": accuracy,
-        "mean_accuracy": mean_over_tasks(records),
+        "mean_accuracy": _over_tasks(accuracy),
         "vs_full": None if itself else paired_bootstrap(tasks, _by_task(reference), samples, seed=seed),
         "token_accuracy": token_accuracy,
-        "mean_token_accuracy": mean_over_tasks(records, "tokens"),
+        "mean_token_accuracy": _over_tasks(token_accuracy),
         "tokens_vs_full": tokens_vs_full,
         "csa_device_bytes": device_bytes,
         "csa_device_ratio": device_bytes / full_bytes if full_bytes else None,
