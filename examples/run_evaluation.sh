@@ -4,11 +4,14 @@
 #   bash examples/run_evaluation.sh STAGE [WORKDIR]        (WORKDIR: runs/paper)
 #
 # Stages, in order (times on one H200: the backbone step is measured, the rest are estimates; docs/evaluation.md):
-#   backbone  train the paper-layout backbone (16 layers, 7 CSA) in four stages, each from the one before:
+#   backbone  train the paper-layout backbone (16 layers, 7 CSA) in five stages, each from the one before:
 #             associative recall at 64 tokens (it learns to copy there, and only there from fresh weights),
-#             the copy tasks and small long tasks at 64-512 tokens, the long mix up to 2K, then more of it
-#             at 1-2K (a session's device time holds the first three or the fourth; checkpoints/backbone-bf16
-#             is the fourth's export)                                  ~4 + ~6 + ~12 + 16 min, each + ~2 min eval
+#             the copy tasks and small long tasks at 64-512 tokens, the long mix up to 2K, more of it at 1-2K
+#             (all four with a 64-token sliding window, which forces answers through the compressed branches),
+#             then the fifth at 1-2K with V4's own 128-token window (qa_block's next key is a lookup the model
+#             makes only inside the window: docs/evaluation.md, eighth run). A session's device time holds the
+#             first three, or the fourth, or the fifth; checkpoints/backbone-bf16 is the newest stage's export.
+#                                                        ~4 + ~6 + ~12 + 16 + ~10 min, each + ~2 min eval
 #   dump      label 5,600 question documents with the frozen backbone (train/validation/test) ~10 min in 8-min runs
 #   indexer   per tau (64, 16): select the labels at votes 1-3 (one dump serves all), train an indexer per
 #             vote and learning rate (6), choose on validation, gate on test; in 8-min runs ~9 min per tau
@@ -20,7 +23,8 @@
 # and skipped). `all` runs every stage to its end. SMOKE=1 runs them all at CPU sizes (one tau, one length), about
 # 2.5 minutes for `SMOKE=1 bash examples/run_evaluation.sh all /tmp/smoke` on 2 cores. COMPILE=1 trains the
 # backbone's stages through torch.compile (one graph for every context length; on an H200 compiling stage 4's step
-# took over 300 s, a third of the stage's eager time, before the first step: off by default).
+# took over 300 s, a third of the stage's eager time, before the first step: off by default). MINUTES=N (whole
+# minutes, default 8) is what one call of a resumable stage may take: a device call is at most 10.
 set -euo pipefail
 stage=${1:?usage: bash examples/run_evaluation.sh backbone|dump|indexer|tune|compare|report|all [WORKDIR]}
 work=${2:-runs/paper}
@@ -37,7 +41,8 @@ if [[ "${SMOKE:-0}" == 1 ]]; then
                 --tokens-per-step 128 --eval-lengths 64 --eval-examples 1 --answer-tokens 4)
     long_flags=(--size paper-smoke --steps 2 --dense-steps 1 --min-length 320 --max-length 320 --ramp-steps 0
                 --tokens-per-step 640 --eval-lengths 320 --eval-examples 1 --answer-tokens 16)
-    backbone_flags=("${long_flags[@]}" --lr 5e-4)
+    long2_flags=("${long_flags[@]}" --lr 5e-4)
+    backbone_flags=("${long2_flags[@]}" --sliding-window 16)
     data_flags=(--length 320 --spacing 128 --align 8 --train-docs 6 --validation-docs 3 --test-docs 3 --dump-tau 4
                 --block-size 6 --recency-chunks 2)
     indexer_flags=(--steps 20 --batch-size 8 --num-heads 2 --rank 8 --lrs 3e-3 --votes 1,2)
@@ -53,13 +58,15 @@ else
                 --tokens-per-step 16384 --eval-lengths 512 --eval-examples 50 --answer-tokens 16)
     long_flags=(--size paper --min-length 256 --max-length 2048 --steps 1600 --dense-steps 500
                 --ramp-steps 1000 --tokens-per-step 16384 --eval-lengths 2048 --eval-examples 20)
-    backbone_flags=(--size paper --min-length 1024 --max-length 2048 --steps 2000 --dense-steps 0 --ramp-steps 0
-                    --lr 5e-4 --tokens-per-step 16384 --eval-lengths 2048 --eval-examples 20)
+    long2_flags=(--size paper --min-length 1024 --max-length 2048 --steps 2000 --dense-steps 0 --ramp-steps 0
+                 --lr 5e-4 --tokens-per-step 16384 --eval-lengths 2048 --eval-examples 20)
+    backbone_flags=(--size paper --min-length 1024 --max-length 2048 --steps 1200 --dense-steps 0 --ramp-steps 0
+                    --lr 5e-4 --tokens-per-step 16384 --eval-lengths 2048 --eval-examples 20 --sliding-window 128)
     data_flags=(--length 2048 --train-docs 5000 --validation-docs 300 --test-docs 300 --dump-tau 16)
     indexer_flags=(--steps 3000 --batch-size 256 --num-heads 16 --rank 256 --lrs 1e-3,3e-3 --votes 1,2,3)
     compare_flags=()
     tune_flags=(--lengths 2048 --examples 40)
-    examples=200; part_examples=50; minutes=8
+    examples=200; part_examples=50; minutes=${MINUTES:-8}
     eval_seconds=150  # a backbone stage's evaluation after its last step: ~2 min on an H200
 fi
 backbone="$work/backbone-bf16"
@@ -84,8 +91,8 @@ repeat_until_done() {  # `all`: run a resumable stage again while it stops at it
 }
 
 # The backbone's stages in order, each from the bf16 export of the one before (NAME-bf16, small enough to travel
-# between device calls): recall, copy, the long mix up to 2K, then more of it at 1-2K.
-backbone_stages=(recall copy long backbone)
+# between device calls): recall, copy, the long mix up to 2K, more of it at 1-2K, then at V4's window.
+backbone_stages=(recall copy long long2 backbone)
 
 # One backbone stage (train_stage MIX NAME FLAGS...) in the seconds this call has left, its evaluation after the
 # last step included, so that the stages run by one call stay within a device call's 10 minutes together. Done
@@ -109,11 +116,14 @@ run_backbone() {
     train_stage recall recall "${recall_flags[@]}" &&
         train_stage copy copy "${copy_flags[@]}" &&
         train_stage long long "${long_flags[@]}" &&
+        train_stage long long2 "${long2_flags[@]}" &&
         train_stage long backbone "${backbone_flags[@]}"
 }
 
 run_dump() {
-    python examples/train_eval_indexer.py "${indexer_args[@]}" --stage dump --max-minutes "$minutes"
+    local budget
+    budget=$(minutes_left 0) || { stop_for_now; return; }
+    python examples/train_eval_indexer.py "${indexer_args[@]}" --stage dump --max-minutes "$budget"
 }
 
 run_indexer() {  # each tau in what is left of the call; a candidate not begun waits for the next run

@@ -7,10 +7,10 @@ Stage 2 (from stage 1's weights, every context at the training length, the weake
     python examples/train_eval_backbone.py --device cuda --init-from runs/eval-bf16 --steps 1500 --dense-steps 0 \
         --ramp-steps 0 --min-length 512 --lr 3e-4 --extra-tasks variable_tracking,common_words \
         --output-dir runs/eval-backbone2 --export-bf16 runs/eval2-bf16
-The paper-layout backbone of the long-decoding evaluation (16 layers, 7 CSA) trains in four stages, each from the
+The paper-layout backbone of the long-decoding evaluation (16 layers, 7 CSA) trains in five stages, each from the
 bf16 export of the one before, in runs of at most 8 minutes: `bash examples/run_evaluation.sh backbone` runs them,
-and its recall_flags, copy_flags, long_flags and backbone_flags are the stages' flags (docs/evaluation.md says why
-each stage is there).
+and its recall_flags, copy_flags, long_flags, long2_flags and backbone_flags are the stages' flags
+(docs/evaluation.md says why each stage is there; the last widens the sliding window with --sliding-window).
 Time a step before a run (median of N steps a phase at --max-length, the projected minutes, peak memory; no
 output): the same flags and --time-steps 8, once per --tokens-per-step worth trying.
 CPU smoke run (seconds):
@@ -76,6 +76,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
     parser.add_argument("--kl-weight", type=float, default=defaults.kl_weight)
     parser.add_argument("--grad-clip", type=float, default=defaults.grad_clip)
+    parser.add_argument(
+        "--sliding-window", type=int, default=None, help="replace the size's sliding window (e.g. a later stage's)"
+    )
     parser.add_argument("--init-from", default=None, help="start from this saved backbone (a second training stage)")
     parser.add_argument(
         "--extra-tasks", default="", help="comma-separated evaluation tasks drawn once more per turn of the mix"
@@ -123,6 +126,7 @@ def main() -> None:
             init_from=args.init_from,
             extra_tasks=tuple(task for task in args.extra_tasks.split(",") if task),
             mix=args.mix,
+            sliding_window=args.sliding_window,
         )
         if args.time_steps is not None:
             print(format_step_times(time_steps(config, args.device, args.time_steps, args.compile), config.steps))

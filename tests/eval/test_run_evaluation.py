@@ -30,11 +30,16 @@ def test_the_smoke_recipe_runs_every_stage_and_a_rerun_skips_what_is_done(tmp_pa
     done = run("all", work=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "backbone-bf16" / "config.json").is_file()
-    # four backbone stages, each from the weights of the one before: recall, copy, long, more of long
-    stages = (("recall", None), ("copy", "recall-bf16"), ("long", "copy-bf16"), ("backbone", "long-bf16"))
+    # five backbone stages, each from the weights of the one before: recall, copy, long, more of long, then more
+    # at a wider window, which the export carries on to the stages after it
+    stages = (("recall", None), ("copy", "recall-bf16"), ("long", "copy-bf16"), ("long2", "long-bf16"),
+              ("backbone", "long2-bf16"))
     for stage, started_from in stages:
         config = json.loads((tmp_path / stage / "eval.json").read_text())["config"]
         assert config["init_from"] == (started_from and str(tmp_path / started_from))
+    windows = {name: json.loads((tmp_path / f"{name}-bf16" / "config.json").read_text())["sliding_window"]
+               for name in ("long2", "backbone")}
+    assert windows["backbone"] == 2 * windows["long2"]
     gate = json.loads((tmp_path / "indexer" / "tau4" / "gate.json").read_text())
     assert gate["chosen_on"] == "validation" and "all" in gate["test"]
     assert json.loads((tmp_path / "tuned4.json").read_text())["seed"] == 0
@@ -51,16 +56,17 @@ def test_a_fresh_machine_given_only_the_newest_export_trains_only_the_stages_aft
     assert run_to_the_end("backbone", work=given).returncode == 0
     fresh = tmp_path / "fresh"
     fresh.mkdir()
-    shutil.copytree(given / "long-bf16", fresh / "long-bf16")
+    shutil.copytree(given / "long2-bf16", fresh / "long2-bf16")
     done = run_to_the_end("backbone", work=fresh)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert sorted(path.name for path in fresh.iterdir()) == ["backbone", "backbone-bf16", "long-bf16"]
+    assert sorted(path.name for path in fresh.iterdir()) == ["backbone", "backbone-bf16", "long2-bf16"]
     config = json.loads((fresh / "backbone" / "eval.json").read_text())["config"]
-    assert config["init_from"] == str(fresh / "long-bf16") and config["lr"] == 5e-4 and config["mix"] == "long"
+    assert config["init_from"] == str(fresh / "long2-bf16") and config["lr"] == 5e-4 and config["mix"] == "long"
+    assert config["sliding_window"] == 16
     # a call cut short while the last stage evaluated (its export written first, its eval.json not yet):
     # the next run resumes at the last step and evaluates, without training again
     (fresh / "backbone" / "eval.json").unlink()
     again = run("backbone", work=fresh)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resuming from" in again.stderr and "at step 2 of 2" in again.stderr
-    assert json.loads((fresh / "backbone" / "eval.json").read_text())["config"]["init_from"] == str(fresh / "long-bf16")
+    assert json.loads((fresh / "backbone" / "eval.json").read_text())["config"]["init_from"] == str(fresh / "long2-bf16")

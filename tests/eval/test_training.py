@@ -96,6 +96,27 @@ def test_a_second_stage_starts_from_the_saved_weights_in_fp32(smoke_config, tmp_
     assert run.finished and math.isfinite(run.history[0]["loss"])
 
 
+def test_a_stage_that_widens_the_sliding_window_keeps_the_weights_and_saves_the_new_window(smoke_config, tmp_path):
+    """A later stage may train the same weights with a wider window; what it saves must carry the wider one, since
+    the dump, the scorer and the comparison read the window from the saved config."""
+    window = eval_backbone_config("smoke").sliding_window
+    build_eval_backbone(eval_backbone_config("smoke"), seed=0).save_pretrained(tmp_path / "first")
+    wider = dataclasses.replace(
+        smoke_config, init_from=str(tmp_path / "first"), sliding_window=2 * window, steps=1, dense_steps=0
+    )
+    start = initial_model(wider)
+    assert start.config.sliding_window == 2 * window
+    saved = DeepseekV4ForCausalLM.from_pretrained(tmp_path / "first").state_dict()
+    assert all(torch.equal(saved[name], tensor) for name, tensor in start.state_dict().items())
+    run = train_backbone(wider, tmp_path / "wider", progress=False)
+    assert run.finished
+    assert DeepseekV4ForCausalLM.from_pretrained(tmp_path / "wider" / MODEL_DIR_NAME).config.sliding_window == 2 * window
+    with pytest.raises(ValueError, match="other settings .*sliding_window"):
+        train_backbone(dataclasses.replace(wider, sliding_window=None), tmp_path / "wider", resume=True, progress=False)
+    with pytest.raises(ValueError, match="sliding_window must be at least 1"):
+        dataclasses.replace(smoke_config, sliding_window=0)
+
+
 def test_init_from_another_size_or_a_missing_model_is_a_clear_error(smoke_config, tmp_path):
     build_eval_backbone(eval_backbone_config("small"), seed=0).save_pretrained(tmp_path / "small")
     with pytest.raises(ValueError, match="not a 'smoke' evaluation backbone"):

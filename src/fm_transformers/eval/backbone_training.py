@@ -63,6 +63,7 @@ class TrainingConfig:
     init_from: str | None = None  # a saved backbone (save_pretrained directory) to start from; None: fresh weights
     extra_tasks: tuple[str, ...] = ()  # evaluation tasks drawn once more per turn of the training mix
     mix: str = "ruler"  # the training mix (batches.MIXES) and the task set it is evaluated on (catalog.TASK_SETS)
+    sliding_window: int | None = None  # None: the size's; a later stage may widen it (weights do not depend on it)
 
     def __post_init__(self):
         object.__setattr__(self, "extra_tasks", tuple(self.extra_tasks))  # a list when read back from a checkpoint
@@ -81,6 +82,8 @@ class TrainingConfig:
             raise ValueError(f"need steps >= 1 and 0 <= dense_steps <= steps, got {self.steps}, {self.dense_steps}")
         if not 0 < self.min_length <= self.max_length:
             raise ValueError(f"need 0 < min_length <= max_length, got {self.min_length}, {self.max_length}")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window must be at least 1 (or None for the size's), got {self.sliding_window}")
         if self.tokens_per_step < self.max_length:
             raise ValueError(f"tokens_per_step ({self.tokens_per_step}) must hold one max_length context")
 
@@ -110,8 +113,10 @@ def check_vocabulary(size: str, needed: int, user: str) -> None:
 
 def initial_model(config: TrainingConfig) -> torch.nn.Module:
     """The model step 0 starts from: fresh weights of `config.size` (seeded), or those saved in `init_from`,
-    loaded into that architecture in fp32 (so a bf16 export can start a run)."""
-    backbone = eval_backbone_config(config.size)
+    loaded into that architecture in fp32 (so a bf16 export can start a run); `config.sliding_window`, when set,
+    replaces the size's window (the saved backbone's config carries it on)."""
+    window = {} if config.sliding_window is None else {"sliding_window": config.sliding_window}
+    backbone = eval_backbone_config(config.size, **window)
     model = build_eval_backbone(backbone, seed=config.seed)
     if config.init_from is None:
         if config.min_length > backbone.sliding_window:

@@ -138,8 +138,8 @@ def select_triggers(
             shared[name] = tensor[rows] if name.startswith("hidden/") else tensor
     groups = [[row_of[p + step] for step in steps] for p in positions]
     shared.update(_union_rows(data, "used", groups, limits))
-    if any(vote is not None for vote in votes):
-        widened = _union_rows(data, "votes", groups, limits, reduce="max")
+    voting = any(vote is not None for vote in votes)
+    widened = _union_rows(data, "votes", groups, limits, reduce="max") if voting else None
     return {
         vote: {**shared, **(_union_rows(data, "labels", groups, limits) if vote is None else _at_least(widened, vote))}
         for vote in votes
