@@ -17,7 +17,8 @@
 #             vote and learning rate (6), choose on validation, gate on test; in 8-min runs ~9 min per tau
 #   tune      per tau: recency tail and budget threshold chosen on a validation draw (seed 0) ~3 min per tau
 #   compare   per tau, length (2048, 4096, 8192) and task: 200 examples on draw seed 1, in parts of 50
-#             examples (72 parts; a call starts a part only if the last one it ran would still fit)   ~1-3 min a part
+#             examples (72 parts; a call starts a part only if the last one it ran, scaled to the part's length,
+#             would still fit)                                                                    ~1-3 min a part
 #   report    join the parts per tau: WORKDIR/tau{64,16}.json, .png, and the printed table   seconds
 # A stage that stops at its time limit exits with status 75: run the same command again (finished work is kept
 # and skipped). `all` runs every stage to its end. SMOKE=1 runs them all at CPU sizes (one tau, one length), about
@@ -64,7 +65,7 @@ else
                     --lr 5e-4 --tokens-per-step 16384 --eval-lengths 2048 --eval-examples 20 --sliding-window 128)
     data_flags=(--length 2048 --train-docs 5000 --validation-docs 300 --test-docs 300 --dump-tau 16)
     indexer_flags=(--steps 3000 --batch-size 256 --num-heads 16 --rank 256 --lrs 1e-3,3e-3 --votes 1,2,3)
-    compare_flags=()
+    compare_flags=(--batch-size 50)  # a part's 50 examples in one batch: one generate per row and part, not two
     tune_flags=(--lengths 2048 --examples 40)
     examples=200; part_examples=50; minutes=${MINUTES:-8}
     eval_seconds=150  # a backbone stage's evaluation after its last step: ~2 min on an H200
@@ -151,17 +152,18 @@ run_tune() {
 
 run_compare() {  # parts of part_examples examples: a call cut short loses one small part, not a task's 200
     mkdir -p "$work/compare"
-    local last=0 started first
+    local last=0 last_length=1 started first
     for tau in $taus; do for length in $lengths; do for tasks in $parts; do
         for (( first = 0; first < examples; first += part_examples )); do
             local out="$work/compare/tau$tau-$length-$tasks-$first.json"
             [[ -f "$out" ]] && continue
-            if (( SECONDS + last > 60 * minutes )); then stop_for_now; return; fi
+            # the last part's time, scaled to this part's context (prefill and attention grow with it)
+            if (( SECONDS + last * length / last_length > 60 * minutes )); then stop_for_now; return; fi
             started=$SECONDS
             compare "$tau" "$out.tmp" --settings "$work/tuned$tau.json" --seed 1 --lengths "$length" --tasks "$tasks" \
                 --first "$first" --examples "$(( examples - first < part_examples ? examples - first : part_examples ))"
             mv "$out.tmp" "$out"
-            last=$(( SECONDS - started ))
+            last=$(( SECONDS - started )) last_length=$length
         done
     done; done; done
 }

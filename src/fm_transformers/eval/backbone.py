@@ -73,7 +73,10 @@ BACKBONE_SIZES: dict[str, dict] = {
     # One KV head of 256 dims and index keys of 32 (V4-Flash: 512 and 128), so the three target layers' index
     # keys, which stay on the device in full, are 4.8% of the CSA bytes (V4-Flash: 2.9%); the compressed
     # branch rotates 16 of the 256 dims, which the index keys' 32 must hold. index_topk 8 keeps the 10% resident
-    # budget at least 4x the native top-k from 2K tokens on (paper_layout.check_budget_covers_top_k).
+    # budget at least 4x the native top-k from 2K tokens on (paper_layout.check_budget_covers_top_k). The window
+    # of 64 holds while the first stages learn to copy through the compressed branches; the last stage trains on at
+    # V4's 128 (TrainingConfig.sliding_window), which its export carries: a 26-question block's next key is a
+    # lookup the model made only inside the window (docs/evaluation.md, eighth run).
     "paper": dict(
         layer_types=PAPER_LAYER_TYPES,
         vocab_size=LONG_VOCAB_SIZE,
