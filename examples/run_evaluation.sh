@@ -91,34 +91,32 @@ repeat_until_done() {  # `all`: run a resumable stage again while it stops at it
     while true; do SECONDS=0; "$@" && return 0 || status=$?; [[ $status == "$STOPPED" ]] || return "$status"; done
 }
 
-# The backbone's stages in order, each from the bf16 export of the one before (NAME-bf16, small enough to travel
-# between device calls): recall, copy, the long mix up to 2K, more of it at 1-2K, then at V4's window.
-backbone_stages=(recall copy long long2 backbone)
+# The backbone's stages in order as NAME:MIX, each from the bf16 export of the one before (NAME-bf16, small enough
+# to travel between device calls), with NAME_flags: recall, copy, the long mix up to 2K, more of it at 1-2K, then
+# at V4's window.
+backbone_stages=(recall:recall copy:copy long:long long2:long backbone:long)
 
-# One backbone stage (train_stage MIX NAME FLAGS...) in the seconds this call has left, its evaluation after the
-# last step included, so that the stages run by one call stay within a device call's 10 minutes together. Done
-# once a later stage's export exists, or its own without a checkpoint that still lacks its evaluation (a call cut
-# short while evaluating: run again, it resumes at the last step and evaluates): a fresh machine given only the
-# newest export goes on from there.
+# The I-th backbone stage (train_stage I) in the seconds this call has left, its evaluation after the last step
+# included, so that the stages run by one call stay within a device call's 10 minutes together. Done once a later
+# stage's export exists, or its own without a checkpoint that still lacks its evaluation (a call cut short while
+# evaluating: run again, it resumes at the last step and evaluates): a fresh machine given only the newest export
+# goes on from there.
 train_stage() {
-    local mix=$1 name=$2 budget from=() i later; shift 2
-    for i in "${!backbone_stages[@]}"; do [[ ${backbone_stages[i]} == "$name" ]] && break; done
-    for later in "${backbone_stages[@]:i+1}"; do [[ -f "$work/$later-bf16/config.json" ]] && return 0; done
+    local i=$1 name=${backbone_stages[$1]%%:*} mix=${backbone_stages[$1]#*:} flags budget from=() later
+    flags="${name}_flags[@]"
+    for later in "${backbone_stages[@]:i+1}"; do [[ -f "$work/${later%%:*}-bf16/config.json" ]] && return 0; done
     if [[ -f "$work/$name-bf16/config.json" && ( -f "$work/$name/eval.json" || ! -f "$work/$name/checkpoint.pt" ) ]]
     then return 0; fi
     budget=$(minutes_left "$eval_seconds") || { stop_for_now; return; }
-    (( i > 0 )) && from=(--init-from "$work/${backbone_stages[i - 1]}-bf16")
+    (( i > 0 )) && from=(--init-from "$work/${backbone_stages[i - 1]%%:*}-bf16")
     python examples/train_eval_backbone.py --device "$device" --mix "$mix" --seed 0 --output-dir "$work/$name" \
         ${from[@]+"${from[@]}"} ${compile[@]+"${compile[@]}"} --export-bf16 "$work/$name-bf16" --resume \
-        --max-minutes "$budget" "$@"
+        --max-minutes "$budget" "${!flags}"
 }
 
 run_backbone() {
-    train_stage recall recall "${recall_flags[@]}" &&
-        train_stage copy copy "${copy_flags[@]}" &&
-        train_stage long long "${long_flags[@]}" &&
-        train_stage long long2 "${long2_flags[@]}" &&
-        train_stage long backbone "${backbone_flags[@]}"
+    local i
+    for i in "${!backbone_stages[@]}"; do train_stage "$i" || return; done
 }
 
 run_dump() {
