@@ -12,7 +12,8 @@ train: for --tau, the triggers that carry meaning (each question's end, every ta
 labels, widened from the dump's tau at each candidate vote (label_selection.py); one indexer per candidate vote and
 learning rate on the three target layers, trained with fm_transformers.training; the one validation prefers
 (gate.choose_candidate: among those whose resident set at threshold 0.5 holds at most 15% of the chunks, the best
-gate score) is kept in WORKDIR/tau<TAU>/indexer and gated on the test split (gate.py). Written:
+gate score) is kept in WORKDIR/tau<TAU>/indexer and gated on the test split (gate.py), beside what each candidate
+vote's labels reach as the scores (the ceiling of an indexer trained on them; it chooses nothing). Written:
 WORKDIR/tau<TAU>/gate.json. With --max-minutes it starts no candidate once the last one's time would not fit
 and exits with status 75: the same command goes on (selected labels and trained candidates are kept).
 
@@ -157,11 +158,12 @@ def train_tau(args, workdir: Path) -> dict | None:
     shutil.copytree(out / chosen, out / "indexer", ignore=shutil.ignore_patterns("checkpoints"))
     indexer = MemoryIndexerModel.from_pretrained(out / "indexer").to(args.device)
     test = gate_metrics(indexer, out / f"vote{vote}" / "test", **gate)
+    labels = {f"vote{v}": gate_metrics(None, out / f"vote{v}" / "test", **gate) for v in votes}  # chooses nothing
     report = {
         "tau": args.tau, "chosen": chosen, "chosen_vote": vote, "chosen_lr": f"{lr:g}",
         "chosen_on": "validation", "criterion": CHOICE_RULE,
         "meets_resident_target": meets, "selection_score": selection_score(validation[chosen]),
-        "gate_settings": gate, "validation": validation, "test": test,
+        "gate_settings": gate, "validation": validation, "test": test, "labels_on_test": labels,
         "documents": {s: getattr(args, f"{s}_docs") for s in SPLITS},
     }
     (out / "gate.json").write_text(json.dumps(report, indent=2))
@@ -185,6 +187,8 @@ def train_candidate(args, data: Path, run_dir: Path, lr: float) -> MemoryIndexer
 
 
 def print_gate(report: dict) -> None:
+    """The choice, the test split per task, and what each vote's labels would reach as the scores (the ceiling of
+    an indexer trained on them)."""
     meets = "" if report["meets_resident_target"] else " (none met the resident target: the smallest chosen)"
     print(f"\ntau {report['tau']}: vote {report['chosen_vote']}, lr {report['chosen_lr']} chosen on validation{meets}")
     print("validation, all tasks:")
@@ -198,6 +202,13 @@ def print_gate(report: dict) -> None:
         print(
             f"{task:<12}{m['question_triggers']:>10}{m['paper_evidence_recall']:>12.3f}{m['budget_evidence_recall']:>13.3f}"
             f"{m['paper_used_recall']:>11.3f}{m['budget_used_recall']:>12.3f}{m['paper_resident_fraction']:>15.3f}"
+        )
+    print("the labels as the scores (a perfect learner of them), test split, all tasks, paper resident set:")
+    for name, metrics in report["labels_on_test"].items():
+        m = metrics["all"]
+        print(
+            f"  {name:<8} evidence {m['paper_evidence_recall']:.3f}  used {m['paper_used_recall']:.3f}"
+            f"  resident {m['paper_resident_fraction']:.3f}"
         )
 
 

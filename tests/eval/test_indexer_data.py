@@ -172,3 +172,24 @@ def test_the_gate_selects_everything_at_threshold_zero_and_holds_the_budget(raw,
     assert set(capped) == {"all", *(q.task for asked in questions.values() for q in asked)}
     assert 0.05 < capped["all"]["budget_resident_fraction"] <= 0.1 + 1e-9
     assert capped["all"]["question_triggers"] == 9 and 0.0 <= selection_score(capped) <= 1.0
+
+
+def test_the_labels_as_scores_keep_exactly_the_labelled_chunks(raw, tmp_path):
+    root, questions = raw
+    select_labels(block_directories(root / "tau4", 3, 2), tmp_path, questions, tau=4)
+    shards, asked_at = LabelShards(tmp_path), read_questions(tmp_path)
+    density, evidence = [], []
+    for index, document in enumerate(shards.documents):
+        data, ends = shards.load(index), {q.end: q for q in asked_at[document.doc_id]}
+        indptr, indices = data["labels/indptr"], data["labels/indices"]
+        for row, position in enumerate(data["positions"].tolist()):
+            visible = (position + 1) // shards.compress_rate
+            labelled = set(indices[indptr[row] : indptr[row + 1]].tolist())
+            density.append(len(labelled) / visible)
+            made = [c for c in ends[position].evidence_chunks(shards.compress_rate) if c < visible] if position in ends else []
+            if made:
+                evidence.append(sum(c in labelled for c in made) / len(made))
+    labels = gate_metrics(None, tmp_path, budget=0.1, recency_chunks=0, sink_chunks=0)["all"]
+    assert 0.0 < labels["paper_resident_fraction"] < 1.0 and evidence
+    assert labels["paper_resident_fraction"] == pytest.approx(sum(density) / len(density))
+    assert labels["paper_evidence_recall"] == pytest.approx(sum(evidence) / len(evidence))

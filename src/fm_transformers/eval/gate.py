@@ -10,6 +10,9 @@ Per task, at the triggers of a selected label set (label_selection.py):
 - resident_fraction: the resident set's share of the chunks that exist at the trigger.
 Two resident sets, built by the cache's own rule (policies.resident_sets, with recency tail and sink): "paper",
 chunks scoring at least the threshold in any target layer, uncapped; "budget", the same under the budget.
+
+Without an indexer the labels themselves are the scores (1 where set, 0 elsewhere): what a perfect learner of the
+labels would reach, the ceiling the indexer is read against. Labels that miss the evidence cannot teach it.
 """
 
 from collections import defaultdict
@@ -37,6 +40,16 @@ def trigger_scores(indexer, data: dict, rows: torch.Tensor) -> torch.Tensor:
     return best
 
 
+def label_scores(data: dict, rows: torch.Tensor) -> torch.Tensor:
+    """(triggers, chunks) the labels of the dumped triggers `rows` as scores: 1 for a labelled chunk, else 0."""
+    chunks = next(value for name, value in data.items() if name.startswith("keys/")).shape[0]
+    scores = torch.zeros(len(rows), chunks)
+    indptr, indices = data["labels/indptr"], data["labels/indices"]
+    for out, row in enumerate(rows.tolist()):
+        scores[out, indices[indptr[row] : indptr[row + 1]]] = 1.0
+    return scores
+
+
 def resident_set(scores: torch.Tensor, visible: int, threshold: float, config: LSAConfig) -> set[int]:
     """The chunks an LSA cache with `config` keeps for one trigger's scores (chunks, ) over `visible` chunks."""
     wanted = torch.where(scores[:visible] >= threshold, scores[:visible], NOT_WANTED).unsqueeze(0)
@@ -50,7 +63,7 @@ def gate_metrics(
     recency_chunks: int = 16, sink_chunks: int = 1,
 ) -> dict[str, dict[str, float]]:
     """{task: {"<selection>_<metric>": value, "question_triggers": n, "answer_triggers": n}} and an "all" entry
-    pooling the tasks (micro averages)."""
+    pooling the tasks (micro averages). `indexer` None: the labels as the scores."""
     shards, questions = LabelShards(directory), read_questions(directory)
     configs = {
         "paper": (threshold, LSAConfig(recency_chunks=recency_chunks, sink_chunks=sink_chunks)),
@@ -58,12 +71,13 @@ def gate_metrics(
     }
     sums: dict[str, defaultdict] = defaultdict(lambda: defaultdict(float))
     rate = shards.compress_rate
-    was_training = indexer.training
-    indexer.eval()
+    was_training = indexer is not None and indexer.training
+    if indexer is not None:
+        indexer.eval()
     for index, document in enumerate(shards.documents):
         data = shards.load(index)
         rows = torch.arange(data["positions"].numel())
-        scores = trigger_scores(indexer, data, rows)
+        scores = label_scores(data, rows) if indexer is None else trigger_scores(indexer, data, rows)
         asked = {p: (q, p == q.end) for q in questions[document.doc_id] for p in q.trigger_positions(_tau(shards))}
         for row, position in enumerate(data["positions"].tolist()):
             question, at_question = asked[position]
@@ -74,7 +88,8 @@ def gate_metrics(
                 kept = resident_set(scores[row], visible, cut, config)
                 for task in (question.task, "all"):
                     _add(sums[task], name, kept, visible, used, evidence if at_question else None)
-    indexer.train(was_training)
+    if indexer is not None:
+        indexer.train(was_training)
     return {task: _means(total) for task, total in sums.items()}
 
 
