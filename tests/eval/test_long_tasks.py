@@ -6,12 +6,15 @@ import pytest
 from fm_transformers.eval.long_tasks import (
     LONG_TASK_NAMES,
     TokenDraw,
+    evidence_chunks,
     expected_triggers,
     first_error,
     long_example,
     make_long_examples,
     random_facts,
+    statement_tokens,
 )
+from fm_transformers.eval.catalog import evaluation_examples
 from fm_transformers.eval.qa_documents import qa_document
 from fm_transformers.eval.tasks import exact_match
 from fm_transformers.eval.vocab import ASK, LET, LONG_KEYS, LONG_VALUES, LONG_VOCAB_SIZE, NEEDLE, QUERY
@@ -137,3 +140,16 @@ def test_first_error_says_where_a_generated_answer_first_goes_wrong_and_how():
     assert first_error([*answer[:7], answer[8], 999, *answer[9:]], answer, 5) == (7, "copy")  # not a swap
     assert first_error([*answer[:14], answer[13]], answer, 5) == (14, "copy")  # the last token: nothing to swap
     assert first_error(answer[:10], answer, 5) == (10, "copy")  # stopped early
+
+
+@pytest.mark.parametrize("task", LONG_TASK_NAMES)
+def test_evidence_statements_span_exactly_the_tokens_the_answer_is_read_from(task):
+    for example in evaluation_examples(task, 1024, 3, seed=5, answer_tokens=40):
+        size = statement_tokens(example)
+        spans = [example.input_ids[start : start + size] for start in example.evidence]
+        assert all(span[0] in (NEEDLE, LET) for span in spans)
+        assert all(span[-1] in example.answer for span in spans)  # ends on a value or a name, not in filler
+        assert set(example.answer) <= {token for span in spans for token in span}
+        chunks = evidence_chunks(example, 4)
+        assert chunks == sorted(set(chunks)) and {s // 4 for s in example.evidence} <= set(chunks)
+        assert len(chunks) <= len(spans) * (size // 4 + 2)

@@ -191,3 +191,23 @@ def first_error(prediction: list[int], answer: list[int], item_tokens: int | Non
 def starts_item(position, item_tokens: int | None):
     """Whether an answer position (an int, or a tensor of them) is an item's first token, a lookup (ITEM_TOKENS)."""
     return position == 0 if item_tokens is None else position % item_tokens == 0
+
+
+def statement_tokens(example: Example) -> int:
+    """Tokens of one of a long-task example's statements: a marker (NEEDLE, LET), then a needle's key and value
+    (its value is long_needle's whole answer; a qa_block item, key and value, is ITEM_TOKENS long) or a chain's
+    two names."""
+    if example.task == "long_needle":
+        return 2 + len(example.answer)
+    if example.task == "qa_block":
+        return 1 + ITEM_TOKENS["qa_block"]
+    if example.task == "long_chain":
+        return 1 + 2 * ITEM_TOKENS["long_chain"]
+    raise ValueError(f"{example.task!r} is not a long task; known: {', '.join(LONG_TASK_NAMES)}")
+
+
+def evidence_chunks(example: Example, compress_rate: int) -> list[int]:
+    """The compressed chunks holding any token of the example's evidence statements (those its answer is read
+    from), ascending: what an oracle of the evidence keeps resident."""
+    size = statement_tokens(example)
+    return sorted({chunk for start in example.evidence for chunk in range(start // compress_rate, (start + size - 1) // compress_rate + 1)})

@@ -1,0 +1,153 @@
+"""Does a backbone keep its answers when only a small resident set of compressed chunks stays on the device? Two
+ceilings of any memory indexer, measured before one is trained (docs/evaluation.md, "A CPU preview after the
+backbone"):
+
+    python examples/probe_resident_sets.py runs/paper/backbone-bf16 --examples 4 --out probe.json
+
+For each long task, --examples examples of draw --seed (5: neither the tuning draw 0 nor the reported draw 1) at
+--length are answered by the stock cache, whose native top-k picks of every CSA layer are recorded, then:
+- touched: the distinct chunks those picks cover in each tau window, as a share of the chunks that exist, pooled
+  over the CSA layers (one resident set serves them all, as LSA's does) and per layer;
+- the oracle lookahead (the comparison's row, methods.py) at each of --budgets ("none": uncapped, which must
+  reproduce the stock answers): the picks of the next tau steps, most picked first;
+- the evidence oracle at each recency tail of --tails: only the chunks of the statements the answer is read from
+  (long_tasks.evidence_chunks), the tail and the sink, at every recall, uncapped.
+Each answered by greedy decoding of the answer's length; reported: answer tokens right, tokens the same as the
+stock run's, exact match, and the resident CSA bytes' mean share over the recalls.
+"""
+
+import argparse
+import json
+
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM
+
+from fm_transformers.cache import OffloadedLookaheadCache
+from fm_transformers.config import LSAConfig
+from fm_transformers.layout import csa_compress_rate, csa_layers
+from fm_transformers.policies import OraclePolicy, resident_sets
+from fm_transformers.eval.catalog import evaluation_examples
+from fm_transformers.eval.comparison import generate
+from fm_transformers.eval.long_tasks import LONG_TASK_NAMES, evidence_chunks, expected_triggers
+from fm_transformers.eval.oracle import NativePicks, lookahead_sets
+from fm_transformers.eval.tasks import exact_match, tokens_right
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("backbone", help="a paper-layout backbone (a save_pretrained dir)")
+    parser.add_argument("--length", type=int, default=2048)
+    parser.add_argument("--examples", type=int, default=4, help="examples per task, decoded as one batch")
+    parser.add_argument("--seed", type=int, default=5, help="the draw (0 tunes the comparison, 1 is reported)")
+    parser.add_argument("--answer-tokens", type=int, default=None, help="long tasks' answer length (default 130)")
+    parser.add_argument("--tau", type=int, default=64)
+    parser.add_argument("--budgets", default="0.1,0.25,0.5,none", help="the oracle lookahead's budgets")
+    parser.add_argument("--tails", default="16,48", help="the evidence oracle's recency tails (chunks)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", help="JSON with every measure")
+    args = parser.parse_args(argv)
+    try:
+        args.budgets = [None if b == "none" else float(b) for b in args.budgets.split(",")]
+        args.tails = [int(t) for t in args.tails.split(",")]
+    except ValueError:
+        parser.error("--budgets takes fractions or 'none', --tails whole chunk counts, comma-separated")
+    return args
+
+
+def touched_shares(steps: list[torch.Tensor], tau: int, prompt_length: int, rate: int, layers: int) -> dict:
+    """Mean over windows and sequences of the distinct chunks the picks of a tau window cover, over the chunks
+    that exist at its recall: pooled over the CSA layers, and per layer."""
+    pooled, per_layer = [], []
+    for first in range(0, len(steps), tau):
+        window = torch.stack(steps[first : first + tau])  # (steps, batch, layers x k)
+        chunks = (prompt_length + first) // rate
+        for picks in window.unbind(1):
+            picks = picks.reshape(len(picks), layers, -1)
+            pooled.append(picks[picks >= 0].unique().numel() / chunks)
+            per_layer.append(sum(p[p >= 0].unique().numel() for p in picks.unbind(1)) / layers / chunks)
+    return {"pooled": sum(pooled) / len(pooled), "per_layer": sum(per_layer) / len(per_layer)}
+
+
+def answer_scores(tokens: torch.Tensor, stock: torch.Tensor, examples) -> dict:
+    count, length = len(examples), len(examples[0].answer)
+    return {
+        "tokens_right": sum(tokens_right(t, e.answer) for t, e in zip(tokens.tolist(), examples)) / (count * length),
+        "same_as_stock": sum(tokens_right(t, s) for t, s in zip(tokens.tolist(), stock.tolist())) / (count * length),
+        "exact_match": sum(exact_match(t, e.answer) for t, e in zip(tokens.tolist(), examples)) / count,
+    }
+
+
+class ResidentShare(OraclePolicy):
+    """An OraclePolicy that records the resident share of the chunks at each recall (the end state alone would
+    show only the last recall's, which for the oracle serves a window cut short by the answer's end)."""
+
+    def __init__(self, sets_per_trigger, config: LSAConfig):
+        super().__init__(sets_per_trigger)
+        self.config, self.shares = config, []
+
+    def priorities(self, context):
+        out = super().priorities(context)
+        kept = resident_sets(out, context, self.config)
+        self.shares += [len(ids) / context.num_chunks for ids in kept]
+        return out
+
+
+def decode_with_sets(model, input_ids, length, sets, config: LSAConfig) -> tuple[torch.Tensor, float]:
+    policy = ResidentShare(sets, config)
+    cache = OffloadedLookaheadCache(model, config, policy=policy)
+    with torch.no_grad():
+        tokens, _ = generate(model, input_ids, length, cache)
+    return tokens, sum(policy.shares) / len(policy.shares)
+
+
+def probe_task(model, task: str, args) -> dict:
+    examples = evaluation_examples(task, args.length, args.examples, seed=args.seed, answer_tokens=args.answer_tokens)
+    input_ids = torch.tensor([e.input_ids for e in examples], device=args.device)
+    length, prompt = len(examples[0].answer), input_ids.shape[1]
+    rate, layers = csa_compress_rate(model.config), len(csa_layers(model.config))
+    with torch.no_grad(), NativePicks(model) as picks:
+        stock, _ = generate(model, input_ids, length)
+    steps = picks.host_steps()
+    result = {"stock": answer_scores(stock, stock, examples), "touched": touched_shares(steps, args.tau, prompt, rate, layers)}
+    triggers = expected_triggers(length, args.tau)
+    for budget in args.budgets:
+        config = LSAConfig(tau=args.tau, recency_chunks=16, sink_chunks=1, resident_budget=budget)
+        tokens, share = decode_with_sets(model, input_ids, length, lookahead_sets(steps, args.tau, prompt, rate, config), config)
+        result[f"oracle budget {budget}"] = {**answer_scores(tokens, stock, examples), "resident_share": share}
+    evidence = [torch.tensor(evidence_chunks(e, rate)) for e in examples]
+    for tail in args.tails:
+        config = LSAConfig(tau=args.tau, recency_chunks=tail, sink_chunks=1)
+        tokens, share = decode_with_sets(model, input_ids, length, [evidence] * triggers, config)
+        result[f"evidence tail {tail}"] = {**answer_scores(tokens, stock, examples), "resident_share": share}
+    return result
+
+
+def print_table(results: dict) -> None:
+    print(f"{'task':<12}{'row':<22}{'tokens right':>13}{'same as stock':>14}{'EM':>6}{'resident':>10}")
+    for task, rows in results.items():
+        touched = rows["touched"]
+        print(f"{task:<12}touched by the top-k: {touched['pooled']:.1%} pooled, {touched['per_layer']:.1%} per layer")
+        for name, row in rows.items():
+            if name == "touched":
+                continue
+            share = f"{row['resident_share']:.3f}" if "resident_share" in row else "1"
+            print(
+                f"{'':<12}{name:<22}{row['tokens_right']:>13.3f}{row['same_as_stock']:>14.3f}"
+                f"{row['exact_match']:>6.2f}{share:>10}"
+            )
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    model = AutoModelForCausalLM.from_pretrained(args.backbone, dtype=torch.float32).to(args.device).eval()
+    results = {task: probe_task(model, task, args) for task in tqdm(LONG_TASK_NAMES, desc="probe")}
+    print_table(results)
+    if args.out:
+        with open(args.out, "w") as file:
+            json.dump({"settings": {k: v for k, v in vars(args).items() if k != "out"}, "results": results}, file, indent=1)
+    return results
+
+
+if __name__ == "__main__":
+    main()
