@@ -12,6 +12,9 @@
 #             makes only inside the window: docs/evaluation.md, eighth run). A session's device time holds the
 #             first three, or the fourth, or the fifth; checkpoints/backbone-bf16 is the newest stage's export.
 #                                                        ~4 + ~6 + ~12 + 16 + ~10 min, each + ~2 min eval
+#   probe     before any indexer: the oracle lookahead at budgets and the evidence oracle on 4 examples a task at
+#             2048 (probe_resident_sets.py): can a small resident set keep this backbone's answers at all?
+#                                                                            ~1 min (estimate; CPU: 15 min)
 #   dump      label 5,600 question documents with the frozen backbone (train/validation/test) ~10 min in 8-min runs
 #   indexer   per tau (64, 16): select the labels at votes 1-3 (one dump serves all), train an indexer per
 #             vote and learning rate (6), choose on validation, gate on test; in 8-min runs ~9 min per tau
@@ -27,7 +30,7 @@
 # took over 300 s, a third of the stage's eager time, before the first step: off by default). MINUTES=N (whole
 # minutes, default 8) is what one call of a resumable stage may take: a device call is at most 10.
 set -euo pipefail
-stage=${1:?usage: bash examples/run_evaluation.sh backbone|dump|indexer|tune|compare|report|all [WORKDIR]}
+stage=${1:?usage: bash examples/run_evaluation.sh backbone|probe|dump|indexer|tune|compare|report|all [WORKDIR]}
 work=${2:-runs/paper}
 STOPPED=75
 mkdir -p "$work"
@@ -49,6 +52,7 @@ if [[ "${SMOKE:-0}" == 1 ]]; then
     indexer_flags=(--steps 20 --batch-size 8 --num-heads 2 --rank 8 --lrs 3e-3 --votes 1,2)
     compare_flags=(--answer-tokens 16 --batch-size 4 --no-paging)
     tune_flags=(--lengths 320 --examples 1 --tails 2,4 --thresholds 0)
+    probe_flags=(--length 320 --answer-tokens 16 --tau 4 --examples 1 --budgets 0.5,none --tails 2)
     examples=1; part_examples=1; minutes=1; eval_seconds=0
 else
     device=cuda
@@ -67,6 +71,7 @@ else
     indexer_flags=(--steps 3000 --batch-size 256 --num-heads 16 --rank 256 --lrs 1e-3,3e-3 --votes 1,2,3)
     compare_flags=(--batch-size 50)  # a part's 50 examples in one batch: one generate per row and part, not two
     tune_flags=(--lengths 2048 --examples 40)
+    probe_flags=(--length 2048 --examples 4)
     examples=200; part_examples=50; minutes=${MINUTES:-8}
     eval_seconds=150  # a backbone stage's evaluation after its last step: ~2 min on an H200
 fi
@@ -117,6 +122,11 @@ train_stage() {
 run_backbone() {
     local i
     for i in "${!backbone_stages[@]}"; do train_stage "$i" || return; done
+}
+
+run_probe() {
+    [[ -f "$work/probe.json" ]] && return 0
+    python examples/probe_resident_sets.py "$backbone" --device "$device" "${probe_flags[@]}" --out "$work/probe.json"
 }
 
 run_dump() {
@@ -174,6 +184,7 @@ run_report() {
 
 case "$stage" in
     backbone) run_backbone ;;
+    probe) run_probe ;;
     dump) run_dump ;;
     indexer) run_indexer ;;
     tune) run_tune ;;
@@ -181,6 +192,7 @@ case "$stage" in
     report) run_report ;;
     all)
         repeat_until_done run_backbone
+        run_probe
         repeat_until_done run_dump
         repeat_until_done run_indexer
         run_tune
