@@ -109,11 +109,15 @@ def probe_task(model, task: str, args) -> dict:
     with torch.no_grad(), NativePicks(model) as picks:
         stock, _ = generate(model, input_ids, length)
     steps = picks.host_steps()
-    result = {"stock": answer_scores(stock, stock, examples), "touched": touched_shares(steps, args.tau, prompt, rate, layers)}
+    result = {
+        "stock": answer_scores(stock, stock, examples),
+        "touched": touched_shares(steps, args.tau, prompt, rate, layers),
+    }
     triggers = expected_triggers(length, args.tau)
     for budget in args.budgets:
         config = LSAConfig(tau=args.tau, recency_chunks=16, sink_chunks=1, resident_budget=budget)
-        tokens, share = decode_with_sets(model, input_ids, length, lookahead_sets(steps, args.tau, prompt, rate, config), config)
+        sets = lookahead_sets(steps, args.tau, prompt, rate, config)
+        tokens, share = decode_with_sets(model, input_ids, length, sets, config)
         result[f"oracle budget {budget}"] = {**answer_scores(tokens, stock, examples), "resident_share": share}
     evidence = [torch.tensor(evidence_chunks(e, rate)) for e in examples]
     for tail in args.tails:
@@ -145,7 +149,8 @@ def main(argv=None) -> dict:
     print_table(results)
     if args.out:
         with open(args.out, "w") as file:
-            json.dump({"settings": {k: v for k, v in vars(args).items() if k != "out"}, "results": results}, file, indent=1)
+            settings = {name: value for name, value in vars(args).items() if name != "out"}
+            json.dump({"settings": settings, "results": results}, file, indent=1)
     return results
 
 

@@ -186,7 +186,8 @@ def test_the_labels_as_scores_keep_exactly_the_labelled_chunks(raw, tmp_path):
             visible = (position + 1) // shards.compress_rate
             labelled = set(indices[indptr[row] : indptr[row + 1]].tolist())
             density.append(len(labelled) / visible)
-            made = [c for c in ends[position].evidence_chunks(shards.compress_rate) if c < visible] if position in ends else []
+            asked = ends[position].evidence_chunks(shards.compress_rate) if position in ends else []
+            made = [chunk for chunk in asked if chunk < visible]
             if made:
                 evidence.append(sum(c in labelled for c in made) / len(made))
     labels = gate_metrics(None, tmp_path, budget=0.1, recency_chunks=0, sink_chunks=0)["all"]

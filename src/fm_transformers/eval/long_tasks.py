@@ -209,5 +209,6 @@ def statement_tokens(example: Example) -> int:
 def evidence_chunks(example: Example, compress_rate: int) -> list[int]:
     """The compressed chunks holding any token of the example's evidence statements (those its answer is read
     from), ascending: what an oracle of the evidence keeps resident."""
-    size = statement_tokens(example)
-    return sorted({chunk for start in example.evidence for chunk in range(start // compress_rate, (start + size - 1) // compress_rate + 1)})
+    last = statement_tokens(example) - 1
+    spans = (range(start // compress_rate, (start + last) // compress_rate + 1) for start in example.evidence)
+    return sorted({chunk for span in spans for chunk in span})
