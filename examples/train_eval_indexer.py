@@ -54,7 +54,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--length", type=int, default=2048, help="tokens of a document before its last answer")
     parser.add_argument("--spacing", type=int, default=320, help="tokens between questions, on average")
-    parser.add_argument("--align", type=int, default=64, help="question ends are aligned to this (every tau divides it)")
+    parser.add_argument(
+        "--align", type=int, default=64, help="question ends are aligned to this (every tau divides it)"
+    )
     parser.add_argument("--train-docs", type=int, default=5000)
     parser.add_argument("--validation-docs", type=int, default=300)
     parser.add_argument("--test-docs", type=int, default=300)
@@ -62,7 +64,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--dump-tau", type=int, default=16, help="the dump's tau; every trained tau is a multiple")
     parser.add_argument(
         "--votes", default=None,
-        help="train: candidate votes, CSA layers that must keep a chunk, chosen on validation (default: 3 of 21 scaled)",
+        help="train: candidate votes, CSA layers that must keep a chunk, chosen on validation "
+        "(default: 3 of 21 scaled)",
     )
     parser.add_argument("--block-size", type=int, default=250, help="documents per dump block")
     parser.add_argument(
@@ -95,14 +98,15 @@ def split_documents(args, split: str):
 
 
 def dump(args, workdir: Path) -> bool:
-    dtype = torch.float32 if args.device == "cpu" else "auto"  # 2-core CPU: 3.9 s a document in fp32, 54 s in bf16
+    dtype = torch.float32 if args.device == "cpu" else "auto"  # 2-core CPU: 2-4 s a document in fp32, 54 s in bf16
     backbone = AutoModelForCausalLM.from_pretrained(args.backbone, dtype=dtype).to(args.device).eval()
     vote = scaled_vote(len(csa_layers(backbone.config)))  # the dump's own labels; its votes serve any other
     labels = LabelConfig(tau=args.dump_tau, warmup=question_trigger_warmup(args.length, args.dump_tau), vote=vote)
     config = DumpConfig(target_layers=tuple(default_target_layers(backbone.config)), labels=labels, chunk_size=512)
     for split in SPLITS:
         documents = [document for document, _ in split_documents(args, split)]
-        if not dump_in_blocks(backbone, documents, workdir / "raw" / split, config, args.backbone, args.block_size, args.max_minutes):
+        out = workdir / "raw" / split
+        if not dump_in_blocks(backbone, documents, out, config, args.backbone, args.block_size, args.max_minutes):
             return False
     return True
 
@@ -196,11 +200,15 @@ def print_gate(report: dict) -> None:
         m = metrics["all"]
         print(f"  {name:<16} score {selection_score(metrics):.3f}  resident paper {m['paper_resident_fraction']:.3f}")
     print("test split, per task:")
-    print(f"{'task':<12}{'questions':>10}{'evid. paper':>12}{'evid. budget':>13}{'used paper':>11}{'used budget':>12}{'resident paper':>15}")
+    print(
+        f"{'task':<12}{'questions':>10}{'evid. paper':>12}{'evid. budget':>13}{'used paper':>11}{'used budget':>12}"
+        f"{'resident paper':>15}"
+    )
     for task in sorted(report["test"], key=lambda name: (name == "all", name)):
         m = report["test"][task]
         print(
-            f"{task:<12}{m['question_triggers']:>10}{m['paper_evidence_recall']:>12.3f}{m['budget_evidence_recall']:>13.3f}"
+            f"{task:<12}{m['question_triggers']:>10}{m['paper_evidence_recall']:>12.3f}"
+            f"{m['budget_evidence_recall']:>13.3f}"
             f"{m['paper_used_recall']:>11.3f}{m['budget_used_recall']:>12.3f}{m['paper_resident_fraction']:>15.3f}"
         )
     print("the labels as the scores (a perfect learner of them), test split, all tasks, paper resident set:")
@@ -222,7 +230,9 @@ def main() -> None:
             raise SystemExit(STOPPED_EARLY)
         return
     if args.tau % args.dump_tau or args.align % args.tau:
-        raise SystemExit(f"error: --tau {args.tau} must be a multiple of --dump-tau {args.dump_tau} and divide --align {args.align}")
+        raise SystemExit(
+            f"error: --tau {args.tau} must be a multiple of --dump-tau {args.dump_tau} and divide --align {args.align}"
+        )
     report = train_tau(args, workdir)
     if report is None:
         print("stopped by --max-minutes between candidates: run again to go on")
