@@ -26,10 +26,11 @@ from transformers import AutoModelForCausalLM
 from fm_transformers.cache import OffloadedLookaheadCache
 from fm_transformers.config import LSAConfig
 from fm_transformers.layout import csa_compress_rate, csa_layers
-from fm_transformers.policies import OraclePolicy, resident_sets
+from fm_transformers.policies import OraclePolicy
 from fm_transformers.eval.catalog import evaluation_examples
 from fm_transformers.eval.comparison import generate
 from fm_transformers.eval.long_tasks import LONG_TASK_NAMES, evidence_chunks, expected_triggers
+from fm_transformers.eval.matched import RecordingPolicy
 from fm_transformers.eval.oracle import NativePicks, lookahead_sets
 from fm_transformers.eval.tasks import exact_match, tokens_right
 
@@ -78,27 +79,16 @@ def answer_scores(tokens: torch.Tensor, stock: torch.Tensor, examples) -> dict:
     }
 
 
-class ResidentShare(OraclePolicy):
-    """An OraclePolicy that records the resident share of the chunks at each recall (the end state alone would
-    show only the last recall's, which for the oracle serves a window cut short by the answer's end)."""
-
-    def __init__(self, sets_per_trigger, config: LSAConfig):
-        super().__init__(sets_per_trigger)
-        self.config, self.shares = config, []
-
-    def priorities(self, context):
-        out = super().priorities(context)
-        kept = resident_sets(out, context, self.config)
-        self.shares += [len(ids) / context.num_chunks for ids in kept]
-        return out
-
-
 def decode_with_sets(model, input_ids, length, sets, config: LSAConfig) -> tuple[torch.Tensor, float]:
-    policy = ResidentShare(sets, config)
+    """Greedy answers with `sets` resident at each recall, and the resident share of the chunks averaged over the
+    recalls and sequences (the end state alone would show only the last recall's, which for the oracle serves a
+    window cut short by the answer's end)."""
+    policy = RecordingPolicy(OraclePolicy(sets), config)
     cache = OffloadedLookaheadCache(model, config, policy=policy)
     with torch.no_grad():
         tokens, _ = generate(model, input_ids, length, cache)
-    return tokens, sum(policy.shares) / len(policy.shares)
+    shares = [kept / chunks for chunks, counts in policy.recorded.values() for kept in counts]
+    return tokens, sum(shares) / len(shares)
 
 
 def probe_task(model, task: str, args) -> dict:
