@@ -1,6 +1,8 @@
 """Shared fixtures: tiny DeepSeek-V4 models made in code, prompts, and stock-vs-LSA generation helpers."""
 
+import importlib.util
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +12,7 @@ import fm_transformers as fm
 from fm_transformers.tiny import TINY_VOCAB_SIZE, tiny_deepseek_v4
 
 INDEXER_LAYERS = (2, 4)
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 # The equivalence tests run on the CPU by default; FM_TEST_DEVICE=cuda runs them on a GPU.
 DEVICE = torch.device(os.environ.get("FM_TEST_DEVICE", "cpu"))
 
@@ -22,6 +25,21 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(needs_cuda)
+
+
+@pytest.fixture(scope="session")
+def load_example():
+    """load_example("dir/script.py"): a script under examples/ as a module (the scripts are not a package), so a
+    test can call its functions without a subprocess."""
+
+    def load(relative: str):
+        path = EXAMPLES / relative
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load
 
 
 @pytest.fixture(scope="session")

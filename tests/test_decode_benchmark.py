@@ -1,6 +1,5 @@
 """The long-context decode benchmark runs end to end at tiny sizes (--quick) and reports what it promises."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -9,13 +8,6 @@ from pathlib import Path
 import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "benchmarks" / "decode_long_context.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("decode_long_context", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_quick_run_measures_stock_and_lsa_at_each_batch_size_and_kernels_against_floors(tmp_path):
@@ -44,8 +36,8 @@ def test_quick_run_measures_stock_and_lsa_at_each_batch_size_and_kernels_against
     assert "pages, bf16 pool" in done.stdout and "chunks, FP8 pool" in done.stdout
 
 
-def test_a_run_out_of_gpu_memory_is_reported_as_oom():
-    script = load_script()
+def test_a_run_out_of_gpu_memory_is_reported_as_oom(load_example):
+    script = load_example("benchmarks/decode_long_context.py")
 
     def too_big():
         raise torch.cuda.OutOfMemoryError("CUDA out of memory")

@@ -1,28 +1,17 @@
 """examples/probe_resident_sets.py: the oracle lookahead uncapped reproduces the stock answers, budgets hold fewer
 chunks, the evidence oracle keeps the evidence, bad settings are refused."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 from fm_transformers.eval.backbone import build_eval_backbone, eval_backbone_config
 
-SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "probe_resident_sets.py"
 
-
-def load_probe():
-    spec = importlib.util.spec_from_file_location("probe_resident_sets", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_the_probe_reproduces_the_stock_answers_uncapped_and_holds_less_under_a_budget(tmp_path):
+def test_the_probe_reproduces_the_stock_answers_uncapped_and_holds_less_under_a_budget(tmp_path, load_example):
     build_eval_backbone(eval_backbone_config("paper-smoke"), seed=0).save_pretrained(tmp_path / "paper")
     out = tmp_path / "probe.json"
-    results = load_probe().main([
+    results = load_example("probe_resident_sets.py").main([
         str(tmp_path / "paper"), "--length", "320", "--answer-tokens", "16", "--tau", "4", "--examples", "2",
         "--budgets", "0.25,none", "--tails", "2", "--out", str(out),
     ])
@@ -37,7 +26,7 @@ def test_the_probe_reproduces_the_stock_answers_uncapped_and_holds_less_under_a_
 
 
 @pytest.mark.parametrize("flag", [["--budgets", "0.1,all"], ["--tails", "1.5"]])
-def test_the_probe_refuses_settings_it_cannot_read(flag, capsys):
+def test_the_probe_refuses_settings_it_cannot_read(flag, capsys, load_example):
     with pytest.raises(SystemExit) as stopped:
-        load_probe().parse_args(["backbone", *flag])
+        load_example("probe_resident_sets.py").parse_args(["backbone", *flag])
     assert stopped.value.code == 2 and "--budgets takes fractions" in capsys.readouterr().err

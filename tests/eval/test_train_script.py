@@ -171,17 +171,12 @@ def test_the_task_scorer_answers_the_long_tasks_greedily_and_refuses_a_context_t
     assert refused.returncode == 1 and "error: --greedy:" in refused.stderr and "answer loss" not in refused.stdout
 
 
-def test_a_lookup_is_near_when_its_token_lies_inside_the_sliding_window():
-    import importlib.util
-
+def test_a_lookup_is_near_when_its_token_lies_inside_the_sliding_window(load_example):
     import torch
 
     from fm_transformers.eval.batches import IGNORE, Batch
 
-    path = Path(__file__).resolve().parents[2] / "examples" / "score_backbone_tasks.py"
-    spec = importlib.util.spec_from_file_location("score_backbone_tasks", path)
-    scorer = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(scorer)
+    scorer = load_example("score_backbone_tasks.py")
     input_ids = torch.tensor([[5, 7, 9, 11, 13, 15, 17]])
     targets = torch.full_like(input_ids, IGNORE)
     targets[0, 4], targets[0, 5] = 7, 15  # 7 sits at position 1; 15 at position 5, the predicting position itself
