@@ -4,14 +4,16 @@
 #   bash examples/run_evaluation.sh STAGE [WORKDIR]        (WORKDIR: runs/paper)
 #
 # Stages, in order (times on one H200: the backbone step is measured, the rest are estimates; docs/evaluation.md):
-#   backbone  train the paper-layout backbone (16 layers, 7 CSA) in five stages, each from the one before:
+#   backbone  train the paper-layout backbone (16 layers, 7 CSA) in six stages, each from the one before:
 #             associative recall at 64 tokens (it learns to copy there, and only there from fresh weights),
 #             the copy tasks and small long tasks at 64-512 tokens, the long mix up to 2K, more of it at 1-2K
 #             (all four with a 64-token sliding window, which forces answers through the compressed branches),
-#             then the fifth at 1-2K with V4's own 128-token window (qa_block's next key is a lookup the model
-#             makes only inside the window: docs/evaluation.md, eighth run). A session's device time holds the
-#             first three, or the fourth, or the fifth; checkpoints/backbone-bf16 is the newest stage's export.
-#                                                        ~4 + ~6 + ~12 + 16 + ~10 min, each + ~2 min eval
+#             the fifth at 1-2K with V4's own 128-token window (qa_block's next key is a lookup the model
+#             makes only inside the window: docs/evaluation.md, eighth run), then the sixth under LSA's
+#             restriction (departs from the paper: most long-task answers pick only among their evidence, a
+#             tail, the sink and a random share of the chunks; docs/evaluation.md, tenth run). A session's
+#             device time holds the first three, or one later stage; checkpoints/backbone-bf16 is the newest
+#             stage's export.                      ~4 + ~6 + ~12 + 16 + ~10 + ~6 min, each + ~2 min eval
 #   probe     before any indexer: the oracle lookahead at budgets and the evidence oracle on 4 examples a task at
 #             2048 (probe_resident_sets.py): can a small resident set keep this backbone's answers at all?
 #                                                                            ~1 min (estimate; CPU: 13 min)
@@ -46,7 +48,8 @@ if [[ "${SMOKE:-0}" == 1 ]]; then
     long_flags=(--size paper-smoke --steps 2 --dense-steps 1 --min-length 320 --max-length 320 --ramp-steps 0
                 --tokens-per-step 640 --eval-lengths 320 --eval-examples 1 --answer-tokens 16)
     long2_flags=("${long_flags[@]}" --lr 5e-4)
-    backbone_flags=("${long2_flags[@]}" --sliding-window 16)
+    window_flags=("${long2_flags[@]}" --sliding-window 16)
+    backbone_flags=("${window_flags[@]}" --restricted-share 0.75 --extra-tasks long_needle,qa_block,long_chain)
     data_flags=(--length 320 --spacing 128 --align 8 --train-docs 6 --validation-docs 3 --test-docs 3 --dump-tau 4
                 --block-size 6 --recency-chunks 2)
     indexer_flags=(--steps 20 --batch-size 8 --num-heads 2 --rank 8 --lrs 3e-3 --votes 1,2)
@@ -65,8 +68,11 @@ else
                 --ramp-steps 1000 --tokens-per-step 16384 --eval-lengths 2048 --eval-examples 20)
     long2_flags=(--size paper --min-length 1024 --max-length 2048 --steps 2000 --dense-steps 0 --ramp-steps 0
                  --lr 5e-4 --tokens-per-step 16384 --eval-lengths 2048 --eval-examples 20)
-    backbone_flags=(--size paper --min-length 1024 --max-length 2048 --steps 1200 --dense-steps 0 --ramp-steps 0
-                    --lr 5e-4 --tokens-per-step 16384 --eval-lengths 2048 --eval-examples 20 --sliding-window 128)
+    window_flags=(--size paper --min-length 1024 --max-length 2048 --steps 1200 --dense-steps 0 --ramp-steps 0
+                  --lr 5e-4 --tokens-per-step 16384 --eval-lengths 2048 --eval-examples 20 --sliding-window 128)
+    backbone_flags=(--size paper --min-length 1024 --max-length 2048 --steps 700 --dense-steps 0 --ramp-steps 0
+                    --lr 5e-4 --tokens-per-step 16384 --eval-lengths 2048 --eval-examples 20 --sliding-window 128
+                    --restricted-share 0.75 --restricted-random 0.2 --extra-tasks long_needle,qa_block,long_chain)
     data_flags=(--length 2048 --train-docs 5000 --validation-docs 300 --test-docs 300 --dump-tau 16)
     indexer_flags=(--steps 3000 --batch-size 256 --num-heads 16 --rank 256 --lrs 1e-3,3e-3 --votes 1,2,3)
     compare_flags=(--batch-size 50)  # a part's 50 examples in one batch: one generate per row and part, not two
@@ -97,9 +103,9 @@ repeat_until_done() {  # `all`: run a resumable stage again while it stops at it
 }
 
 # The backbone's stages in order as NAME:MIX, each from the bf16 export of the one before (NAME-bf16, small enough
-# to travel between device calls), with NAME_flags: recall, copy, the long mix up to 2K, more of it at 1-2K, then
-# at V4's window.
-backbone_stages=(recall:recall copy:copy long:long long2:long backbone:long)
+# to travel between device calls), with NAME_flags: recall, copy, the long mix up to 2K, more of it at 1-2K, at
+# V4's window, then under LSA's restriction.
+backbone_stages=(recall:recall copy:copy long:long long2:long window:long backbone:long)
 
 # The I-th backbone stage (train_stage I) in the seconds this call has left, its evaluation after the last step
 # included, so that the stages run by one call stay within a device call's 10 minutes together. Done once a later

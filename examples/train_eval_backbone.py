@@ -83,6 +83,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--extra-tasks", default="", help="comma-separated evaluation tasks drawn once more per turn of the mix"
     )
+    parser.add_argument(
+        "--restricted-share", type=float, default=defaults.restricted_share,
+        help="LSA-restricted training: the share of long-task examples whose answers pick only among their evidence, "
+        "a tail, the sink and random chunks (departs from the paper; 0: off)",
+    )
+    parser.add_argument(
+        "--restricted-random", type=float, default=defaults.restricted_random,
+        help="the random share of the other chunks a restricted answer may pick is uniform in [0, this]",
+    )
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto", help="auto: bf16 on CUDA")
     parser.add_argument("--compile", action="store_true", help="torch.compile the step (minutes to compile a shape)")
     parser.add_argument("--checkpoint-every", type=int, default=200)
@@ -127,6 +136,8 @@ def main() -> None:
             extra_tasks=tuple(task for task in args.extra_tasks.split(",") if task),
             mix=args.mix,
             sliding_window=args.sliding_window,
+            restricted_share=args.restricted_share,
+            restricted_random=args.restricted_random,
         )
         if args.time_steps is not None:
             print(format_step_times(time_steps(config, args.device, args.time_steps, args.compile), config.steps))

@@ -30,16 +30,17 @@ def test_the_smoke_recipe_runs_every_stage_and_a_rerun_skips_what_is_done(tmp_pa
     done = run("all", work=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "backbone-bf16" / "config.json").is_file()
-    # five backbone stages, each from the weights of the one before: recall, copy, long, more of long, then more
-    # at a wider window, which the export carries on to the stages after it
+    # six backbone stages, each from the weights of the one before: recall, copy, long, more of long, more at a
+    # wider window, which the exports carry on to the stages after it, then under LSA's restriction
     stages = (("recall", None), ("copy", "recall-bf16"), ("long", "copy-bf16"), ("long2", "long-bf16"),
-              ("backbone", "long2-bf16"))
+              ("window", "long2-bf16"), ("backbone", "window-bf16"))
+    configs = {stage: json.loads((tmp_path / stage / "eval.json").read_text())["config"] for stage, _ in stages}
     for stage, started_from in stages:
-        config = json.loads((tmp_path / stage / "eval.json").read_text())["config"]
-        assert config["init_from"] == (started_from and str(tmp_path / started_from))
+        assert configs[stage]["init_from"] == (started_from and str(tmp_path / started_from))
+    assert [configs[stage]["restricted_share"] for stage, _ in stages] == [0.0] * 5 + [0.75]
     windows = {name: json.loads((tmp_path / f"{name}-bf16" / "config.json").read_text())["sliding_window"]
-               for name in ("long2", "backbone")}
-    assert windows["backbone"] == 2 * windows["long2"]
+               for name in ("long2", "window", "backbone")}
+    assert windows["backbone"] == windows["window"] == 2 * windows["long2"]
     probe = json.loads((tmp_path / "probe.json").read_text())["results"]
     assert all(rows["oracle budget None"]["same_as_stock"] == 1.0 for rows in probe.values())
     gate = json.loads((tmp_path / "indexer" / "tau4" / "gate.json").read_text())
@@ -59,17 +60,17 @@ def test_a_fresh_machine_given_only_the_newest_export_trains_only_the_stages_aft
     assert run_to_the_end("backbone", work=given).returncode == 0
     fresh = tmp_path / "fresh"
     fresh.mkdir()
-    shutil.copytree(given / "long2-bf16", fresh / "long2-bf16")
+    shutil.copytree(given / "window-bf16", fresh / "window-bf16")
     done = run_to_the_end("backbone", work=fresh)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert sorted(path.name for path in fresh.iterdir()) == ["backbone", "backbone-bf16", "long2-bf16"]
+    assert sorted(path.name for path in fresh.iterdir()) == ["backbone", "backbone-bf16", "window-bf16"]
     config = json.loads((fresh / "backbone" / "eval.json").read_text())["config"]
-    assert config["init_from"] == str(fresh / "long2-bf16") and config["lr"] == 5e-4 and config["mix"] == "long"
-    assert config["sliding_window"] == 16
+    assert config["init_from"] == str(fresh / "window-bf16") and config["lr"] == 5e-4 and config["mix"] == "long"
+    assert config["sliding_window"] == 16 and config["restricted_share"] == 0.75
     # a call cut short while the last stage evaluated (its export written first, its eval.json not yet):
     # the next run resumes at the last step and evaluates, without training again
     (fresh / "backbone" / "eval.json").unlink()
     again = run("backbone", work=fresh)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resuming from" in again.stderr and "at step 2 of 2" in again.stderr
-    assert json.loads((fresh / "backbone" / "eval.json").read_text())["config"]["init_from"] == str(fresh / "long2-bf16")
+    assert json.loads((fresh / "backbone" / "eval.json").read_text())["config"]["init_from"] == str(fresh / "window-bf16")

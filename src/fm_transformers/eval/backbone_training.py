@@ -27,11 +27,14 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import DeepseekV4ForCausalLM
 
+from ..layout import csa_compress_rate
+
 from .backbone import BACKBONE_SIZES, build_eval_backbone, eval_backbone_config
 from .batches import IGNORE, MIX_VOCAB_SIZES, MIXES, Batch, curriculum_length, make_batch
 from .catalog import TASK_SETS, evaluation_examples
 from .compare import evaluate_accuracy
 from .distillation import IndexerDistillation, indexer_parameter_names, set_dense_csa
+from .restricted_candidates import CandidateDraw, CandidateRestriction
 from .tasks import TASK_NAMES
 
 logger = logging.getLogger(__name__)
@@ -64,6 +67,11 @@ class TrainingConfig:
     extra_tasks: tuple[str, ...] = ()  # evaluation tasks drawn once more per turn of the training mix
     mix: str = "ruler"  # the training mix (batches.MIXES) and the task set it is evaluated on (catalog.TASK_SETS)
     sliding_window: int | None = None  # None: the size's; a later stage may widen it (weights do not depend on it)
+    # LSA-restricted training (restricted_candidates.py; departs from the paper): the share of long-task examples
+    # whose answers pick only among their evidence, a tail, the sink and a random share of up to
+    # restricted_random of the other chunks; 0: off, the batches of a run without it
+    restricted_share: float = 0.0
+    restricted_random: float = 0.2
 
     def __post_init__(self):
         object.__setattr__(self, "extra_tasks", tuple(self.extra_tasks))  # a list when read back from a checkpoint
@@ -84,6 +92,11 @@ class TrainingConfig:
             raise ValueError(f"need 0 < min_length <= max_length, got {self.min_length}, {self.max_length}")
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ValueError(f"sliding_window must be at least 1 (or None for the size's), got {self.sliding_window}")
+        if not (0.0 <= self.restricted_share <= 1.0 and 0.0 <= self.restricted_random <= 1.0):
+            raise ValueError(
+                f"restricted_share and restricted_random must lie in [0, 1], got {self.restricted_share}, "
+                f"{self.restricted_random}"
+            )
         if self.tokens_per_step < self.max_length:
             raise ValueError(f"tokens_per_step ({self.tokens_per_step}) must hold one max_length context")
 
@@ -97,7 +110,11 @@ class TrainingConfig:
     def batch_for(self, step: int) -> Batch:
         length = curriculum_length(self.seed, step, self.min_length, self.max_length, self.ramp_steps)
         mix = MIXES[self.mix] + tuple((task, {}) for task in self.extra_tasks)
-        return make_batch(self.seed, step, length, max(1, self.tokens_per_step // length), mix)
+        candidates = None
+        if self.restricted_share > 0:
+            rate = csa_compress_rate(eval_backbone_config(self.size))
+            candidates = CandidateDraw(self.restricted_share, self.restricted_random, rate)
+        return make_batch(self.seed, step, length, max(1, self.tokens_per_step // length), mix, candidates)
 
 
 def check_vocabulary(size: str, needed: int, user: str) -> None:
@@ -263,10 +280,10 @@ def train_backbone(
     deadline = None if max_minutes is None else time.monotonic() + 60 * max_minutes
     run = TrainingRun(model, finished=False)
     model.train()
-    with IndexerDistillation(model) as distillation:
+    with IndexerDistillation(model) as distillation, CandidateRestriction(model) as restriction:
         bar = tqdm(total=config.steps, initial=step, desc="train backbone", disable=not progress)
         while step < config.steps:
-            metrics = train_step(stepped, distillation, optimizer, config, step, device)
+            metrics = train_step(stepped, distillation, optimizer, config, step, device, restriction)
             run.history.append(metrics)
             step += 1
             shown = {k: f"{v:.3f}" if isinstance(v, float) else v for k, v in metrics.items()}
@@ -304,14 +321,14 @@ def time_steps(config: TrainingConfig, device: str | torch.device, steps: int = 
         torch.cuda.reset_peak_memory_stats(device)
     phases = {"dense": config.dense_steps > 0, "sparse": config.dense_steps < config.steps}
     seconds = {}
-    with IndexerDistillation(model) as distillation:
+    with IndexerDistillation(model) as distillation, CandidateRestriction(model) as restriction:
         for phase in [phase for phase, runs in phases.items() if runs]:
             phase_config = replace(timed, dense_steps=timed.steps if phase == "dense" else 0)
             durations = []
             for step in range(steps + 1):
                 _synchronize(device)
                 start = time.perf_counter()
-                train_step(stepped, distillation, optimizer, phase_config, step % timed.steps, device)
+                train_step(stepped, distillation, optimizer, phase_config, step % timed.steps, device, restriction)
                 _synchronize(device)
                 durations.append(time.perf_counter() - start)
             seconds[phase] = statistics.median(durations[1:])
@@ -339,14 +356,27 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def train_step(model, distillation: IndexerDistillation, optimizer, config: TrainingConfig, step: int, device) -> dict:
-    """One optimizer step on the batch of `step`; returns its metrics."""
+def train_step(
+    model,
+    distillation: IndexerDistillation,
+    optimizer,
+    config: TrainingConfig,
+    step: int,
+    device,
+    restriction: CandidateRestriction | None = None,
+) -> dict:
+    """One optimizer step on the batch of `step`; returns its metrics. `restriction` (hooked on the model) is
+    needed when the config restricts candidates."""
     dense = step < config.dense_steps
     set_dense_csa(model, dense)
     batch = config.batch_for(step).to(device)
     for group in optimizer.param_groups:
         group["lr"] = config.lr_at(step)
     distillation.rows = batch.distill_rows
+    if restriction is not None:
+        restriction.use(batch.candidate_chunks, batch.restricted_from, batch.input_ids.shape[1])
+    elif batch.candidate_chunks is not None:
+        raise ValueError("the config restricts candidates: pass train_step a CandidateRestriction hooked on the model")
     with autocast(device, config.precision):
         logits = model(input_ids=batch.input_ids, use_cache=False).logits
     lm_loss, token_accuracy = answer_loss(logits, batch.targets)

@@ -13,6 +13,7 @@ import torch
 
 from .catalog import training_example
 from .long_tasks import LONG_TASK_NAMES
+from .restricted_candidates import CandidateDraw
 from .tasks import TASK_NAMES, example_rng
 from .vocab import LONG_VOCAB_SIZE, PAD, QUERY, VOCAB_SIZE
 
@@ -75,10 +76,16 @@ class Batch:
     targets: torch.Tensor  # (batch, seq): the answer token to predict at each position, IGNORE elsewhere
     distill_rows: torch.Tensor  # (rows,) flat indices into batch * seq: the positions that predict an answer token
     context_length: int
+    # LSA-restricted training (restricted_candidates.py), None without it: (batch, seq // rate) bool, the chunks
+    # an example's answer rows may pick; (batch,) the first of those rows (seq for an unrestricted example)
+    candidate_chunks: torch.Tensor | None = None
+    restricted_from: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> "Batch":
+        moved = [None if t is None else t.to(device) for t in (self.candidate_chunks, self.restricted_from)]
         return Batch(
-            self.input_ids.to(device), self.targets.to(device), self.distill_rows.to(device), self.context_length
+            self.input_ids.to(device), self.targets.to(device), self.distill_rows.to(device), self.context_length,
+            *moved,
         )
 
 
@@ -93,10 +100,16 @@ def curriculum_length(seed: int, step: int, min_length: int, max_length: int, ra
 
 
 def make_batch(
-    seed: int, step: int, context_length: int, batch_size: int, mix: tuple[tuple[str, dict], ...] = TRAINING_MIX
+    seed: int,
+    step: int,
+    context_length: int,
+    batch_size: int,
+    mix: tuple[tuple[str, dict], ...] = TRAINING_MIX,
+    candidates: CandidateDraw | None = None,
 ) -> Batch:
     """`batch_size` examples of `context_length` tokens; the (task, options) of `mix` take turns from a random
-    offset."""
+    offset. `candidates` draws each example's LSA restriction from a generator of its own (the examples are
+    those of the same batch without it)."""
     offset = example_rng("tasks", seed, step).randrange(len(mix))
     examples = []
     for i in range(batch_size):
@@ -116,4 +129,14 @@ def make_batch(
             recalled = torch.tensor(example.recalled)
             targets[i, recalled - 1] = input_ids[i, recalled]
             rows[i, recalled - 1] = True
-    return Batch(input_ids, targets, rows.flatten().nonzero().squeeze(1), context_length)
+    distill_rows = rows.flatten().nonzero().squeeze(1)
+    if candidates is None:
+        return Batch(input_ids, targets, distill_rows, context_length)
+    chunk_mask = torch.zeros((batch_size, width // candidates.compress_rate), dtype=torch.bool)
+    restricted_from = torch.full((batch_size,), width, dtype=torch.long)
+    for i, example in enumerate(examples):
+        kept = candidates.draw(example, chunk_mask.shape[1], example_rng("candidates", seed, step, i))
+        if kept is not None:  # the first answer token comes from the prefill, unrestricted as LSA serves it
+            chunk_mask[i, kept] = True
+            restricted_from[i] = len(example.input_ids)
+    return Batch(input_ids, targets, distill_rows, context_length, chunk_mask, restricted_from)
