@@ -70,7 +70,7 @@ else
                  --lr 5e-4 --tokens-per-step 16384 --eval-lengths 2048 --eval-examples 20)
     window_flags=(--size paper --min-length 1024 --max-length 2048 --steps 1200 --dense-steps 0 --ramp-steps 0
                   --lr 5e-4 --tokens-per-step 16384 --eval-lengths 2048 --eval-examples 20 --sliding-window 128)
-    backbone_flags=(--size paper --min-length 1024 --max-length 2048 --steps 700 --dense-steps 0 --ramp-steps 0
+    backbone_flags=(--size paper --min-length 1024 --max-length 2048 --steps 500 --dense-steps 0 --ramp-steps 0
                     --lr 5e-4 --tokens-per-step 16384 --eval-lengths 2048 --eval-examples 20 --sliding-window 128
                     --restricted-share 0.75 --restricted-random 0.2 --extra-tasks long_needle,qa_block,long_chain)
     data_flags=(--length 2048 --train-docs 5000 --validation-docs 300 --test-docs 300 --dump-tau 16)

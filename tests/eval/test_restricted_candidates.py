@@ -160,5 +160,5 @@ def test_a_restricted_run_trains_and_a_step_without_the_hooks_is_an_error(tmp_pa
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     with IndexerDistillation(model) as distillation, pytest.raises(ValueError, match="CandidateRestriction"):
         train_step(model, distillation, optimizer, config, 0, "cpu")
-    with pytest.raises(ValueError, match="restricted_share and restricted_random"):
+    with pytest.raises(ValueError, match=r"random_max must lie in \[0, 1\]"):
         restricted_config(restricted_random=-0.1)

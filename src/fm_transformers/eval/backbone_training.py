@@ -28,7 +28,6 @@ from tqdm.auto import tqdm
 from transformers import DeepseekV4ForCausalLM
 
 from ..layout import csa_compress_rate
-
 from .backbone import BACKBONE_SIZES, build_eval_backbone, eval_backbone_config
 from .batches import IGNORE, MIX_VOCAB_SIZES, MIXES, Batch, curriculum_length, make_batch
 from .catalog import TASK_SETS, evaluation_examples
@@ -92,11 +91,12 @@ class TrainingConfig:
             raise ValueError(f"need 0 < min_length <= max_length, got {self.min_length}, {self.max_length}")
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ValueError(f"sliding_window must be at least 1 (or None for the size's), got {self.sliding_window}")
-        if not (0.0 <= self.restricted_share <= 1.0 and 0.0 <= self.restricted_random <= 1.0):
+        try:
+            self.candidate_draw()
+        except ValueError as error:
             raise ValueError(
-                f"restricted_share and restricted_random must lie in [0, 1], got {self.restricted_share}, "
-                f"{self.restricted_random}"
-            )
+                f"restricted_share {self.restricted_share}, restricted_random {self.restricted_random}: {error}"
+            ) from None
         if self.tokens_per_step < self.max_length:
             raise ValueError(f"tokens_per_step ({self.tokens_per_step}) must hold one max_length context")
 
@@ -110,11 +110,13 @@ class TrainingConfig:
     def batch_for(self, step: int) -> Batch:
         length = curriculum_length(self.seed, step, self.min_length, self.max_length, self.ramp_steps)
         mix = MIXES[self.mix] + tuple((task, {}) for task in self.extra_tasks)
-        candidates = None
-        if self.restricted_share > 0:
-            rate = csa_compress_rate(eval_backbone_config(self.size))
-            candidates = CandidateDraw(self.restricted_share, self.restricted_random, rate)
-        return make_batch(self.seed, step, length, max(1, self.tokens_per_step // length), mix, candidates)
+        return make_batch(self.seed, step, length, max(1, self.tokens_per_step // length), mix, self.candidate_draw())
+
+    def candidate_draw(self) -> CandidateDraw | None:
+        """The LSA restriction the batches are drawn with; None when restricted_share is 0."""
+        rate = csa_compress_rate(eval_backbone_config(self.size))
+        draw = CandidateDraw(self.restricted_share, self.restricted_random, rate)
+        return draw if self.restricted_share > 0 else None
 
 
 def check_vocabulary(size: str, needed: int, user: str) -> None:
