@@ -7,10 +7,11 @@ Stage 2 (from stage 1's weights, every context at the training length, the weake
     python examples/train_eval_backbone.py --device cuda --init-from runs/eval-bf16 --steps 1500 --dense-steps 0 \
         --ramp-steps 0 --min-length 512 --lr 3e-4 --extra-tasks variable_tracking,common_words \
         --output-dir runs/eval-backbone2 --export-bf16 runs/eval2-bf16
-The paper-layout backbone of the long-decoding evaluation (16 layers, 7 CSA) trains in five stages, each from the
+The paper-layout backbone of the long-decoding evaluation (16 layers, 7 CSA) trains in six stages, each from the
 bf16 export of the one before, in runs of at most 8 minutes: `bash examples/run_evaluation.sh backbone` runs them,
-and its recall_flags, copy_flags, long_flags, long2_flags and backbone_flags are the stages' flags
-(docs/evaluation.md says why each stage is there; the last widens the sliding window with --sliding-window).
+and its recall_flags, copy_flags, long_flags, long2_flags, window_flags and backbone_flags are the stages' flags
+(docs/evaluation.md says why each stage is there; the fifth widens the sliding window with --sliding-window, the
+sixth trains under LSA's restriction with --restricted-share, which departs from the paper).
 Time a step before a run (median of N steps a phase at --max-length, the projected minutes, peak memory; no
 output): the same flags and --time-steps 8, once per --tokens-per-step worth trying.
 CPU smoke run (seconds):

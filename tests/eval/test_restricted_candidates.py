@@ -162,3 +162,13 @@ def test_a_restricted_run_trains_and_a_step_without_the_hooks_is_an_error(tmp_pa
         train_step(model, distillation, optimizer, config, 0, "cpu")
     with pytest.raises(ValueError, match=r"random_max must lie in \[0, 1\]"):
         restricted_config(restricted_random=-0.1)
+
+
+def test_a_restricted_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path):
+    config = dataclasses.replace(restricted_config(), steps=3)
+    straight = train_backbone(config, tmp_path / "straight", progress=False)
+    stopped = train_backbone(config, tmp_path / "resumed", max_minutes=0, progress=False)
+    assert not stopped.finished
+    resumed = train_backbone(config, tmp_path / "resumed", resume=True, progress=False)
+    expected, actual = straight.model.state_dict(), resumed.model.state_dict()
+    assert resumed.finished and all(torch.equal(expected[name], actual[name]) for name in expected)
