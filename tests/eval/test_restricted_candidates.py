@@ -41,7 +41,8 @@ def test_only_long_tasks_drawn_by_the_share_are_restricted():
     rng = random.Random(0)
     assert CandidateDraw(1.0, 0.2, RATE).draw(training_example("qa_document", LENGTH, rng), 64, rng) is None
     assert CandidateDraw(0.0, 0.2, RATE).draw(long_example("long_chain", 2), 64, rng) is None
-    drawn = [CandidateDraw(0.5, 0.2, RATE).draw(long_example("long_chain", 2), 64, random.Random(s)) for s in range(200)]
+    half = CandidateDraw(0.5, 0.2, RATE)
+    drawn = [half.draw(long_example("long_chain", 2), 64, random.Random(seed)) for seed in range(200)]
     assert 70 < sum(kept is not None for kept in drawn) < 130
     with pytest.raises(ValueError, match="share must lie in"):
         CandidateDraw(1.5, 0.2, RATE)
@@ -110,7 +111,8 @@ def test_the_restriction_leaves_the_prefill_rows_and_keeps_the_answer_rows_among
     assert stock_outside > 0  # the stock top-k did pick outside the candidates: the restriction changed picks
     for b, first in enumerate(batch.restricted_from.tolist()):
         torch.testing.assert_close(logits[b, :first], stock_logits[b, :first])
-    answer_rows = torch.cat([logits[b, first:] - stock_logits[b, first:] for b, first in enumerate(batch.restricted_from.tolist())])
+    starts = enumerate(batch.restricted_from.tolist())
+    answer_rows = torch.cat([logits[b, first:] - stock_logits[b, first:] for b, first in starts])
     assert answer_rows.abs().max() > 1e-3
 
 
