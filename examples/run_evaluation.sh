@@ -11,9 +11,9 @@
 #             the fifth at 1-2K with V4's own 128-token window (qa_block's next key is a lookup the model
 #             makes only inside the window: docs/evaluation.md, eighth run), then the sixth under LSA's
 #             restriction (departs from the paper: most long-task answers pick only among their evidence, a
-#             tail, the sink and a random share of the chunks; docs/evaluation.md, tenth run). A session's
+#             tail, the sink and a random share of the chunks; docs/evaluation.md, sixth stage). A session's
 #             device time holds the first three, or one later stage; checkpoints/backbone-bf16 is the newest
-#             stage's export.                      ~4 + ~6 + ~12 + 16 + ~10 + ~6 min, each + ~2 min eval
+#             stage's export.                      ~4 + ~6 + ~12 + 16 + ~10 + ~4 min, each + ~2 min eval
 #   probe     before any indexer: the oracle lookahead at budgets and the evidence oracle on 4 examples a task at
 #             2048 (probe_resident_sets.py): can a small resident set keep this backbone's answers at all?
 #                                                                            ~1 min (estimate; CPU: 13 min)

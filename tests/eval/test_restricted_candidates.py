@@ -66,7 +66,7 @@ def test_candidates_leave_the_batch_as_it_was_and_restrict_the_answer_rows():
 def restricted_paper_smoke():
     model = build_eval_backbone(eval_backbone_config("paper-smoke"), seed=0).eval()
     set_dense_csa(model, False)
-    batch = make_batch(5, 0, LENGTH, 3, LONG_MIX, CandidateDraw(1.0, 0.05, RATE, tail_chunks=2, sink_chunks=1))
+    batch = make_batch(5, 0, LENGTH, 3, LONG_MIX, CandidateDraw(1.0, 0.05, RATE))
     return model, batch
 
 

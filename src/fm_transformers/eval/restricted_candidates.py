@@ -28,23 +28,18 @@ from .tasks import Example
 class CandidateDraw:
     """share: the share of long-task examples trained restricted (the others see the whole history, as the full
     cache serves them); random_max: the random share of the other chunks that stays a candidate is uniform in
-    [0, random_max]; tail_chunks, sink_chunks: always candidates, as the evaluation's resident sets keep them."""
+    [0, random_max]. The tail and the sink, candidates of every restricted row, are CandidateRestriction's."""
 
     share: float
     random_max: float
     compress_rate: int
-    tail_chunks: int = 16
-    sink_chunks: int = 1
 
     def __post_init__(self):
         for name in ("share", "random_max"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
-        if self.compress_rate < 1 or self.tail_chunks < 0 or self.sink_chunks < 0:
-            raise ValueError(
-                f"need compress_rate >= 1 and tail_chunks, sink_chunks >= 0, got {self.compress_rate}, "
-                f"{self.tail_chunks}, {self.sink_chunks}"
-            )
+        if self.compress_rate < 1:
+            raise ValueError(f"compress_rate must be at least 1, got {self.compress_rate}")
 
     def draw(self, example: Example, chunks: int, rng: random.Random) -> list[int] | None:
         """The chunks (of `chunks` in the training row) the example's answer rows may pick besides the tail and
@@ -61,10 +56,10 @@ class CandidateDraw:
 class CandidateRestriction:
     """Context manager: hooks every CSA layer's native indexer on enter, removes the hooks on exit (even on error).
 
-    `use(candidate_chunks, restricted_from)` before a forward: row t of example b is restricted when t >=
+    `use(candidate_chunks, restricted_from, rows)` before a forward: row t of example b is restricted when t >=
     restricted_from[b]; it may then pick chunk s only when candidate_chunks[b, s], s is among the `tail_chunks`
-    newest chunks complete at t, or s < sink_chunks. Unrestricted rows and `use(None, None)` leave the model as
-    it is. The scores of every other chunk become -inf before the top-k, and a pick of one (when fewer
+    newest chunks complete at t, or s < sink_chunks (16 and 1: the evaluation's paper resident sets). Unrestricted
+    rows and `use(None, None, rows)` leave the model as it is. The scores of every other chunk become -inf before the top-k, and a pick of one (when fewer
     candidates than the top-k are left) becomes -1, the stock "no entry" slot.
     """
 
@@ -94,7 +89,7 @@ class CandidateRestriction:
         self._handles.clear()
         self._allowed = None
 
-    def use(self, candidate_chunks: torch.Tensor | None, restricted_from: torch.Tensor | None, rows: int = 0) -> None:
+    def use(self, candidate_chunks: torch.Tensor | None, restricted_from: torch.Tensor | None, rows: int) -> None:
         """candidate_chunks: (batch, rows // rate) bool; restricted_from: (batch,) first restricted row; rows: the
         forward's sequence length."""
         if candidate_chunks is None:
