@@ -11,13 +11,17 @@ For each long task, --examples examples of draw --seed (5: neither the tuning dr
 - the oracle lookahead (the comparison's row, methods.py) at each of --budgets ("none": uncapped, which must
   reproduce the stock answers): the picks of the next tau steps, most picked first;
 - the evidence oracle at each recency tail of --tails: only the chunks of the statements the answer is read from
-  (long_tasks.evidence_chunks), the tail and the sink, at every recall, uncapped.
+  (long_tasks.evidence_chunks), the tail and the sink, at every recall, uncapped;
+- the evidence oracle with --fillers more chunks (first tail): drawn from the filler, or from the other
+  statements (distractors). The top-k fills all its slots from what is resident: this tells whether the answers
+  need more than the evidence or only harmless chunks in the slots the evidence leaves free.
 Each answered by greedy decoding of the answer's length; reported: answer tokens right, tokens the same as the
 stock run's, exact match, and the resident CSA bytes' mean share over the recalls.
 """
 
 import argparse
 import json
+import random
 
 import torch
 from tqdm.auto import tqdm
@@ -29,7 +33,13 @@ from fm_transformers.layout import csa_compress_rate, csa_layers
 from fm_transformers.policies import OraclePolicy
 from fm_transformers.eval.catalog import evaluation_examples
 from fm_transformers.eval.comparison import generate
-from fm_transformers.eval.long_tasks import LONG_TASK_NAMES, evidence_chunks, expected_triggers
+from fm_transformers.eval.long_tasks import (
+    LONG_TASK_NAMES,
+    evidence_chunks,
+    expected_triggers,
+    question_start,
+    statement_chunks,
+)
 from fm_transformers.eval.matched import RecordingPolicy
 from fm_transformers.eval.oracle import NativePicks, lookahead_sets
 from fm_transformers.eval.tasks import exact_match, tokens_right
@@ -45,6 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--tau", type=int, default=64)
     parser.add_argument("--budgets", default="0.1,0.25,0.5,none", help="the oracle lookahead's budgets")
     parser.add_argument("--tails", default="16,48", help="the evidence oracle's recency tails (chunks)")
+    parser.add_argument("--fillers", type=int, default=48, help="chunks the evidence oracle's last rows add")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", help="JSON with every measure")
     args = parser.parse_args(argv)
@@ -114,11 +125,33 @@ def probe_task(model, task: str, args) -> dict:
         config = LSAConfig(tau=args.tau, recency_chunks=tail, sink_chunks=1)
         tokens, share = decode_with_sets(model, input_ids, length, [evidence] * triggers, config)
         result[f"evidence tail {tail}"] = {**answer_scores(tokens, stock, examples), "resident_share": share}
+    config = LSAConfig(tau=args.tau, recency_chunks=args.tails[0], sink_chunks=1)
+    for kind, added in added_chunks(examples, rate, args.fillers, config.recency_chunks).items():
+        sets = [torch.tensor(sorted({*e.tolist(), *a})) for e, a in zip(evidence, added)]
+        tokens, share = decode_with_sets(model, input_ids, length, [sets] * triggers, config)
+        scores = answer_scores(tokens, stock, examples)
+        result[f"evidence + {args.fillers} {kind}"] = {**scores, "resident_share": share}
     return result
 
 
+def added_chunks(examples, rate: int, count: int, tail: int) -> dict[str, list[list[int]]]:
+    """Per example, `count` chunks drawn (seeded by its index) from the filler and from the other statements, both
+    between the sink and the tail and before the question."""
+    drawn = {"filler": [], "other statements": []}
+    for index, example in enumerate(examples):
+        made = min(question_start(example), len(example.input_ids) - tail * rate)
+        statements, evidence = set(statement_chunks(example, rate)), set(evidence_chunks(example, rate))
+        pools = {
+            "filler": [c for c in range(1, made // rate) if c not in statements],
+            "other statements": [c for c in sorted(statements - evidence) if 0 < c < made // rate],
+        }
+        for kind, pool in pools.items():
+            drawn[kind].append(random.Random(index).sample(pool, min(count, len(pool))))
+    return drawn
+
+
 def print_table(results: dict) -> None:
-    print(f"{'task':<12}{'row':<22}{'tokens right':>13}{'same as stock':>14}{'EM':>6}{'resident':>10}")
+    print(f"{'task':<12}{'row':<32}{'tokens right':>13}{'same as stock':>14}{'EM':>6}{'resident':>10}")
     for task, rows in results.items():
         touched = rows["touched"]
         print(f"{task:<12}touched by the top-k: {touched['pooled']:.1%} pooled, {touched['per_layer']:.1%} per layer")
@@ -127,7 +160,7 @@ def print_table(results: dict) -> None:
                 continue
             share = f"{row['resident_share']:.3f}" if "resident_share" in row else "1"
             print(
-                f"{'':<12}{name:<22}{row['tokens_right']:>13.3f}{row['same_as_stock']:>14.3f}"
+                f"{'':<12}{name:<32}{row['tokens_right']:>13.3f}{row['same_as_stock']:>14.3f}"
                 f"{row['exact_match']:>6.2f}{share:>10}"
             )
 

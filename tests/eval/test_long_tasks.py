@@ -11,7 +11,9 @@ from fm_transformers.eval.long_tasks import (
     first_error,
     long_example,
     make_long_examples,
+    question_start,
     random_facts,
+    statement_chunks,
     statement_tokens,
 )
 from fm_transformers.eval.catalog import evaluation_examples
@@ -121,7 +123,8 @@ def test_a_question_document_answers_each_question_in_place_and_aligns_every_que
 def test_question_triggers_are_the_question_end_and_every_tau_steps_of_its_answer():
     (question, *_) = qa_document(2048, random.Random(5), align=64).questions
     assert question.trigger_positions(16) == [question.end + 16 * k for k in range(expected_triggers(question.answer_tokens, 16))]
-    assert question.evidence_chunks(4) == sorted({p // 4 for a, b in question.evidence for p in range(a, b)})
+    holding = {p // 4 + d for start, stop in question.evidence for p in range(start, stop) for d in (0, 1)}
+    assert question.evidence_chunks(4) == sorted(holding)
 
 
 def test_a_document_too_short_for_its_questions_is_an_error():
@@ -151,5 +154,11 @@ def test_evidence_statements_span_exactly_the_tokens_the_answer_is_read_from(tas
         assert all(span[-1] in example.answer for span in spans)  # ends on a value or a name, not in filler
         assert set(example.answer) <= {token for span in spans for token in span}
         chunks = evidence_chunks(example, 4)
-        assert chunks == sorted(set(chunks)) and {s // 4 for s in example.evidence} <= set(chunks)
-        assert len(chunks) <= len(spans) * (size // 4 + 2)
+        holding = {p // 4 + d for start in example.evidence for p in range(start, start + size) for d in (0, 1)}
+        assert chunks == sorted(holding)  # a token lies in two overlapping chunks (tests/test_layout.py)
+        statements = statement_chunks(example, 4)
+        assert set(chunks) < set(statements)  # every task has distractors
+        assert example.input_ids[question_start(example)] == QUERY
+        assert max(statements) <= (question_start(example) - 1) // 4 + 1  # every statement before the question
+        markers = {p // 4 + d for p, t in enumerate(example.input_ids) if t in (NEEDLE, LET) for d in (0, 1)}
+        assert markers <= set(statements)  # distractors too

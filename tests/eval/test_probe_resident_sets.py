@@ -1,11 +1,14 @@
 """examples/probe_resident_sets.py: the oracle lookahead uncapped reproduces the stock answers, budgets hold fewer
-chunks, the evidence oracle keeps the evidence, bad settings are refused."""
+chunks, the evidence oracle keeps the evidence (and more, with filler or other statements), bad settings are
+refused."""
 
 import json
 
 import pytest
 
 from fm_transformers.eval.backbone import build_eval_backbone, eval_backbone_config
+from fm_transformers.eval.catalog import evaluation_examples
+from fm_transformers.eval.long_tasks import evidence_chunks, question_start, statement_chunks
 
 
 def test_the_probe_reproduces_the_stock_answers_uncapped_and_holds_less_under_a_budget(tmp_path, load_example):
@@ -13,7 +16,7 @@ def test_the_probe_reproduces_the_stock_answers_uncapped_and_holds_less_under_a_
     out = tmp_path / "probe.json"
     results = load_example("probe_resident_sets.py").main([
         str(tmp_path / "paper"), "--length", "320", "--answer-tokens", "16", "--tau", "4", "--examples", "2",
-        "--budgets", "0.25,none", "--tails", "2", "--out", str(out),
+        "--budgets", "0.25,none", "--tails", "2", "--fillers", "6", "--out", str(out),
     ])
     assert set(results) == {"long_needle", "qa_block", "long_chain"}
     for rows in results.values():
@@ -21,8 +24,26 @@ def test_the_probe_reproduces_the_stock_answers_uncapped_and_holds_less_under_a_
         assert rows["oracle budget None"]["same_as_stock"] == 1.0  # every pick resident: the stock answer
         assert rows["oracle budget 0.25"]["resident_share"] < rows["oracle budget None"]["resident_share"]
         assert 0.0 < rows["evidence tail 2"]["resident_share"] < 1.0
+        for kind in ("filler", "other statements"):  # the evidence and more
+            assert rows["evidence tail 2"]["resident_share"] < rows[f"evidence + 6 {kind}"]["resident_share"] < 1.0
         assert 0.0 < rows["touched"]["per_layer"] <= rows["touched"]["pooled"] <= 1.0
     assert json.loads(out.read_text())["results"] == json.loads(json.dumps(results))
+
+
+@pytest.mark.parametrize("task", ["qa_block", "long_chain"])
+def test_the_added_chunks_are_filler_or_other_statements_before_the_question_and_the_tail(task, load_example):
+    examples = evaluation_examples(task, 2048, 2, seed=5)
+    added = load_example("probe_resident_sets.py").added_chunks(examples, 4, 24, 16)
+    for index, example in enumerate(examples):
+        statements, evidence = set(statement_chunks(example, 4)), set(evidence_chunks(example, 4))
+        last = (min(question_start(example), 2048 - 16 * 4) - 4) // 4  # the last chunk wholly before both
+        filler, others = added["filler"][index], added["other statements"][index]
+        assert len(filler) == len(set(filler)) == 24 and len(others) == len(set(others)) == 24
+        assert all(0 < chunk <= last and chunk not in statements for chunk in filler)
+        assert all(0 < chunk <= last and chunk in statements - evidence for chunk in others)
+    everything = load_example("probe_resident_sets.py").added_chunks(examples, 4, 10**6, 16)["filler"]
+    last = (min(question_start(examples[0]), 2048 - 16 * 4) - 4) // 4
+    assert sorted(everything[0]) == [c for c in range(1, last + 1) if c not in statement_chunks(examples[0], 4)]
 
 
 @pytest.mark.parametrize("flag", [["--budgets", "0.1,all"], ["--tails", "1.5"]])

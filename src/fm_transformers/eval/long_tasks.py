@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
+from ..layout import csa_chunks_of_span
 from .tasks import Example, example_rng, scatter
 from .vocab import ASK, BOS, LET, LONG_KEYS, LONG_TASK_TOKENS, LONG_VALUES, NEEDLE, QUERY
 
@@ -206,9 +207,25 @@ def statement_tokens(example: Example) -> int:
     raise ValueError(f"{example.task!r} is not a long task; known: {', '.join(LONG_TASK_NAMES)}")
 
 
+def question_start(example: Example) -> int:
+    """Position of the question's first token (its QUERY marker; a long-task context ends with the question)."""
+    return len(example.input_ids) - 1 - example.input_ids[::-1].index(QUERY)
+
+
 def evidence_chunks(example: Example, compress_rate: int) -> list[int]:
     """The compressed chunks holding any token of the example's evidence statements (those its answer is read
     from), ascending: what an oracle of the evidence keeps resident."""
-    last = statement_tokens(example) - 1
-    spans = (range(start // compress_rate, (start + last) // compress_rate + 1) for start in example.evidence)
+    return _chunks_of_statements(example, example.evidence, compress_rate)
+
+
+def statement_chunks(example: Example, compress_rate: int) -> list[int]:
+    """The compressed chunks holding any token of any statement, evidence or distractor (every statement starts
+    with a marker that filler never holds), ascending: what is left is filler, the question and the prefix."""
+    starts = [position for position, token in enumerate(example.input_ids) if token in (NEEDLE, LET)]
+    return _chunks_of_statements(example, starts, compress_rate)
+
+
+def _chunks_of_statements(example: Example, starts, compress_rate: int) -> list[int]:
+    size = statement_tokens(example)
+    spans = (csa_chunks_of_span(start, start + size, compress_rate) for start in starts)
     return sorted({chunk for span in spans for chunk in span})
