@@ -8,6 +8,7 @@ For each long task, --examples examples of draw --seed (5: neither the tuning dr
 --length are answered by the stock cache, whose native top-k picks of every CSA layer are recorded, then:
 - touched: the distinct chunks those picks cover in each tau window, as a share of the chunks that exist, pooled
   over the CSA layers (one resident set serves them all, as LSA's does) and per layer;
+- picks: where those picks land while the answer is written, as shares of all picks (PICK_KINDS, first match);
 - the oracle lookahead (the comparison's row, methods.py) at each of --budgets ("none": uncapped, which must
   reproduce the stock answers): the picks of the next tau steps, most picked first;
 - the evidence oracle at each recency tail of --tails: only the chunks of the statements the answer is read from
@@ -81,6 +82,32 @@ def touched_shares(steps: list[torch.Tensor], tau: int, prompt_length: int, rate
     return {"pooled": sum(pooled) / len(pooled), "per_layer": sum(per_layer) / len(per_layer)}
 
 
+PICK_KINDS = ("tail", "sink", "evidence", "other statements", "question", "answer", "filler")
+
+
+def pick_kinds(steps: list[torch.Tensor], examples, rate: int, tail: int) -> dict[str, float]:
+    """The share of the stock run's picks (every layer, decode forward and sequence; empty slots left out) by what
+    the chunk holds, the first of PICK_KINDS that fits: the `tail` newest chunks made at that forward (LSA keeps
+    them), the first chunk, an evidence statement, another statement, the question, the answer written so far,
+    filler."""
+    counts = dict.fromkeys(PICK_KINDS, 0)
+    prompt = len(examples[0].input_ids)
+    for index, example in enumerate(examples):
+        evidence, statements = set(evidence_chunks(example, rate)), set(statement_chunks(example, rate))
+        question, answer = question_start(example) // rate, prompt // rate + 1  # first chunk holding each
+        for forward, picks in enumerate(steps, start=1):
+            made = (prompt + forward) // rate  # chunks complete once position prompt + forward - 1 is in
+            for chunk in picks[index][picks[index] >= 0].tolist():
+                kind = (
+                    "tail" if chunk >= made - tail else "sink" if chunk < 1 else "evidence" if chunk in evidence
+                    else "other statements" if chunk in statements else "answer" if chunk >= answer
+                    else "question" if chunk >= question else "filler"
+                )
+                counts[kind] += 1
+    total = max(sum(counts.values()), 1)
+    return {kind: count / total for kind, count in counts.items()}
+
+
 def answer_scores(tokens: torch.Tensor, stock: torch.Tensor, examples) -> dict:
     count, length = len(examples), len(examples[0].answer)
     return {
@@ -113,6 +140,7 @@ def probe_task(model, task: str, args) -> dict:
     result = {
         "stock": answer_scores(stock, stock, examples),
         "touched": touched_shares(steps, args.tau, prompt, rate, layers),
+        "picks": pick_kinds(steps, examples, rate, args.tails[0]),
     }
     triggers = expected_triggers(length, args.tau)
     for budget in args.budgets:
@@ -155,8 +183,9 @@ def print_table(results: dict) -> None:
     for task, rows in results.items():
         touched = rows["touched"]
         print(f"{task:<12}touched by the top-k: {touched['pooled']:.1%} pooled, {touched['per_layer']:.1%} per layer")
+        print(f"{'':<12}its picks: " + ", ".join(f"{kind} {share:.1%}" for kind, share in rows["picks"].items()))
         for name, row in rows.items():
-            if name == "touched":
+            if name in ("touched", "picks"):
                 continue
             share = f"{row['resident_share']:.3f}" if "resident_share" in row else "1"
             print(

@@ -5,6 +5,7 @@ refused."""
 import json
 
 import pytest
+import torch
 
 from fm_transformers.eval.backbone import build_eval_backbone, eval_backbone_config
 from fm_transformers.eval.catalog import evaluation_examples
@@ -27,6 +28,7 @@ def test_the_probe_reproduces_the_stock_answers_uncapped_and_holds_less_under_a_
         for kind in ("filler", "other statements"):  # the evidence and more
             assert rows["evidence tail 2"]["resident_share"] < rows[f"evidence + 6 {kind}"]["resident_share"] < 1.0
         assert 0.0 < rows["touched"]["per_layer"] <= rows["touched"]["pooled"] <= 1.0
+        assert sum(rows["picks"].values()) == pytest.approx(1.0) and rows["picks"]["tail"] > 0.0
     assert json.loads(out.read_text())["results"] == json.loads(json.dumps(results))
 
 
@@ -44,6 +46,21 @@ def test_the_added_chunks_are_filler_or_other_statements_before_the_question_and
     everything = load_example("probe_resident_sets.py").added_chunks(examples, 4, 10**6, 16)["filler"]
     last = (min(question_start(examples[0]), 2048 - 16 * 4) - 4) // 4
     assert sorted(everything[0]) == [c for c in range(1, last + 1) if c not in statement_chunks(examples[0], 4)]
+
+
+def test_picks_are_told_apart_by_what_their_chunk_holds(load_example):
+    probe = load_example("probe_resident_sets.py")
+    (example,) = evaluation_examples("qa_block", 2048, 1, seed=5)
+    evidence, statements = evidence_chunks(example, 4), set(statement_chunks(example, 4))
+    other = min(statements - set(evidence))
+    filler = next(c for c in range(1, 500) if c not in statements)
+    question = question_start(example) // 4 + 1
+    assert question not in statements and question < 512
+    # picks at the 100th forward only: chunks up to (2048 + 100) // 4 = 537 made, the 16-chunk tail from 521; the
+    # answer's from 513
+    picks = torch.tensor([[evidence[0], other, filler, 0, 530, question, 513, -1]])
+    shares = probe.pick_kinds([torch.full_like(picks, -1)] * 99 + [picks], [example], 4, 16)
+    assert shares == pytest.approx(dict.fromkeys(probe.PICK_KINDS, 1 / 7))
 
 
 @pytest.mark.parametrize("flag", [["--budgets", "0.1,all"], ["--tails", "1.5"]])
