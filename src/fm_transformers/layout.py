@@ -23,11 +23,12 @@ def csa_compress_rate(config) -> int:
     return _field(config, "compress_rates")[CSA_LAYER_TYPE]
 
 
-def csa_chunks_of_span(start: int, stop: int, compress_rate: int) -> range:
-    """The compressed CSA entries (chunks) that pool any token of positions [start, stop). V4's compressor pools
-    entry w from window w's tokens and window w - 1's (overlapping windows of 2 x rate tokens, a stride of rate),
-    so token p lies in entries p // rate and p // rate + 1: keeping only the first loses the span's last tokens."""
-    return range(start // compress_rate, (stop - 1) // compress_rate + 2)
+def csa_chunks_of_spans(spans, compress_rate: int) -> list[int]:
+    """The compressed CSA entries (chunks) that pool any token of the (start, stop) position spans, ascending. V4's
+    compressor pools entry w from window w's tokens and window w - 1's (overlapping windows of 2 x rate tokens, a
+    stride of rate), so token p lies in entries p // rate and p // rate + 1: keeping only the first loses a span's
+    last tokens."""
+    return sorted({c for start, stop in spans for c in range(start // compress_rate, (stop - 1) // compress_rate + 2)})
 
 
 def require_deepseek_v4(model) -> None:

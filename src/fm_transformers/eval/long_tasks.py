@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
-from ..layout import csa_chunks_of_span
+from ..layout import csa_chunks_of_spans
 from .tasks import Example, example_rng, scatter
 from .vocab import ASK, BOS, LET, LONG_KEYS, LONG_TASK_TOKENS, LONG_VALUES, NEEDLE, QUERY
 
@@ -227,5 +227,4 @@ def statement_chunks(example: Example, compress_rate: int) -> list[int]:
 
 def _chunks_of_statements(example: Example, starts, compress_rate: int) -> list[int]:
     size = statement_tokens(example)
-    spans = (csa_chunks_of_span(start, start + size, compress_rate) for start in starts)
-    return sorted({chunk for span in spans for chunk in span})
+    return csa_chunks_of_spans(((start, start + size) for start in starts), compress_rate)

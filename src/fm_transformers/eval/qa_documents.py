@@ -17,7 +17,7 @@ every answer, so those triggers can be picked out of it (label_selection.py).
 import random
 from dataclasses import dataclass
 
-from ..layout import csa_chunks_of_span
+from ..layout import csa_chunks_of_spans
 from .long_tasks import LONG_TASK_NAMES, TokenDraw, expected_triggers, random_facts
 from .tasks import Example
 from .vocab import BOS, FILLER, LONG_TASK_TOKENS
@@ -38,9 +38,8 @@ class AskedQuestion:
         return [self.end + step * tau for step in range(expected_triggers(self.answer_tokens, tau))]
 
     def evidence_chunks(self, compress_rate: int) -> list[int]:
-        """Compressed chunks holding a token of the evidence (layout.csa_chunks_of_span)."""
-        spans = (csa_chunks_of_span(start, stop, compress_rate) for start, stop in self.evidence)
-        return sorted({chunk for span in spans for chunk in span})
+        """Compressed chunks holding a token of the evidence (layout.csa_chunks_of_spans)."""
+        return csa_chunks_of_spans(self.evidence, compress_rate)
 
 
 @dataclass(frozen=True)
