@@ -14,8 +14,9 @@ For each long task, --examples examples of draw --seed (5: neither the tuning dr
 - the evidence oracle at each recency tail of --tails: only the chunks of the statements the answer is read from
   (long_tasks.evidence_chunks), the tail and the sink, at every recall, uncapped;
 - the evidence oracle with --fillers more chunks (first tail): drawn from the filler, or from the other
-  statements (distractors). The top-k fills all its slots from what is resident: this tells whether the answers
-  need more than the evidence or only harmless chunks in the slots the evidence leaves free.
+  statements (distractors), or the ones the stock run picked most (an oracle: each layer's spare picks keep
+  returning to a few chunks of its own). The top-k fills all its slots from what is resident: this tells whether
+  the answers need more than the evidence or only harmless chunks in the slots the evidence leaves free.
 Each answered by greedy decoding of the answer's length; reported: answer tokens right, tokens the same as the
 stock run's, exact match, and the resident CSA bytes' mean share over the recalls.
 """
@@ -154,8 +155,10 @@ def probe_task(model, task: str, args) -> dict:
         tokens, share = decode_with_sets(model, input_ids, length, [evidence] * triggers, config)
         result[f"evidence tail {tail}"] = {**answer_scores(tokens, stock, examples), "resident_share": share}
     config = LSAConfig(tau=args.tau, recency_chunks=args.tails[0], sink_chunks=1)
-    for kind, added in added_chunks(examples, rate, args.fillers, config.recency_chunks).items():
-        sets = [torch.tensor(sorted({*e.tolist(), *a})) for e, a in zip(evidence, added)]
+    extra = added_chunks(examples, rate, args.fillers, config.recency_chunks)
+    extra["most picked"] = most_picked_others(steps, evidence, args.fillers, prompt // rate - config.recency_chunks)
+    for kind, chunks in extra.items():
+        sets = [torch.tensor(sorted({*e.tolist(), *c})) for e, c in zip(evidence, chunks)]
         tokens, share = decode_with_sets(model, input_ids, length, [sets] * triggers, config)
         scores = answer_scores(tokens, stock, examples)
         result[f"evidence + {args.fillers} {kind}"] = {**scores, "resident_share": share}
@@ -176,6 +179,19 @@ def added_chunks(examples, rate: int, count: int, tail: int) -> dict[str, list[l
         for kind, pool in pools.items():
             drawn[kind].append(random.Random(index).sample(pool, min(count, len(pool))))
     return drawn
+
+
+def most_picked_others(steps: list[torch.Tensor], evidence, count: int, tail_start: int) -> list[list[int]]:
+    """Per sequence, the `count` chunks outside its evidence, the sink and the first recall's tail that the stock
+    run's picks (every layer, the whole answer) chose most often, ties to the newest."""
+    picks = torch.cat(steps, dim=1)
+    most = []
+    for row, kept in zip(picks, evidence):
+        counts = torch.bincount(row[(row >= 1) & (row < tail_start)], minlength=tail_start).float()
+        counts[kept[kept < tail_start]] = 0
+        ranked = torch.argsort(counts * tail_start + torch.arange(tail_start), descending=True)[:count]
+        most.append(ranked[counts[ranked] > 0].tolist())
+    return most
 
 
 def print_table(results: dict) -> None:

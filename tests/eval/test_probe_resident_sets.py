@@ -25,7 +25,7 @@ def test_the_probe_reproduces_the_stock_answers_uncapped_and_holds_less_under_a_
         assert rows["oracle budget None"]["same_as_stock"] == 1.0  # every pick resident: the stock answer
         assert rows["oracle budget 0.25"]["resident_share"] < rows["oracle budget None"]["resident_share"]
         assert 0.0 < rows["evidence tail 2"]["resident_share"] < 1.0
-        for kind in ("filler", "other statements"):  # the evidence and more
+        for kind in ("filler", "other statements", "most picked"):  # the evidence and more
             assert rows["evidence tail 2"]["resident_share"] < rows[f"evidence + 6 {kind}"]["resident_share"] < 1.0
         assert 0.0 < rows["touched"]["per_layer"] <= rows["touched"]["pooled"] <= 1.0
         assert sum(rows["picks"].values()) == pytest.approx(1.0) and rows["picks"]["tail"] > 0.0
@@ -61,6 +61,15 @@ def test_picks_are_told_apart_by_what_their_chunk_holds(load_example):
     picks = torch.tensor([[evidence[0], other, filler, 0, 530, question, 513, -1]])
     shares = probe.pick_kinds([torch.full_like(picks, -1)] * 99 + [picks], [example], 4, 16)
     assert shares == pytest.approx(dict.fromkeys(probe.PICK_KINDS, 1 / 7))
+
+
+def test_the_most_picked_others_leave_out_the_evidence_the_sink_and_the_tail(load_example):
+    probe = load_example("probe_resident_sets.py")
+    # two forwards of one sequence: chunk 5 picked 3 times, 7 twice, 2 and 9 once each; 3 is evidence, 0 the sink,
+    # 12 in the tail (from 10)
+    steps = [torch.tensor([[5, 5, 3, 3, 3, 0, 0, 12, 12, 12]]), torch.tensor([[5, 7, 7, 2, 9, -1, 0, 12, 3, 3]])]
+    assert probe.most_picked_others(steps, [torch.tensor([3, 4])], 3, 10) == [[5, 7, 9]]  # 9 over 2: the newer
+    assert probe.most_picked_others(steps, [torch.tensor([3, 4])], 10, 10) == [[5, 7, 9, 2]]  # picked chunks only
 
 
 @pytest.mark.parametrize("flag", [["--budgets", "0.1,all"], ["--tails", "1.5"]])
