@@ -14,9 +14,10 @@
 #             tail, the sink and a random share of the chunks; docs/evaluation.md, sixth stage). A session's
 #             device time holds the first three, or one later stage; checkpoints/backbone-bf16 is the newest
 #             stage's export.                      ~4 + ~6 + ~12 + 16 + ~10 + ~4 min, each + ~2 min eval
-#   probe     before any indexer: the oracle lookahead at budgets and the evidence oracle on 4 examples a task at
+#   probe     before any indexer: the oracle lookahead at budgets and the evidence oracle (alone and with filler,
+#             other statements or the most picked beside it) on 4 examples a task at
 #             2048 (probe_resident_sets.py): can a small resident set keep this backbone's answers at all?
-#                                                                            ~1 min (estimate; CPU: 13 min)
+#                                                                            ~1 min (estimate; CPU: 10 min)
 #   dump      label 5,600 question documents with the frozen backbone (train/validation/test) ~10 min in 8-min runs
 #   indexer   per tau (64, 16): select the labels at votes 1-3 (one dump serves all), train an indexer per
 #             vote and learning rate (6), choose on validation, gate on test; in 8-min runs ~9 min per tau
