@@ -170,11 +170,11 @@ def added_chunks(examples, rate: int, count: int, tail: int) -> dict[str, list[l
     between the sink and the tail and before the question."""
     drawn = {"filler": [], "other statements": []}
     for index, example in enumerate(examples):
-        made = min(question_start(example), len(example.input_ids) - tail * rate)
+        end = min(question_start(example), len(example.input_ids) - tail * rate) // rate  # first chunk left out
         statements, evidence = set(statement_chunks(example, rate)), set(evidence_chunks(example, rate))
         pools = {
-            "filler": [c for c in range(1, made // rate) if c not in statements],
-            "other statements": [c for c in sorted(statements - evidence) if 0 < c < made // rate],
+            "filler": [c for c in range(1, end) if c not in statements],
+            "other statements": [c for c in sorted(statements - evidence) if 0 < c < end],
         }
         for kind, pool in pools.items():
             drawn[kind].append(random.Random(index).sample(pool, min(count, len(pool))))

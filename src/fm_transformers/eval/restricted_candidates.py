@@ -59,8 +59,9 @@ class CandidateRestriction:
     `use(candidate_chunks, restricted_from, rows)` before a forward: row t of example b is restricted when t >=
     restricted_from[b]; it may then pick chunk s only when candidate_chunks[b, s], s is among the `tail_chunks`
     newest chunks complete at t, or s < sink_chunks (16 and 1: the evaluation's paper resident sets). Unrestricted
-    rows and `use(None, None, rows)` leave the model as it is. The scores of every other chunk become -inf before the top-k, and a pick of one (when fewer
-    candidates than the top-k are left) becomes -1, the stock "no entry" slot.
+    rows and `use(None, None, rows)` leave the model as it is. The scores of every other chunk become -inf before
+    the top-k, and a pick of one (when fewer candidates than the top-k are left) becomes -1, the stock "no entry"
+    slot.
     """
 
     def __init__(self, model, tail_chunks: int = 16, sink_chunks: int = 1):
