@@ -3,7 +3,7 @@
 #
 #   bash examples/run_evaluation.sh STAGE [WORKDIR]        (WORKDIR: runs/paper)
 #
-# Stages, in order (times on one H200: the backbone step is measured, the rest are estimates; docs/evaluation.md):
+# Stages, in order (times on one H200 or H100: backbone and probe measured, the rest estimates; docs/evaluation.md):
 #   backbone  train the paper-layout backbone (16 layers, 7 CSA) in six stages, each from the one before:
 #             associative recall at 64 tokens (it learns to copy there, and only there from fresh weights),
 #             the copy tasks and small long tasks at 64-512 tokens, the long mix up to 2K, more of it at 1-2K
@@ -17,7 +17,7 @@
 #   probe     before any indexer: the oracle lookahead at budgets and the evidence oracle (alone and with filler,
 #             other statements or the most picked beside it) on 4 examples a task at
 #             2048 (probe_resident_sets.py): can a small resident set keep this backbone's answers at all?
-#                                                                            ~1 min (estimate; CPU: 10 min)
+#                                                          6.4 min (measured, H100; CPU: 10 min)
 #   dump      label 5,600 question documents with the frozen backbone (train/validation/test) ~10 min in 8-min runs
 #   indexer   per tau (64, 16): select the labels at votes 1-3 (one dump serves all), train an indexer per
 #             vote and learning rate (6), choose on validation, gate on test; in 8-min runs ~9 min per tau
