@@ -1,17 +1,19 @@
-"""The README's main job: a tiny DeepSeek-V4 made in code generates with LSA and with the stock cache.
+"""The README's main job: DeepSeek-V4 answers one question with the stock cache and with LSA, side by side.
 
-Runs on the CPU, offline, in seconds. It attaches a fresh (untrained) memory indexer, so with the default
-threshold LSA keeps an arbitrary subset and may diverge from stock; with threshold 0 it keeps everything
-and must match stock exactly. Both runs are printed, with the memory report.
+By default it asks the backbone and memory indexer shipped in checkpoints/ (a paper-layout DeepSeek-V4 trained
+by examples/run_evaluation.sh, its indexer by the same recipe) one long-task question (--task, a --context-token
+context, the evaluation's examples) and prints the expected answer, the full cache's and LSA's (threshold
+--threshold, no budget: as the paper runs it), and what each cache held. --backbone and --indexer ask another
+pair. CPU, offline: 29 s on a 2-core CPU at the default 2048-token context (the backbone's training length); at
+--context 4096 it took 88 s, and the full cache wrote that draw's first answer wrong from its 22nd token.
 
-With --backbone and --indexer (a paper-layout backbone trained by examples/run_evaluation.sh and its memory
-indexer) it asks one long-task question instead (--task, a --context-token context, the evaluation's examples)
-and prints the expected answer, the full cache's and LSA's (threshold --threshold, no budget: as the paper runs
-it), and what each cache held.
+--tiny runs a tiny random DeepSeek-V4 made in code instead (seconds): with a fresh (untrained) memory indexer at
+the default threshold LSA keeps an arbitrary subset and may diverge from stock; with threshold 0 it keeps
+everything and must match stock exactly. Both runs are printed, with the memory report.
 
 The first run after an install is slower, for reasons outside this project (it downloads nothing, compiles no
-Triton kernel on the CPU, uses no torch.compile). Measured on a 2-core CPU machine, warm run about 11 s (5-7 s of
-it importing torch and transformers' DeepSeek-V4, 3-4 s generating):
+Triton kernel on the CPU, uses no torch.compile). Measured on a 2-core CPU machine with --tiny, warm run about
+11 s (5-7 s of it importing torch and transformers' DeepSeek-V4, 3-4 s generating):
 - no bytecode cache: Python compiles the ~3,100 modules it imports (torch, sympy, scipy, transformers) on first
   use, +16-22 s. `pip install` writes the cache at install time; `uv pip install` does not unless given
   `--compile-bytecode` (or run `python -m compileall -q` over site-packages once).
@@ -21,6 +23,7 @@ On a machine shared with other jobs every figure grows with the load.
 """
 
 import argparse
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -32,32 +35,44 @@ from fm_transformers.eval.vocab import EOS, PAD
 from fm_transformers.report import stock_csa_bytes, stock_layer_bytes
 from fm_transformers.tiny import tiny_deepseek_v4, tiny_tokenizer
 
+SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints"
+SHIPPED_BACKBONE, SHIPPED_INDEXER = SHIPPED / "backbone-bf16", SHIPPED / "indexer-tau64"
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prompt-length", type=int, default=400, help="prompt tokens (400: 100 compressed chunks)")
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--tau", type=int, default=None, help="steps per recall (default 16; 64 with --backbone)")
+    parser.add_argument("--tiny", action="store_true", help="a tiny random model made in code instead (seconds)")
+    parser.add_argument("--prompt-length", type=int, default=400, help="--tiny: prompt tokens (100 chunks)")
+    parser.add_argument("--new-tokens", type=int, default=64, help="--tiny: tokens generated")
+    parser.add_argument("--budget", type=float, default=0.25, help="--tiny: resident budget, share of the history")
+    parser.add_argument("--tau", type=int, default=None, help="steps per recall (default 64; 16 with --tiny)")
     parser.add_argument("--threshold", type=float, default=0.5)
-    parser.add_argument("--budget", type=float, default=0.25, help="resident budget as a fraction of the history")
-    parser.add_argument("--backbone", help="a trained paper-layout backbone (a save_pretrained dir): ask it")
+    parser.add_argument("--backbone", help="a trained paper-layout backbone (save_pretrained dir; default: shipped)")
     parser.add_argument("--indexer", help="the backbone's memory indexer (save_pretrained dir; with --backbone)")
-    parser.add_argument("--task", choices=LONG_TASK_NAMES, default="long_chain", help="with --backbone")
-    parser.add_argument("--context", type=int, default=4096, help="with --backbone: context tokens")
-    parser.add_argument("--answer-tokens", type=int, default=None, help="with --backbone (default: the task's 130)")
-    parser.add_argument("--seed", type=int, default=1, help="with --backbone: the draw the question comes from")
+    parser.add_argument("--task", choices=LONG_TASK_NAMES, default="long_chain", help="the question's task")
+    parser.add_argument("--context", type=int, default=2048, help="context tokens (2048: the training length)")
+    parser.add_argument("--answer-tokens", type=int, default=None, help="answer length (default: the task's 130)")
+    parser.add_argument("--seed", type=int, default=1, help="the draw the question comes from")
     args = parser.parse_args(argv)
     if (args.backbone is None) != (args.indexer is None):
         parser.error("--backbone and --indexer go together: the backbone's memory indexer decides what LSA keeps")
+    if args.tiny and args.backbone is not None:
+        parser.error("--tiny makes its own model: leave out --backbone and --indexer")
+    if not args.tiny and args.backbone is None:
+        missing = [str(path) for path in (SHIPPED_BACKBONE, SHIPPED_INDEXER) if not (path / "config.json").is_file()]
+        if missing:
+            parser.error(f"the shipped checkpoints are missing ({', '.join(missing)}): run from a clone of the "
+                         "repository, pass --backbone and --indexer, or --tiny")
+        args.backbone, args.indexer = str(SHIPPED_BACKBONE), str(SHIPPED_INDEXER)
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.backbone is not None:
-        ask_trained_backbone(args)
-    else:
+    if args.tiny:
         tiny_demo(args)
+    else:
+        ask_trained_backbone(args)
 
 
 def ask_trained_backbone(args) -> None:
