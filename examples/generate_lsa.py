@@ -5,7 +5,8 @@ by examples/run_evaluation.sh, its indexer by the same recipe) one long-task que
 context, the evaluation's examples) and prints the expected answer, the full cache's and LSA's (threshold
 --threshold, no budget: as the paper runs it), and what each cache held. --backbone and --indexer ask another
 pair. CPU, offline: 29 s on a 2-core CPU at the default 2048-token context (the backbone's training length); at
---context 4096 it took 88 s, and the full cache wrote that draw's first answer wrong from its 22nd token.
+--context 4096 it took 88 s, 50 s of them the stock model's prefill (LSA's chunked prefill: 3 s), and the full
+cache wrote that draw's first answer wrong from its 22nd token.
 
 --tiny runs a tiny random DeepSeek-V4 made in code instead (seconds): with a fresh (untrained) memory indexer at
 the default threshold LSA keeps an arbitrary subset and may diverge from stock; with threshold 0 it keeps
