@@ -12,16 +12,18 @@ train: for --tau, the triggers that carry meaning (each question's end, every ta
 labels, widened from the dump's tau at each candidate vote (label_selection.py); one indexer per candidate vote and
 learning rate on the three target layers, trained with fm_transformers.training; the one validation prefers
 (gate.choose_candidate: among those whose resident set at threshold 0.5 holds at most 15% of the chunks, the best
-gate score) is kept in WORKDIR/tau<TAU>/indexer and gated on the test split (gate.py), beside what each candidate
-vote's labels reach as the scores (the ceiling of an indexer trained on them; it chooses nothing). Written:
+gate score; if none does, the best ranking at the budget) is kept in WORKDIR/tau<TAU>/indexer and gated on the test
+split (gate.py), beside what each candidate label set reaches as the scores (the ceiling of an indexer trained on
+it; it chooses nothing). Written:
 WORKDIR/tau<TAU>/gate.json. With --max-minutes it starts no candidate once the last one's time would not fit
 and exits with status 75: the same command goes on (selected labels and trained candidates are kept).
 
 Labels follow the paper's recipe (nucleus 0.6 of the native top-k, lookahead union over tau) with the vote scaled
 to the backbone's CSA layers (3 of 21 -> 1 of 7) unless --votes lists candidates: with the paper-layout backbone
 1 of 7 marks most of the context (docs/evaluation.md, sixth run), so the vote is worth choosing; the dump stores
-every chunk's votes, so one dump serves every vote. Every split is seeded apart from the others and from the
-comparison's examples.
+every chunk's votes, so one dump serves every vote. --evidence-labels adds one more candidate label set, departing
+from the paper: each trigger's question evidence (label_selection.EVIDENCE). Every split is seeded apart from the
+others and from the comparison's examples.
 """
 
 import argparse
@@ -37,7 +39,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from fm_transformers.eval.dump_blocks import block_directories, dump_in_blocks, is_complete
 from fm_transformers.eval.gate import CHOICE_RULE, choose_candidate, gate_metrics, selection_score
 from fm_transformers.eval.indexer_data import question_documents, question_trigger_warmup, scaled_vote
-from fm_transformers.eval.label_selection import select_label_sets
+from fm_transformers.eval.label_selection import EVIDENCE, LabelSet, select_label_sets
 from fm_transformers.indexer import MemoryIndexerModel, default_target_layers
 from fm_transformers.layout import csa_layers
 from fm_transformers.training import DumpConfig, LabelConfig, TrainConfig, train
@@ -66,6 +68,10 @@ def parse_args() -> argparse.Namespace:
         "--votes", default=None,
         help="train: candidate votes, CSA layers that must keep a chunk, chosen on validation "
         "(default: 3 of 21 scaled)",
+    )
+    parser.add_argument(
+        "--evidence-labels", action="store_true",
+        help="train: one more candidate, labels marking each trigger's question evidence (departs from the paper)",
     )
     parser.add_argument("--block-size", type=int, default=250, help="documents per dump block")
     parser.add_argument(
@@ -111,21 +117,27 @@ def dump(args, workdir: Path) -> bool:
     return True
 
 
-def candidate_votes(args) -> list[int]:
-    """The votes to choose among; each checked against the backbone's CSA layers before any work."""
+def candidate_label_sets(args) -> list[LabelSet]:
+    """The label sets to choose among: the votes, each checked against the backbone's CSA layers before any work,
+    and the evidence if asked."""
     layers = len(csa_layers(AutoConfig.from_pretrained(args.backbone)))
     votes = args.votes or [scaled_vote(layers)]
     if max(votes) > layers:
         raise SystemExit(f"error: --votes {max(votes)} asks more CSA layers than the backbone's {layers}")
-    return votes
+    return [*votes, *([EVIDENCE] if args.evidence_labels else [])]
 
 
-def select_tau(args, workdir: Path, out: Path, votes: list[int]) -> None:
-    """Each split's labels for --tau at every candidate vote, in one pass over the dump; a split whose label
+def label_set_name(label_set: LabelSet) -> str:
+    """The directory and candidate prefix of a label set: vote<v> or evidence."""
+    return EVIDENCE if label_set == EVIDENCE else f"vote{label_set}"
+
+
+def select_tau(args, workdir: Path, out: Path, label_sets: list[LabelSet]) -> None:
+    """Each split's labels for --tau in every candidate label set, in one pass over the dump; a split whose label
     sets are all complete (a run that stopped at its time limit) is kept."""
     for split in SPLITS:
         documents = split_documents(args, split)
-        targets = {vote: out / f"vote{vote}" / split for vote in votes}
+        targets = {label_set: out / label_set_name(label_set) / split for label_set in label_sets}
         if all(is_complete(target) for target in targets.values()):
             continue
         blocks = block_directories(workdir / "raw" / split, len(documents), args.block_size)
@@ -142,32 +154,33 @@ def train_tau(args, workdir: Path) -> dict | None:
     """The gate report, or None when --max-minutes stopped it before every candidate was trained."""
     start, last = time.monotonic(), 0.0
     out = workdir / f"tau{args.tau}"
-    votes = candidate_votes(args)
-    select_tau(args, workdir, out, votes)
+    label_sets = [label_set_name(label_set) for label_set in candidate_label_sets(args)]
+    select_tau(args, workdir, out, candidate_label_sets(args))
     gate = dict(budget=args.budget, recency_chunks=args.recency_chunks, sink_chunks=args.sink_chunks)
-    candidates = {f"vote{v}-lr{lr:g}": (v, lr) for v in votes for lr in [float(x) for x in args.lrs.split(",")]}
+    lrs = [float(x) for x in args.lrs.split(",")]
+    candidates = {f"{labels}-lr{lr:g}": (labels, lr) for labels in label_sets for lr in lrs}
     validation = {}
-    for name, (vote, lr) in candidates.items():
+    for name, (labels, lr) in candidates.items():
         trained = is_trained(out / name)
         if not trained and args.max_minutes is not None and time.monotonic() - start + last > 60 * args.max_minutes:
             return None
         began = time.monotonic()
-        indexer = train_candidate(args, out / f"vote{vote}", out / name, lr)
-        validation[name] = gate_metrics(indexer, out / f"vote{vote}" / "validation", **gate)
+        indexer = train_candidate(args, out / labels, out / name, lr)
+        validation[name] = gate_metrics(indexer, out / labels / "validation", **gate)
         if not trained:
             last = time.monotonic() - began
     chosen, meets = choose_candidate(validation)
-    vote, lr = candidates[chosen]
+    chosen_labels, lr = candidates[chosen]
     shutil.rmtree(out / "indexer", ignore_errors=True)
     shutil.copytree(out / chosen, out / "indexer", ignore=shutil.ignore_patterns("checkpoints"))
     indexer = MemoryIndexerModel.from_pretrained(out / "indexer").to(args.device)
-    test = gate_metrics(indexer, out / f"vote{vote}" / "test", **gate)
-    labels = {f"vote{v}": gate_metrics(None, out / f"vote{v}" / "test", **gate) for v in votes}  # chooses nothing
+    test = gate_metrics(indexer, out / chosen_labels / "test", **gate)
+    ceilings = {labels: gate_metrics(None, out / labels / "test", **gate) for labels in label_sets}  # chooses nothing
     report = {
-        "tau": args.tau, "chosen": chosen, "chosen_vote": vote, "chosen_lr": f"{lr:g}",
+        "tau": args.tau, "chosen": chosen, "chosen_labels": chosen_labels, "chosen_lr": f"{lr:g}",
         "chosen_on": "validation", "criterion": CHOICE_RULE,
         "meets_resident_target": meets, "selection_score": selection_score(validation[chosen]),
-        "gate_settings": gate, "validation": validation, "test": test, "labels_on_test": labels,
+        "gate_settings": gate, "validation": validation, "test": test, "labels_on_test": ceilings,
         "documents": {s: getattr(args, f"{s}_docs") for s in SPLITS},
     }
     (out / "gate.json").write_text(json.dumps(report, indent=2))
@@ -193,8 +206,8 @@ def train_candidate(args, data: Path, run_dir: Path, lr: float) -> MemoryIndexer
 def print_gate(report: dict) -> None:
     """The choice, the test split per task, and what each vote's labels would reach as the scores (the ceiling of
     an indexer trained on them)."""
-    meets = "" if report["meets_resident_target"] else " (none met the resident target: the smallest chosen)"
-    print(f"\ntau {report['tau']}: vote {report['chosen_vote']}, lr {report['chosen_lr']} chosen on validation{meets}")
+    meets = "" if report["meets_resident_target"] else " (none met the resident target: the best at the budget)"
+    print(f"\ntau {report['tau']}: {report['chosen_labels']}, lr {report['chosen_lr']} chosen on validation{meets}")
     print("validation, all tasks:")
     for name, metrics in report["validation"].items():
         m = metrics["all"]

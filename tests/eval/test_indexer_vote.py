@@ -1,6 +1,6 @@
-"""examples/train_eval_indexer.py --votes: one dump serves every candidate vote, validation chooses among votes
-and learning rates by the rule gate.py states, and a vote the backbone cannot give is a clear error before any
-work."""
+"""examples/train_eval_indexer.py --votes and --evidence-labels: one dump serves every candidate label set,
+validation chooses among label sets and learning rates by the rule gate.py states, and a vote the backbone cannot
+give is a clear error before any work."""
 
 import json
 import shutil
@@ -12,6 +12,8 @@ import pytest
 
 from fm_transformers.eval import build_eval_backbone, eval_backbone_config
 from fm_transformers.eval.gate import BYTES_TARGET, choose_candidate
+from fm_transformers.eval.label_selection import read_questions
+from fm_transformers.training import LabelShards
 
 SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "train_eval_indexer.py"
 SMALL = ["--device", "cpu", "--length", "320", "--spacing", "128", "--align", "8", "--dump-tau", "4",
@@ -48,11 +50,35 @@ def test_one_dump_trains_every_candidate_vote_and_validation_chooses(backbone, d
     report = json.loads((dumped / "tau8" / "gate.json").read_text())
     assert set(report["validation"]) == {"vote1-lr0.001", "vote3-lr0.001"}
     assert (report["chosen"], report["meets_resident_target"]) == choose_candidate(report["validation"])
-    assert report["chosen"] == f"vote{report['chosen_vote']}-lr{report['chosen_lr']}"
+    assert report["chosen"] == f"{report['chosen_labels']}-lr{report['chosen_lr']}"
     for vote in (1, 3):
         labels = json.loads((dumped / "tau8" / f"vote{vote}" / "train" / "manifest.json").read_text())["labels"]
         assert labels["vote_applied"] == vote and labels["tau"] == 8
-    assert f"vote {report['chosen_vote']}, lr {report['chosen_lr']} chosen on validation" in done.stdout
+    assert f"{report['chosen_labels']}, lr {report['chosen_lr']} chosen on validation" in done.stdout
+
+
+def test_evidence_labels_are_one_more_candidate_marking_each_questions_evidence(backbone, dumped, tmp_path):
+    shutil.copytree(dumped / "raw", tmp_path / "raw")
+    done = run(backbone, tmp_path, *TRAIN, "--votes", "2", "--evidence-labels", "--lrs", "1e-3")
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((tmp_path / "tau8" / "gate.json").read_text())
+    assert set(report["validation"]) == {"vote2-lr0.001", "evidence-lr0.001"}
+    assert set(report["labels_on_test"]) == {"vote2", "evidence"}
+    assert (report["chosen"], report["meets_resident_target"]) == choose_candidate(report["validation"])
+    # as the scores, the evidence labels hold every evidence chunk made at a question and nothing else
+    ceiling = report["labels_on_test"]["evidence"]["all"]
+    assert ceiling["paper_evidence_recall"] == 1.0 and 0.0 < ceiling["paper_resident_fraction"] < 1.0
+    selected = tmp_path / "tau8" / "evidence" / "train"
+    assert json.loads((selected / "manifest.json").read_text())["labels"]["source"] == "evidence"
+    shards, questions = LabelShards(selected), read_questions(selected)
+    for index, document in enumerate(shards.documents):
+        data = shards.load(index)
+        asked = {p: q for q in questions[document.doc_id] for p in q.trigger_positions(8)}
+        indptr, indices = data["labels/indptr"], data["labels/indices"]
+        for row, position in enumerate(data["positions"].tolist()):
+            visible = (position + 1) // shards.compress_rate
+            expected = sorted(c for c in set(asked[position].evidence_chunks(shards.compress_rate)) if c < visible)
+            assert indices[indptr[row] : indptr[row + 1]].tolist() == expected
 
 
 @pytest.mark.parametrize("votes, message", [("0", "--votes must be at least 1"), ("2,8", "--votes 8 asks more CSA"),
@@ -63,8 +89,9 @@ def test_a_vote_the_backbone_cannot_give_is_a_clear_error(backbone, dumped, vote
     assert not (dumped / "tau4").exists()
 
 
-def metrics(resident: float, recall: float) -> dict:
-    task = {f"{selection}_{metric}": recall for selection in ("paper", "budget")
+def metrics(resident: float, recall: float, budget_recall: float | None = None) -> dict:
+    recalls = {"paper": recall, "budget": recall if budget_recall is None else budget_recall}
+    task = {f"{selection}_{metric}": recalls[selection] for selection in recalls
             for metric in ("evidence_recall", "used_recall")}
     return {"all": {**task, "paper_resident_fraction": resident}, "qa_block": task}
 
@@ -72,7 +99,9 @@ def metrics(resident: float, recall: float) -> dict:
 def test_validation_takes_the_best_score_among_candidates_that_meet_the_resident_target():
     candidates = {"dense": metrics(0.9, 0.99), "good": metrics(0.1, 0.8), "sparse": metrics(0.02, 0.4)}
     assert choose_candidate(candidates) == ("good", True)
-    assert choose_candidate({"dense": metrics(0.9, 0.99), "denser": metrics(0.95, 1.0)}) == ("dense", False)
+    # none meets it: the best ranking at the budget, whatever the paper sets' sizes and recalls
+    wide = {"small": metrics(0.2, 0.3, 0.1), "ranks": metrics(0.4, 0.7, 0.3), "recalls": metrics(0.9, 0.99, 0.2)}
+    assert choose_candidate(wide) == ("ranks", False)
     assert choose_candidate({"edge": metrics(BYTES_TARGET, 0.5)}) == ("edge", True)
     with pytest.raises(ValueError, match="no candidate"):
         choose_candidate({})

@@ -10,6 +10,11 @@ made at tau directly (tested), for the cost of one dump for every tau. The vote 
 stores its votes (the most CSA layers that kept a chunk at one token of a window): the labels at vote v are the
 chunks whose most layers over the widened window reach v, equal to a dump made at that vote (tested).
 
+Beside the paper's label sets, one that departs from it (EVIDENCE): at every trigger of a question, the chunks of
+that question's evidence already made there, the chunks its answer copies from. On the paper-layout backbone the
+native picks wander over the filler and the paper's labels hold little of the evidence (docs/evaluation.md), while
+the evidence with a recency tail keeps most answers: these labels teach an indexer that target directly.
+
 The selected set is a normal label directory (manifest, shards) with the questions of its documents beside it
 (QUESTIONS, read by gate.py).
 """
@@ -28,24 +33,26 @@ from ..training.shards import MANIFEST, atomic_write_json, read_header
 from .qa_documents import AskedQuestion
 
 QUESTIONS = "questions.json"
+EVIDENCE = "evidence"  # the label set of each trigger's question evidence, beside the votes (int) and None
+LabelSet = int | str | None
 
 
 def select_labels(
     sources: list[Path], target: Path, questions: dict[str, tuple[AskedQuestion, ...]], tau: int,
-    vote: int | None = None,
+    vote: LabelSet = None,
 ) -> dict:
     """Write to `target` (replacing it) the labels at the question triggers for `tau`, from the raw dumps in
     `sources` (one or more directories of one backbone and label settings), at `vote` CSA layers (None: the
-    dump's own). Returns the manifest."""
+    dump's own; EVIDENCE: the questions' evidence). Returns the manifest."""
     return select_label_sets(sources, {vote: target}, questions, tau)[vote]
 
 
 def select_label_sets(
-    sources: list[Path], targets: dict[int | None, Path], questions: dict[str, tuple[AskedQuestion, ...]], tau: int
-) -> dict[int | None, dict]:
-    """select_labels for several votes in one pass over the dump (each document read and widened once; the
-    votes differ only in their labels): `targets` maps a vote (None: the dump's own) to its directory. Returns
-    the manifests by vote."""
+    sources: list[Path], targets: dict[LabelSet, Path], questions: dict[str, tuple[AskedQuestion, ...]], tau: int
+) -> dict[LabelSet, dict]:
+    """select_labels for several label sets in one pass over the dump (each document read and widened once; the
+    sets differ only in their labels): `targets` maps a vote (None: the dump's own; EVIDENCE: the questions'
+    evidence) to its directory. Returns the manifests by label set."""
     raw = [LabelShards(source) for source in sources]
     first = raw[0]
     for other in raw[1:]:
@@ -56,7 +63,7 @@ def select_label_sets(
     if tau % raw_tau:
         raise ValueError(f"tau {tau} is not a multiple of the dump's tau {raw_tau}: dump at a tau dividing it")
     for vote in targets:
-        if vote is not None:
+        if vote not in (None, EVIDENCE):
             _check_vote(vote, first)
     manifests = {vote: _selected_manifest(first.manifest, tau, vote) for vote in targets}
     writers = {}
@@ -68,8 +75,12 @@ def select_label_sets(
     kept = {}
     for shards in raw:
         for index, document in enumerate(shards.documents):
-            positions = [p for q in questions[document.doc_id] for p in q.trigger_positions(tau)]
-            by_vote = select_triggers(shards.load(index), positions, raw_tau, tau, shards.compress_rate, list(targets))
+            asked = [(p, q) for q in questions[document.doc_id] for p in q.trigger_positions(tau)]
+            positions = [p for p, _ in asked]
+            evidence = [q.evidence_chunks(shards.compress_rate) for _, q in asked]
+            by_vote = select_triggers(
+                shards.load(index), positions, raw_tau, tau, shards.compress_rate, list(targets), evidence
+            )
             for vote, selected in by_vote.items():
                 writers[vote].add(document.doc_id, document.tokens, selected)
                 manifests[vote]["documents"].append(document.doc_id)
@@ -82,10 +93,12 @@ def select_label_sets(
     return manifests
 
 
-def _selected_manifest(raw: dict, tau: int, vote: int | None) -> dict:
+def _selected_manifest(raw: dict, tau: int, vote: LabelSet) -> dict:
     """The manifest of a selected label set, before its documents are written."""
     labels = {**raw["labels"], "tau": tau}
-    if vote is not None:
+    if vote == EVIDENCE:
+        labels.update(source=EVIDENCE, vote=None, vote_applied=None)
+    elif vote is not None:
         labels.update(vote=vote, vote_applied=vote)
     return {
         **{key: value for key, value in raw.items() if key not in ("shards", "documents")},
@@ -120,11 +133,13 @@ def _check_vote(vote: int, shards: LabelShards) -> None:
 
 
 def select_triggers(
-    data: dict, positions: list[int], raw_tau: int, tau: int, compress_rate: int, votes: list[int | None]
-) -> dict[int | None, dict]:
+    data: dict, positions: list[int], raw_tau: int, tau: int, compress_rate: int, votes: list[LabelSet],
+    evidence: list[list[int]] | None = None,
+) -> dict[LabelSet, dict]:
     """One document's tensors (LabelShards.load) at the triggers `positions`, each widened to a window of tau,
-    once per vote: at vote v the labels are the chunks the dump's votes hold in at least v layers (None: the
-    dump's own labels). Everything but the labels is the same tensors for every vote."""
+    once per label set: at vote v the labels are the chunks the dump's votes hold in at least v layers (None: the
+    dump's own labels; EVIDENCE: `evidence[i]`, the chunks of trigger i's question evidence, cut to those made at
+    the trigger). Everything but the labels is the same tensors for every label set."""
     row_of = {position: row for row, position in enumerate(data["positions"].tolist())}
     steps = range(0, tau, raw_tau)
     missing = [p + step for p in positions for step in steps if p + step not in row_of]
@@ -138,12 +153,32 @@ def select_triggers(
             shared[name] = tensor[rows] if name.startswith("hidden/") else tensor
     groups = [[row_of[p + step] for step in steps] for p in positions]
     shared.update(_union_rows(data, "used", groups, limits))
-    voting = any(vote is not None for vote in votes)
+    voting = any(vote not in (None, EVIDENCE) for vote in votes)
     widened = _union_rows(data, "votes", groups, limits, reduce="max") if voting else None
-    return {
-        vote: {**shared, **(_union_rows(data, "labels", groups, limits) if vote is None else _at_least(widened, vote))}
-        for vote in votes
-    }
+
+    def labels(vote: LabelSet) -> dict:
+        if vote is None:
+            return _union_rows(data, "labels", groups, limits)
+        if vote == EVIDENCE:
+            if evidence is None or len(evidence) != len(positions):
+                raise ValueError("evidence labels need each trigger's evidence chunks")
+            return _chunk_rows([[c for c in chunks if c < limit] for chunks, limit in zip(evidence, limits.tolist())])
+        return _at_least(widened, vote)
+
+    return {vote: {**shared, **labels(vote)} for vote in votes}
+
+
+def _chunk_rows(rows: list[list[int]]) -> dict:
+    """Labels CSR of the given chunk lists (each sorted, duplicates dropped)."""
+    unique = [sorted(set(row)) for row in rows]
+    indices = torch.tensor([chunk for row in unique for chunk in row], dtype=torch.long)
+    lengths = torch.tensor([len(row) for row in unique], dtype=torch.long)
+    return {"labels/indptr": _indptr(lengths), "labels/indices": indices}
+
+
+def _indptr(lengths: torch.Tensor) -> torch.Tensor:
+    """CSR row pointers of rows of these lengths."""
+    return torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
 
 
 def _at_least(votes: dict, vote: int) -> dict:
@@ -151,8 +186,7 @@ def _at_least(votes: dict, vote: int) -> dict:
     kept = votes["votes/counts"] >= vote
     rows = torch.repeat_interleave(torch.arange(votes["votes/indptr"].numel() - 1), torch.diff(votes["votes/indptr"]))
     lengths = torch.bincount(rows[kept], minlength=votes["votes/indptr"].numel() - 1)
-    indptr = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
-    return {"labels/indptr": indptr, "labels/indices": votes["votes/indices"][kept]}
+    return {"labels/indptr": _indptr(lengths), "labels/indices": votes["votes/indices"][kept]}
 
 
 def _union_rows(data: dict, kind: str, groups: list[list[int]], limits: torch.Tensor, reduce: str = "sum") -> dict:
@@ -173,7 +207,7 @@ def _union_rows(data: dict, kind: str, groups: list[list[int]], limits: torch.Te
         out_counts.append(reduce_groups(weights[keep], inverse, unique.numel(), reduce))
         lengths.append(unique.numel())
     result = {
-        f"{kind}/indptr": torch.cat([torch.zeros(1, dtype=torch.long), torch.tensor(lengths, dtype=torch.long).cumsum(0)]),
+        f"{kind}/indptr": _indptr(torch.tensor(lengths, dtype=torch.long)),
         f"{kind}/indices": torch.cat(out_indices) if out_indices else indices[:0],
     }
     if counts is not None:
