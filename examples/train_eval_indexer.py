@@ -9,14 +9,14 @@ dump: question documents (a question every ~320 tokens, answered in place; fm_tr
 three splits, labelled by the frozen backbone every --dump-tau tokens in blocks (dump_blocks.py). With
 --max-minutes it stops between blocks and exits with status 75: the same command goes on.
 train: for --tau, the triggers that carry meaning (each question's end, every tau steps of each answer) and their
-labels, widened from the dump's tau at each candidate vote (label_selection.py); one indexer per candidate vote and
-learning rate on the three target layers, trained with fm_transformers.training; the one validation prefers
-(gate.choose_candidate: among those whose resident set at threshold 0.5 holds at most 15% of the chunks, the best
-gate score; if none does, the best ranking at the budget) is kept in WORKDIR/tau<TAU>/indexer and gated on the test
-split (gate.py), beside what each candidate label set reaches as the scores (the ceiling of an indexer trained on
-it; it chooses nothing). Written:
-WORKDIR/tau<TAU>/gate.json. With --max-minutes it starts no candidate once the last one's time would not fit
-and exits with status 75: the same command goes on (selected labels and trained candidates are kept).
+labels, widened from the dump's tau, in each candidate label set (label_selection.py); one indexer per candidate
+label set and learning rate on the three target layers, trained with fm_transformers.training; the one validation
+prefers (gate.choose_candidate: among those whose resident set at threshold 0.5 holds at most 15% of the chunks,
+the best gate score; if none does, the best ranking at the budget) is kept in WORKDIR/tau<TAU>/indexer and gated on
+the test split (gate.py), beside what each candidate label set reaches as the scores (the ceiling of an indexer
+trained on it; it chooses nothing). Written: WORKDIR/tau<TAU>/gate.json. With --max-minutes it starts no
+candidate once the last one's time would not fit and exits with status 75: the same command goes on (selected
+labels and trained candidates are kept).
 
 Labels follow the paper's recipe (nucleus 0.6 of the native top-k, lookahead union over tau) with the vote scaled
 to the backbone's CSA layers (3 of 21 -> 1 of 7) unless --votes lists candidates: with the paper-layout backbone
@@ -154,8 +154,9 @@ def train_tau(args, workdir: Path) -> dict | None:
     """The gate report, or None when --max-minutes stopped it before every candidate was trained."""
     start, last = time.monotonic(), 0.0
     out = workdir / f"tau{args.tau}"
-    label_sets = [label_set_name(label_set) for label_set in candidate_label_sets(args)]
-    select_tau(args, workdir, out, candidate_label_sets(args))
+    candidates_labels = candidate_label_sets(args)
+    select_tau(args, workdir, out, candidates_labels)
+    label_sets = [label_set_name(label_set) for label_set in candidates_labels]
     gate = dict(budget=args.budget, recency_chunks=args.recency_chunks, sink_chunks=args.sink_chunks)
     lrs = [float(x) for x in args.lrs.split(",")]
     candidates = {f"{labels}-lr{lr:g}": (labels, lr) for labels in label_sets for lr in lrs}
