@@ -33,7 +33,7 @@ from fm_transformers.eval.catalog import TASK_SETS, evaluation_examples
 from fm_transformers.eval.comparison import run_comparison
 from fm_transformers.eval.methods import RowSettings, paper_rows
 from fm_transformers.eval.paper_layout import check_paper_layout
-from fm_transformers.eval.summary import format_table, format_tasks, join_records, summarize
+from fm_transformers.eval.summary import format_lead, format_table, format_tasks, join_records, summarize
 from fm_transformers.eval.tuning import tune
 
 # Fields of a run that must agree for parts to be joined.
@@ -205,6 +205,8 @@ def main() -> None:
     print(format_table(result["summary"]))
     print()
     print(format_tasks(result["summary"]))
+    print()
+    print(format_lead(result["summary"]))
     if args.plot:
         plot(result["summary"], args.plot)
 

@@ -3,7 +3,7 @@ against full, in the table and in the choice of tuned settings."""
 
 import pytest
 
-from fm_transformers.eval.summary import format_table, format_tasks, mean_over_tasks, summarize_row
+from fm_transformers.eval.summary import format_lead, format_table, format_tasks, mean_over_tasks, summarize, summarize_row
 from fm_transformers.eval.tasks import tokens_right
 from fm_transformers.eval.tuning import best_setting
 
@@ -44,6 +44,20 @@ def test_the_table_prints_both_accuracies():
     assert "tok %" in table[0] and "tokens vs full" in table[0]
     assert "|  87.5 |" in table[2] and "|  62.5 |" in table[3] and "-25.0" in table[3]
     assert format_tasks({"2048": entries}).splitlines()[1].endswith("a  50.0 ( 62.5)")
+
+
+def test_lsas_lead_over_each_matched_row_is_paired_example_by_example():
+    full = [record("a", 4), record("a", 4), record("b", 4), record("b", 4)]
+    lsa = [record("a", 4), record("a", 2), record("b", 3), record("b", 1)]
+    recency = [record("a", 2), record("a", 2), record("b", 3), record("b", 0)]
+    rows = {"full": full, "lsa": lsa, "recency (matched)": recency, "lsa (budget)": recency}
+    summary = summarize({"2048": rows}, samples=500)["2048"]
+    assert "lsa_lead" not in summary["lsa (budget)"] and "lsa_lead" not in summary["lsa"]
+    lead = summary["recency (matched)"]["lsa_lead"]
+    assert lead["exact"]["difference"] == pytest.approx(0.25)  # a: 0.5 - 0, b: 0 - 0
+    assert lead["tokens"]["difference"] == pytest.approx(0.1875)  # a: 0.75 - 0.5, b: 0.5 - 0.375
+    assert lead["tokens"]["low"] <= 0.1875 <= lead["tokens"]["high"]
+    assert format_lead({"2048": summary}).splitlines()[1].split("|")[2].strip().startswith("+25.0")
 
 
 def test_tuning_prefers_exact_match_then_token_accuracy_then_the_smaller_setting():

@@ -5,6 +5,9 @@ Two accuracies, each with its interval: exact match (the whole answer right) and
 answer tokens written at their place). A 26-question block or a 26-hop chain fails its exact match on one wrong
 token, so where the full cache itself rarely answers whole, token accuracy is what still tells rows apart.
 
+The matched rows (recency and random at LSA's bytes) also get the interval of LSA's lead over them, paired
+example by example: what the issue's "at least 20 points below LSA" is read from.
+
 A run's records are {length: {row: [record, ...]}}, each record naming its task and its example index (the
 example's place among that task's examples of that length and seed). Parts of one comparison (other lengths,
 tasks or example ranges, same settings) join into one set of records; an example found twice is an error.
@@ -15,6 +18,8 @@ from collections import defaultdict
 from .statistics import paired_bootstrap
 
 REFERENCE = "full"
+LSA = "lsa"
+MATCHED = ("recency (matched)", "random (matched)")
 
 
 def join_records(parts: list[dict]) -> dict:
@@ -99,10 +104,22 @@ def summarize_row(records: list[dict], reference: list[dict], samples: int = 200
 
 
 def summarize(records: dict, samples: int = 2000, seed: int = 0) -> dict:
-    """{length: {row: summarize_row(...)}} against the "full" row of the same length."""
+    """{length: {row: summarize_row(...)}} against the "full" row of the same length; each matched row with
+    "lsa_lead" besides."""
+    summary = {}
+    for length, rows in records.items():
+        summary[length] = {row: summarize_row(found, rows[REFERENCE], samples, seed) for row, found in rows.items()}
+        for row in MATCHED:
+            if row in rows and LSA in rows:
+                summary[length][row]["lsa_lead"] = lsa_lead(rows[LSA], rows[row], samples, seed)
+    return summary
+
+
+def lsa_lead(lsa: list[dict], matched: list[dict], samples: int = 2000, seed: int = 0) -> dict:
+    """{"exact", "tokens"}: the paired bootstrap of LSA's accuracy minus a matched row's (positive: LSA ahead)."""
     return {
-        length: {row: summarize_row(found, rows[REFERENCE], samples, seed) for row, found in rows.items()}
-        for length, rows in records.items()
+        "exact": paired_bootstrap(_by_task(lsa), _by_task(matched), samples, seed=seed),
+        "tokens": paired_bootstrap(_by_task(lsa, "tokens"), _by_task(matched, "tokens"), samples, seed=seed),
     }
 
 
@@ -135,6 +152,17 @@ def format_table(summary: dict) -> str:
                 f"{_cell(entry['csa_device_ratio'], digits=3):>8} | {_cell(entry['triggers']):>8} | "
                 f"{_cell(entry['chunks_fetched']):>8} | {peaks:>23} | {_cell(entry['host_syncs_per_token'], digits=2):>9}"
             )
+    return "\n".join(lines)
+
+
+def format_lead(summary: dict) -> str:
+    """LSA's lead over each matched row in exact match and token accuracy, points with 95% intervals."""
+    lines = [f"{'length':>6} | {'LSA minus':<20} | {'exact match (95% CI)':<26} | {'tokens right (95% CI)':<26}"]
+    for length, rows in summary.items():
+        for row, entry in rows.items():
+            if "lsa_lead" in entry:
+                lead = entry["lsa_lead"]
+                lines.append(f"{length:>6} | {row:<20} | {_versus(lead['exact']):<26} | {_versus(lead['tokens']):<26}")
     return "\n".join(lines)
 
 
