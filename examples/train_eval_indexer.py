@@ -154,9 +154,9 @@ def train_tau(args, workdir: Path) -> dict | None:
     """The gate report, or None when --max-minutes stopped it before every candidate was trained."""
     start, last = time.monotonic(), 0.0
     out = workdir / f"tau{args.tau}"
-    candidates_labels = candidate_label_sets(args)
-    select_tau(args, workdir, out, candidates_labels)
-    label_sets = [label_set_name(label_set) for label_set in candidates_labels]
+    wanted = candidate_label_sets(args)
+    select_tau(args, workdir, out, wanted)
+    label_sets = [label_set_name(label_set) for label_set in wanted]
     gate = dict(budget=args.budget, recency_chunks=args.recency_chunks, sink_chunks=args.sink_chunks)
     lrs = [float(x) for x in args.lrs.split(",")]
     candidates = {f"{labels}-lr{lr:g}": (labels, lr) for labels in label_sets for lr in lrs}
@@ -205,8 +205,8 @@ def train_candidate(args, data: Path, run_dir: Path, lr: float) -> MemoryIndexer
 
 
 def print_gate(report: dict) -> None:
-    """The choice, the test split per task, and what each vote's labels would reach as the scores (the ceiling of
-    an indexer trained on them)."""
+    """The choice, the test split per task, and what each candidate label set would reach as the scores (the
+    ceiling of an indexer trained on it)."""
     meets = "" if report["meets_resident_target"] else " (none met the resident target: the best at the budget)"
     print(f"\ntau {report['tau']}: {report['chosen_labels']}, lr {report['chosen_lr']} chosen on validation{meets}")
     print("validation, all tasks:")
