@@ -77,7 +77,7 @@ def select_label_sets(
         for index, document in enumerate(shards.documents):
             asked = [(p, q) for q in questions[document.doc_id] for p in q.trigger_positions(tau)]
             positions = [p for p, _ in asked]
-            evidence = [q.evidence_chunks(shards.compress_rate) for _, q in asked]
+            evidence = [q.evidence_chunks(shards.compress_rate) for _, q in asked] if EVIDENCE in targets else None
             by_vote = select_triggers(
                 shards.load(index), positions, raw_tau, tau, shards.compress_rate, list(targets), evidence
             )

@@ -76,8 +76,7 @@ def summarize_row(records: list[dict], reference: list[dict], samples: int = 200
     of each's difference to the reference (None for the reference itself), and the mean costs per generation."""
     tasks, token_tasks = _by_task(records), _by_task(records, "tokens")
     accuracy, token_accuracy = _means(tasks), _means(token_tasks)
-    itself = records is reference
-    tokens_vs_full = None if itself else paired_bootstrap(token_tasks, _by_task(reference, "tokens"), samples, seed=seed)
+    versus = None if records is reference else paired_differences(records, reference, samples, seed)
     full_bytes = _mean(reference, "csa_device_bytes")
     device_bytes = _mean(records, "csa_device_bytes")
     tokens = _mean(records, "tokens")
@@ -86,10 +85,10 @@ def summarize_row(records: list[dict], reference: list[dict], samples: int = 200
         "examples": len(records),
         "accuracy": accuracy,
         "mean_accuracy": _over_tasks(accuracy),
-        "vs_full": None if itself else paired_bootstrap(tasks, _by_task(reference), samples, seed=seed),
+        "vs_full": None if versus is None else versus["exact"],
         "token_accuracy": token_accuracy,
         "mean_token_accuracy": _over_tasks(token_accuracy),
-        "tokens_vs_full": tokens_vs_full,
+        "tokens_vs_full": None if versus is None else versus["tokens"],
         "csa_device_bytes": device_bytes,
         "csa_device_ratio": device_bytes / full_bytes if full_bytes else None,
         "triggers": _mean(records, "triggers"),
@@ -111,15 +110,16 @@ def summarize(records: dict, samples: int = 2000, seed: int = 0) -> dict:
         summary[length] = {row: summarize_row(found, rows[REFERENCE], samples, seed) for row, found in rows.items()}
         for row in MATCHED:
             if row in rows and LSA in rows:
-                summary[length][row]["lsa_lead"] = lsa_lead(rows[LSA], rows[row], samples, seed)
+                summary[length][row]["lsa_lead"] = paired_differences(rows[LSA], rows[row], samples, seed)
     return summary
 
 
-def lsa_lead(lsa: list[dict], matched: list[dict], samples: int = 2000, seed: int = 0) -> dict:
-    """{"exact", "tokens"}: the paired bootstrap of LSA's accuracy minus a matched row's (positive: LSA ahead)."""
+def paired_differences(records: list[dict], reference: list[dict], samples: int = 2000, seed: int = 0) -> dict:
+    """{"exact", "tokens"}: the paired bootstrap of a row's exact match and token accuracy minus the reference's
+    (against full: vs_full and tokens_vs_full; LSA against a matched row: lsa_lead)."""
     return {
-        "exact": paired_bootstrap(_by_task(lsa), _by_task(matched), samples, seed=seed),
-        "tokens": paired_bootstrap(_by_task(lsa, "tokens"), _by_task(matched, "tokens"), samples, seed=seed),
+        "exact": paired_bootstrap(_by_task(records), _by_task(reference), samples, seed=seed),
+        "tokens": paired_bootstrap(_by_task(records, "tokens"), _by_task(reference, "tokens"), samples, seed=seed),
     }
 
 
