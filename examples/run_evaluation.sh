@@ -75,7 +75,8 @@ else
     backbone_flags=(--size paper --min-length 1024 --max-length 2048 --steps 500 --dense-steps 0 --ramp-steps 0
                     --lr 5e-4 --tokens-per-step 16384 --eval-lengths 2048 --eval-examples 20 --sliding-window 128
                     --restricted-share 0.75 --restricted-random 0.2 --extra-tasks long_needle,qa_block,long_chain)
-    data_flags=(--length 2048 --train-docs 5000 --validation-docs 300 --test-docs 300 --dump-tau 16)
+    data_flags=(--length 2048 --train-docs 5000 --validation-docs 300 --test-docs 300 --dump-tau 16
+                --dump-batch-size 32)
     indexer_flags=(--steps 3000 --batch-size 256 --num-heads 16 --rank 256 --lrs 1e-3,3e-3 --votes 1,2,3
                    --evidence-labels)
     compare_flags=(--batch-size 50)  # a part's 50 examples in one batch: one generate per row and part, not two

@@ -75,6 +75,12 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--block-size", type=int, default=250, help="documents per dump block")
     parser.add_argument(
+        "--dump-batch-size",
+        type=int,
+        default=1,
+        help="documents per forward of the dump: one is bound by kernel launches on a GPU (the recipe: 32)",
+    )
+    parser.add_argument(
         "--max-minutes", type=float, default=None,
         help="dump: start no block after this; train: start no candidate whose predecessor's time would not fit",
     )
@@ -108,7 +114,10 @@ def dump(args, workdir: Path) -> bool:
     backbone = AutoModelForCausalLM.from_pretrained(args.backbone, dtype=dtype).to(args.device).eval()
     vote = scaled_vote(len(csa_layers(backbone.config)))  # the dump's own labels; its votes serve any other
     labels = LabelConfig(tau=args.dump_tau, warmup=question_trigger_warmup(args.length, args.dump_tau), vote=vote)
-    config = DumpConfig(target_layers=tuple(default_target_layers(backbone.config)), labels=labels, chunk_size=512)
+    config = DumpConfig(
+        target_layers=tuple(default_target_layers(backbone.config)), labels=labels, chunk_size=1024,
+        batch_size=args.dump_batch_size,
+    )
     for split in SPLITS:
         documents = [document for document, _ in split_documents(args, split)]
         out = workdir / "raw" / split

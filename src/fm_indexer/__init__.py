@@ -91,6 +91,9 @@ def _add_dump(commands) -> None:
     parser.add_argument("--vote", type=int, default=3, help="CSA layers a chunk must survive in to be golden")
     parser.add_argument("--warmup", type=int, default=None, help="first trigger step (default: sliding window)")
     parser.add_argument("--chunk-size", type=int, default=1024, help="tokens per forward pass")
+    parser.add_argument(
+        "--batch-size", type=int, default=1, help="documents per forward pass (memory grows with it; small models gain)"
+    )
     parser.add_argument("--docs-per-shard", type=int, default=16, help="documents per safetensors shard")
     parser.add_argument(
         "--max-tokens", type=int, default=None, help="truncate documents to this many tokens (default: whole documents)"

@@ -7,6 +7,7 @@ import pytest
 import torch
 from training_helpers import DOC_TOKENS, TARGET_LAYERS, TAU, as_documents, dump_config
 
+from fm_transformers.document import Document
 from fm_transformers.tiny import tiny_deepseek_v4
 from fm_transformers.training import dump as dump_module
 from fm_transformers.training.dump import dump_labels
@@ -170,7 +171,7 @@ def test_an_interrupted_dump_resumes_to_the_same_result(backbone, tmp_path, monk
     config = dump_config(docs_per_shard=1)
     dump_labels(backbone, documents, tmp_path / "whole", config, "tiny")
 
-    real = dump_module.label_document
+    real = dump_module.label_documents
     calls = []
 
     def failing(*args, **kwargs):
@@ -179,14 +180,14 @@ def test_an_interrupted_dump_resumes_to_the_same_result(backbone, tmp_path, monk
             raise RuntimeError("simulated crash")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(dump_module, "label_document", failing)
+    monkeypatch.setattr(dump_module, "label_documents", failing)
     with pytest.raises(RuntimeError, match="simulated crash"):
         dump_labels(backbone, documents, tmp_path / "resumed", config, "tiny")
     partial = LabelShards(tmp_path / "resumed")
     assert partial.manifest["complete"] is False and len(partial.documents) == 2
     assert not list((tmp_path / "resumed").glob("*.tmp"))
 
-    monkeypatch.setattr(dump_module, "label_document", real)
+    monkeypatch.setattr(dump_module, "label_documents", real)
     dump_labels(backbone, documents, tmp_path / "resumed", config, "tiny")
     whole, resumed = LabelShards(tmp_path / "whole"), LabelShards(tmp_path / "resumed")
     assert resumed.manifest["complete"] is True
@@ -194,6 +195,27 @@ def test_an_interrupted_dump_resumes_to_the_same_result(backbone, tmp_path, monk
         first, second = whole.load(index), resumed.load(index)
         assert first.keys() == second.keys()
         assert all(torch.equal(first[name], second[name]) for name in first)
+
+
+def test_documents_of_several_lengths_in_one_batch_are_labelled_as_one_at_a_time(backbone, tmp_path):
+    """Right-padding a batch must change no document's labels, hidden states or keys: the shorter documents
+    (lengths 300, 317, 320, 333) see only their own tokens, and nothing of the padding is written."""
+    documents = [
+        Document(f"doc{index}", record["input_ids"][:length])
+        for index, (record, length) in enumerate(zip(needle_documents(4, 333, seed=5), (333, 300, 317, 320)))
+    ]
+    dump_labels(backbone, documents, tmp_path / "single", dump_config(chunk_size=96, batch_size=1), "tiny")
+    dump_labels(backbone, documents, tmp_path / "batched", dump_config(chunk_size=96, batch_size=3), "tiny")
+    single, batched = LabelShards(tmp_path / "single"), LabelShards(tmp_path / "batched")
+    for index in range(len(documents)):
+        alone, together = single.load(index), batched.load(index)
+        assert alone.keys() == together.keys()
+        assert alone["keys/4"].shape[0] == len(documents[index].input_ids) // RATE
+        for name in alone:
+            if name.startswith(("hidden/", "keys/")):
+                torch.testing.assert_close(together[name], alone[name], rtol=1e-5, atol=1e-5)
+            else:
+                assert torch.equal(together[name], alone[name]), (index, name)
 
 
 def test_a_backbone_with_fewer_csa_layers_than_the_vote_clamps_it(tmp_path, caplog):

@@ -96,7 +96,7 @@ def test_an_interrupted_dump_of_cut_documents_resumes_to_the_same_files(backbone
     documents = as_documents(needle_documents(3, 160, seed=3))
     config = dump_config(shard_bytes=6_000)
     dump_labels(backbone, documents, tmp_path / "whole", config, "tiny")
-    real, calls = dump_module.label_document, []
+    real, calls = dump_module.label_documents, []
 
     def failing(*args, **kwargs):
         calls.append(1)
@@ -104,11 +104,11 @@ def test_an_interrupted_dump_of_cut_documents_resumes_to_the_same_files(backbone
             raise RuntimeError("simulated crash")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(dump_module, "label_document", failing)
+    monkeypatch.setattr(dump_module, "label_documents", failing)
     with pytest.raises(RuntimeError, match="simulated crash"):
         dump_labels(backbone, documents, tmp_path / "resumed", config, "tiny")
     assert len(LabelShards(tmp_path / "resumed").documents) == 2
-    monkeypatch.setattr(dump_module, "label_document", real)
+    monkeypatch.setattr(dump_module, "label_documents", real)
     dump_labels(backbone, documents, tmp_path / "resumed", config, "tiny")
     whole = json.loads((tmp_path / "whole" / MANIFEST).read_text())
     resumed = json.loads((tmp_path / "resumed" / MANIFEST).read_text())

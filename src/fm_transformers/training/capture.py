@@ -1,7 +1,7 @@
 """Hooks that read what the label dump needs out of a stock DeepSeek-V4 forward, without changing it.
 
-Per forward call (one chunk of a document) they collect:
-- the hidden state entering each target layer's attention (after input_layernorm), at the trigger positions only;
+Per forward call (one chunk of a batch of documents, right-padded to one length) they collect, per document:
+- the hidden state entering each target layer's attention (after input_layernorm), at its trigger positions only;
 - for every CSA layer, the native indexer's nucleus over its top-k (from `DeepseekV4IndexerScorer`'s scores,
   which come before the causal mask) and the top-k it actually handed to the attention (`DeepseekV4Indexer`'s
   output). The (chunk tokens x history) score matrix is reduced to (chunk tokens x k) inside the hook and
@@ -20,14 +20,14 @@ from .labels import nucleus_top_k
 
 @dataclass
 class ForwardCapture:
-    """What one forward (one chunk of a document) left behind.
+    """What one forward (one chunk of a batch of documents) left behind; every document shares the positions.
 
-    hidden: layer -> (triggers in the chunk, hidden); positions: (chunk tokens,);
-    nucleus_sets: CSA layer -> (indices, keep), each (chunk tokens, k);
-    used: CSA layer -> (chunk tokens, k) native top-k as handed to the attention, -1 for empty slots.
+    hidden: layer -> per document, (its triggers in the chunk, hidden); positions: (chunk tokens,);
+    nucleus_sets: CSA layer -> (indices, keep), each (documents, chunk tokens, k);
+    used: CSA layer -> (documents, chunk tokens, k) native top-k as handed to the attention, -1 for empty slots.
     """
 
-    hidden: dict[int, torch.Tensor] = field(default_factory=dict)
+    hidden: dict[int, list[torch.Tensor]] = field(default_factory=dict)
     positions: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
     nucleus_sets: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     used: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -37,7 +37,8 @@ class IndexerCapture:
     """Context manager: registers the hooks on enter, removes them on exit (even on error).
 
     After each forward, `take()` returns what that forward produced and starts an empty capture for the next.
-    `triggers` (1-D positions) selects which hidden states are kept; set it before the forward.
+    `triggers` (one 1-D tensor of positions per document of the batch) selects which hidden states are kept; set
+    it before the forward.
     """
 
     def __init__(self, model, target_layers: list[int], nucleus: float):
@@ -48,7 +49,7 @@ class IndexerCapture:
         self.top_k = config.index_topk
         self.compress_rate = csa_compress_rate(config)
         self.nucleus = nucleus
-        self.triggers = torch.zeros(0, dtype=torch.long)
+        self.triggers: list[torch.Tensor] = []
         self._handles = []
         self._scores: dict[int, torch.Tensor] = {}
         self._current = ForwardCapture()
@@ -78,10 +79,12 @@ class IndexerCapture:
 
     def _hidden_hook(self, layer: int):
         def hook(module, args, kwargs):
-            hidden_states = args[0] if args else kwargs["hidden_states"]  # (1, chunk tokens, hidden)
+            hidden_states = args[0] if args else kwargs["hidden_states"]  # (documents, chunk tokens, hidden)
             positions = kwargs["position_ids"][0].cpu()
-            rows = torch.isin(positions, self.triggers).nonzero().flatten()
-            self._current.hidden[layer] = hidden_states[0, rows.to(hidden_states.device)].detach().cpu()
+            kept = [torch.isin(positions, triggers).nonzero().flatten() for triggers in self.triggers]
+            document = torch.cat([torch.full_like(rows, index) for index, rows in enumerate(kept)])
+            states = hidden_states[document.to(hidden_states.device), torch.cat(kept).to(hidden_states.device)]
+            self._current.hidden[layer] = list(states.detach().cpu().split([rows.numel() for rows in kept]))
 
         return hook
 
@@ -93,11 +96,16 @@ class IndexerCapture:
 
     def _indexer_hook(self, layer: int):
         def hook(module, args, output):
-            positions = args[2][0]  # (chunk tokens,)
-            scores = self._scores.pop(layer)[0]
-            indices, keep = nucleus_top_k(scores, positions, self.top_k, self.compress_rate, self.nucleus)
-            self._current.nucleus_sets[layer] = (indices.cpu(), keep.cpu())
-            self._current.used[layer] = output[0].detach().cpu()
+            positions = args[2][0]  # (chunk tokens,), the same for every document
+            scores = self._scores.pop(layer)  # (documents, chunk tokens, chunks)
+            documents, tokens, chunks = scores.shape
+            flat = nucleus_top_k(
+                scores.reshape(documents * tokens, chunks), positions.repeat(documents), self.top_k,
+                self.compress_rate, self.nucleus,
+            )
+            indices, keep = (tensor.reshape(documents, tokens, -1).cpu() for tensor in flat)
+            self._current.nucleus_sets[layer] = (indices, keep)
+            self._current.used[layer] = output.detach().cpu()
             self._current.positions = positions.cpu()
 
         return hook

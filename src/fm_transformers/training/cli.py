@@ -35,6 +35,7 @@ def run_dump_labels(args) -> None:
         target_layers=tuple(args.layers or default_target_layers(model.config)),
         labels=LabelConfig(tau=args.tau, nucleus=args.nucleus, vote=args.vote, warmup=args.warmup),
         chunk_size=args.chunk_size,
+        batch_size=args.batch_size,
         docs_per_shard=args.docs_per_shard,
     )
     documents = read_jsonl(args.documents, tokenizer, args.max_tokens)

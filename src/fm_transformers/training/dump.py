@@ -1,8 +1,10 @@
 """The label dump: a frozen DeepSeek-V4 over documents, teacher-forced, into label shards (see shards.py).
 
-Each document is prefilled through the stock model chunk by chunk with a DynamicCache, exactly as a long prompt
-would be; the hooks of capture.py turn every chunk's native indexer scores into per-token nuclei on the spot,
-so memory is bounded by one chunk (chunk tokens x history), never by the document (tokens x history).
+Documents are prefilled through the stock model chunk by chunk with a DynamicCache, exactly as a long prompt
+would be, `batch_size` documents per forward (right-padded to the longest: causal attention keeps the padding out
+of every real token, and nothing past a document's own length is read back); the hooks of capture.py turn every
+chunk's native indexer scores into per-token nuclei on the spot, so memory is bounded by one chunk (documents x
+chunk tokens x history), never by the document (tokens x history).
 Shards have a bounded size whatever the document lengths (shard_writer.py). The dump is resumable: documents
 already listed in the manifest are skipped when the same command runs again.
 """
@@ -17,7 +19,7 @@ from transformers import DynamicCache
 
 from ..document import Document
 from ..layout import csa_compress_rate
-from .capture import IndexerCapture
+from .capture import ForwardCapture, IndexerCapture
 from .labels import LabelConfig, LookaheadUnion, effective_vote, layer_votes, picked_pairs, trigger_positions
 from .shard_writer import ShardWriter
 from .shards import FORMAT, MANIFEST, VERSION, atomic_write_json, backbone_identity, read_manifest
@@ -29,6 +31,8 @@ logger = logging.getLogger(__name__)
 class DumpConfig:
     """target_layers: the CSA layers whose hidden states and keys are stored (the memory indexer's layers).
     chunk_size: tokens per forward; the backbone's own peak memory grows with chunk_size x history.
+    batch_size: documents per forward; a small backbone is bound by kernel launches, not arithmetic, at one
+    document, and its peak memory grows with batch_size x chunk_size x history.
     shard_bytes, docs_per_shard: a shard file holds at most this many bytes and documents; a longer document is
     cut into parts over several files (shard_writer.py).
     """
@@ -36,15 +40,15 @@ class DumpConfig:
     target_layers: tuple[int, ...]
     labels: LabelConfig = field(default_factory=LabelConfig)
     chunk_size: int = 1024
+    batch_size: int = 1
     docs_per_shard: int = 16
     shard_bytes: int = 256 * 2**20
 
     def __post_init__(self):
-        if self.chunk_size < 1 or self.docs_per_shard < 1 or self.shard_bytes < 1:
-            raise ValueError(
-                f"chunk_size, docs_per_shard and shard_bytes must be positive, got {self.chunk_size}, "
-                f"{self.docs_per_shard} and {self.shard_bytes}"
-            )
+        sizes = {name: getattr(self, name) for name in ("chunk_size", "batch_size", "docs_per_shard", "shard_bytes")}
+        wrong = {name: value for name, value in sizes.items() if value < 1}
+        if wrong:
+            raise ValueError(f"{', '.join(wrong)} must be positive, got {', '.join(map(str, wrong.values()))}")
 
 
 def dump_labels(
@@ -69,9 +73,12 @@ def dump_labels(
         IndexerCapture(model, settings["target_layers"], config.labels.nucleus) as capture,
         tqdm(total=sum(len(document.input_ids) for document in todo), unit="tok", desc="dump-labels") as progress,
     ):
-        for document in todo:
-            tensors = label_document(model, capture, document.input_ids, settings, config.chunk_size, progress)
-            writer.add(document.doc_id, len(document.input_ids), tensors)
+        for first in range(0, len(todo), config.batch_size):
+            batch = todo[first : first + config.batch_size]
+            inputs = [document.input_ids for document in batch]
+            labelled = label_documents(model, capture, inputs, settings, config.chunk_size, progress)
+            for document, tensors in zip(batch, labelled, strict=True):
+                writer.add(document.doc_id, len(document.input_ids), tensors)
         writer.close()
     manifest["complete"] = True
     atomic_write_json(output_dir / MANIFEST, manifest)
@@ -134,45 +141,75 @@ def _start_manifest(output_dir: Path, identity: dict, settings: dict) -> dict:
 
 
 @torch.inference_mode()
-def label_document(model, capture: IndexerCapture, input_ids: list[int], settings: dict, chunk_size: int, progress):
-    """The stored tensors of one document (names as in shards.py, without the document prefix)."""
-    labels = settings["labels"]
-    compress_rate = csa_compress_rate(model.config)
-    triggers = trigger_positions(len(input_ids), labels["warmup"], labels["tau"])
-    golden = LookaheadUnion(triggers, labels["tau"], compress_rate)
-    used = LookaheadUnion(triggers, labels["tau"], compress_rate)
-    votes = LookaheadUnion(triggers, labels["tau"], compress_rate, reduce="max")
-    hidden = {layer: [] for layer in settings["target_layers"]}
-    ids = torch.tensor(input_ids, dtype=torch.long, device=model.device).unsqueeze(0)
+def label_documents(
+    model, capture: IndexerCapture, documents: list[list[int]], settings: dict, chunk_size: int, progress
+) -> list[dict]:
+    """The stored tensors of each document (names as in shards.py, without the document prefix), from one batch
+    of forwards over the documents right-padded to the longest."""
+    lengths = [len(input_ids) for input_ids in documents]
+    ids = torch.full((len(documents), max(lengths)), model.config.pad_token_id or 0, dtype=torch.long)
+    for row, input_ids in enumerate(documents):
+        ids[row, : len(input_ids)] = torch.tensor(input_ids, dtype=torch.long)
+    ids = ids.to(model.device)
+    labels = [DocumentLabels(length, settings, csa_compress_rate(model.config)) for length in lengths]
     cache = DynamicCache(config=model.config)
-    capture.triggers = triggers
+    capture.triggers = [document.triggers for document in labels]
     for start in range(0, ids.shape[1], chunk_size):
         model(input_ids=ids[:, start : start + chunk_size], past_key_values=cache, use_cache=True, logits_to_keep=1)
         taken = capture.take()
-        rows, chunks, layers = layer_votes(list(taken.nucleus_sets.values()))
-        voted = layers >= labels["vote_applied"]
-        golden.add(taken.positions[rows[voted]], chunks[voted])
-        votes.add(taken.positions[rows], chunks, layers)
-        rows, chunks = picked_pairs(list(taken.used.values()))
-        used.add(taken.positions[rows], chunks)
+        for row, document in enumerate(labels):
+            document.add(taken, row)
+        progress.update(sum(min(chunk_size, max(length - start, 0)) for length in lengths))
+    keys = {layer: cache.layers[layer].compressed_kv["indexer"] for layer in settings["target_layers"]}
+    return [document.tensors({layer: rows[row] for layer, rows in keys.items()}) for row, document in enumerate(labels)]
+
+
+class DocumentLabels:
+    """One document's labels, gathered forward by forward: the voted golden sets, every layer's most votes, the
+    native top-k picks per trigger window, and the target layers' hidden states at the triggers."""
+
+    def __init__(self, length: int, settings: dict, compress_rate: int):
+        labels = settings["labels"]
+        self.length = length
+        self.compress_rate = compress_rate
+        self.vote = labels["vote_applied"]
+        self.triggers = trigger_positions(length, labels["warmup"], labels["tau"])
+        self.golden = LookaheadUnion(self.triggers, labels["tau"], compress_rate)
+        self.used = LookaheadUnion(self.triggers, labels["tau"], compress_rate)
+        self.votes = LookaheadUnion(self.triggers, labels["tau"], compress_rate, reduce="max")
+        self.hidden = {layer: [] for layer in settings["target_layers"]}
+
+    def add(self, taken: ForwardCapture, row: int) -> None:
+        """What one forward left for this document (its row of the batch)."""
+        nuclei = [(indices[row], keep[row]) for indices, keep in taken.nucleus_sets.values()]
+        rows, chunks, layers = layer_votes(nuclei)
+        voted = layers >= self.vote
+        self.golden.add(taken.positions[rows[voted]], chunks[voted])
+        self.votes.add(taken.positions[rows], chunks, layers)
+        rows, chunks = picked_pairs([indices[row] for indices in taken.used.values()])
+        self.used.add(taken.positions[rows], chunks)
         for layer, states in taken.hidden.items():
-            hidden[layer].append(states)
-        progress.update(min(chunk_size, ids.shape[1] - start))
-    label_indptr, label_indices, _ = golden.to_csr()
-    used_indptr, used_indices, used_counts = used.to_csr()
-    votes_indptr, votes_indices, votes_layers = votes.to_csr()
-    tensors = {
-        "positions": triggers,
-        "labels/indptr": label_indptr,
-        "labels/indices": label_indices,
-        "used/indptr": used_indptr,
-        "used/indices": used_indices,
-        "used/counts": used_counts,
-        "votes/indptr": votes_indptr,
-        "votes/indices": votes_indices,
-        "votes/counts": votes_layers.to(torch.uint8),
-    }
-    for layer in settings["target_layers"]:
-        tensors[f"hidden/{layer}"] = torch.cat(hidden[layer])
-        tensors[f"keys/{layer}"] = cache.layers[layer].compressed_kv["indexer"][0].detach().cpu()
-    return tensors
+            self.hidden[layer].append(states[row])
+
+    def tensors(self, keys: dict[int, torch.Tensor]) -> dict:
+        """keys: target layer -> its compressed index keys over the padded batch row; only the chunks made of
+        this document's own tokens are kept."""
+        label_indptr, label_indices, _ = self.golden.to_csr()
+        used_indptr, used_indices, used_counts = self.used.to_csr()
+        votes_indptr, votes_indices, votes_layers = self.votes.to_csr()
+        tensors = {
+            "positions": self.triggers,
+            "labels/indptr": label_indptr,
+            "labels/indices": label_indices,
+            "used/indptr": used_indptr,
+            "used/indices": used_indices,
+            "used/counts": used_counts,
+            "votes/indptr": votes_indptr,
+            "votes/indices": votes_indices,
+            "votes/counts": votes_layers.to(torch.uint8),
+        }
+        chunks = self.length // self.compress_rate
+        for layer, layer_keys in keys.items():
+            tensors[f"hidden/{layer}"] = torch.cat(self.hidden[layer])
+            tensors[f"keys/{layer}"] = layer_keys[:chunks].detach().cpu()
+        return tensors
