@@ -3,11 +3,13 @@ the cache coherent for what follows (a second turn, the pool, the report), and r
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 import fm_transformers as fm
 from fm_transformers import decode_graph
 from fm_transformers.decode_graph import DecodeGraph, graph_safe_experts
 from fm_transformers.policies import KeepAllPolicy, RandomPolicy
+from fm_transformers.tiny import tiny_deepseek_v4
 
 from tests.conftest import DEVICE, greedy, left_padded_batch, max_logit_difference, random_prompt
 
@@ -198,3 +200,27 @@ def test_keep_all_graph_decode_matches_stock_to_rounding(indexed_model):
     assert cache.decode_graph.state is not None
     assert torch.equal(lsa.sequences, stock.sequences)
     assert max_logit_difference(lsa, stock) < 1e-4
+
+
+def test_fixed_shape_step_runs_a_bf16_checkpoint_whose_position_biases_load_in_fp32(tmp_path):
+    """transformers loads a bf16 DeepSeek-V4 with its compressors' position biases in fp32 (`_keep_in_fp32_modules`),
+    so the stock gates come out fp32: the fixed-shape step must keep each buffer in the dtype of what fills it, not
+    the cache keys' dtype, or its first step fails. In bf16 the tiny random model's logits move by whole units
+    with rounding alone, so the step is held to bf16's own error: no farther from eager bf16 decode than eager bf16
+    is from the same weights in fp32, at the first step that runs through it."""
+    tiny_deepseek_v4(seed=0).to(torch.bfloat16).save_pretrained(tmp_path)
+    runs = {}
+    settings = (("eager", torch.bfloat16, False), ("static", torch.bfloat16, True), ("fp32", torch.float32, False))
+    for name, dtype, static in settings:
+        model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=dtype).to(DEVICE)
+        fm.enable_bounded_prefill(model)
+        runs[name], cache = decode(model, *padded_prompt(), KeepAllPolicy(), static=static, new_tokens=2)
+        if static:
+            compressor = next(layer.self_attn.compressor for layer in model.model.layers if layer.self_attn.compressor)
+            assert compressor.position_bias.dtype == torch.float32 != compressor.kv_proj.weight.dtype
+            assert cache.decode_graph.state is not None
+    assert torch.equal(runs["eager"].sequences, runs["static"].sequences)
+    assert torch.equal(runs["eager"].sequences, runs["fp32"].sequences)  # the same prefix: the logits compare
+    static_error = (runs["static"].logits[1] - runs["eager"].logits[1]).abs().max()
+    bf16_error = (runs["eager"].logits[1] - runs["fp32"].logits[1]).abs().max()
+    assert static_error <= bf16_error

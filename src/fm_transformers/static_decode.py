@@ -69,17 +69,20 @@ class StaticCompressor:
         ratio, head_dim = module.compress_rate, module.head_dim
         buffered = layer.buffer_kv[kind]
         batch = layer.keys.shape[0]
-        device, dtype = layer.keys.device, layer.keys.dtype
+        device = layer.keys.device
+        # the stock compressor's dtypes: a bf16 checkpoint loads its position biases in fp32, so its gates are fp32
+        dtype = module.kv_proj.weight.dtype
+        gate_dtype = torch.promote_types(module.gate_proj.weight.dtype, module.position_bias.dtype)
         features = 2 * head_dim if overlap else head_dim
         self.kv = torch.zeros(batch, ratio, features, device=device, dtype=dtype)
-        self.gate = torch.zeros(batch, ratio, features, device=device, dtype=dtype)
+        self.gate = torch.zeros(batch, ratio, features, device=device, dtype=gate_dtype)
         filled = tokens % ratio
         if filled:
             self.kv[:, :filled] = buffered
             self.gate[:, :filled] = layer.buffer_gate[kind] + module.position_bias[:filled]
         if overlap:
             self.prior_kv = torch.zeros(batch, ratio, head_dim, device=device, dtype=dtype)
-            self.prior_gate = torch.full((batch, ratio, head_dim), NEG_INF, device=device, dtype=dtype)
+            self.prior_gate = torch.full((batch, ratio, head_dim), NEG_INF, device=device, dtype=gate_dtype)
             if layer.overlap_kv[kind] is not None:
                 self.prior_kv.copy_(layer.overlap_kv[kind])
                 self.prior_gate.copy_(layer.overlap_gate[kind])
