@@ -18,10 +18,11 @@
 #             other statements or the most picked beside it) on 4 examples a task at
 #             2048 (probe_resident_sets.py): can a small resident set keep this backbone's answers at all?
 #                                                          6.4 min (measured, H100; CPU: 10 min)
-#   dump      label 5,600 question documents with the frozen backbone (train/validation/test) ~10 min in 8-min runs
+#   dump      label 5,600 question documents with the frozen backbone (train/validation/test), 32 a forward
+#                                                          4.2 min (measured, H100: 53K tokens/s)
 #   indexer   per tau (64, 16): select the labels at votes 1-3 and the evidence labels (departs from the paper;
 #             one dump serves all), train an indexer per label set and learning rate (8), choose on validation,
-#             gate on test; in 8-min runs ~12 min per tau
+#             gate on test; in 8-min runs, 2.8 min a candidate (measured, H100), ~23 min per tau
 #   tune      per tau: recency tail and budget threshold chosen on a validation draw (seed 0) ~3 min per tau
 #   compare   per tau, length (2048, 4096, 8192) and task: 200 examples on draw seed 1, in parts of 50
 #             examples (72 parts; a call starts a part only if the last one it ran, scaled to the part's length,
