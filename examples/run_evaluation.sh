@@ -34,6 +34,7 @@
 # backbone's stages through torch.compile (one graph for every context length; on an H200 compiling stage 4's step
 # took over 300 s, a third of the stage's eager time, before the first step: off by default). MINUTES=N (whole
 # minutes, default 8) is what one call of a resumable stage may take: a device call is at most 10.
+# TAUS=64 (or 16) runs the stages after the dump for that tau alone (default: both).
 set -euo pipefail
 stage=${1:?usage: bash examples/run_evaluation.sh backbone|probe|dump|indexer|tune|compare|report|all [WORKDIR]}
 work=${2:-runs/paper}
@@ -62,7 +63,7 @@ if [[ "${SMOKE:-0}" == 1 ]]; then
     examples=1; part_examples=1; minutes=1; eval_seconds=0
 else
     device=cuda
-    taus="64 16"; lengths="2048 4096 8192"; parts="long_needle qa_block long_chain"
+    taus=${TAUS:-64 16}; lengths="2048 4096 8192"; parts="long_needle qa_block long_chain"
     recall_flags=(--size paper --min-length 64 --max-length 64 --steps 600 --dense-steps 600 --ramp-steps 0
                   --tokens-per-step 16384 --eval-lengths 64 --eval-examples 20 --answer-tokens 4)
     copy_flags=(--size paper --min-length 64 --max-length 512 --steps 800 --dense-steps 200 --ramp-steps 600
