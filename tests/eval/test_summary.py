@@ -3,7 +3,14 @@ against full, in the table and in the choice of tuned settings."""
 
 import pytest
 
-from fm_transformers.eval.summary import format_lead, format_table, format_tasks, mean_over_tasks, summarize, summarize_row
+from fm_transformers.eval.summary import (
+    format_lead,
+    format_table,
+    format_tasks,
+    mean_over_tasks,
+    summarize,
+    summarize_row,
+)
 from fm_transformers.eval.tasks import tokens_right
 from fm_transformers.eval.tuning import best_setting
 

@@ -151,7 +151,8 @@ def label_documents(
     for row, input_ids in enumerate(documents):
         ids[row, : len(input_ids)] = torch.tensor(input_ids, dtype=torch.long)
     ids = ids.to(model.device)
-    labels = [DocumentLabels(length, settings, csa_compress_rate(model.config)) for length in lengths]
+    compress_rate = csa_compress_rate(model.config)
+    labels = [DocumentLabels(length, settings, compress_rate) for length in lengths]
     cache = DynamicCache(config=model.config)
     capture.triggers = [document.triggers for document in labels]
     for start in range(0, ids.shape[1], chunk_size):
