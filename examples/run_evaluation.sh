@@ -34,7 +34,8 @@
 # backbone's stages through torch.compile (one graph for every context length; on an H200 compiling stage 4's step
 # took over 300 s, a third of the stage's eager time, before the first step: off by default). MINUTES=N (whole
 # minutes, default 8) is what one call of a resumable stage may take: a device call is at most 10.
-# TAUS=64 (or 16) runs the stages after the dump for that tau alone (default: both).
+# TAUS=64 (or 16) runs the stages after the dump for that tau alone (default: both). EXAMPLES=50 compares the first
+# 50 examples of every task and length (default 200: the same draw, so a later run with more adds the parts after).
 set -euo pipefail
 stage=${1:?usage: bash examples/run_evaluation.sh backbone|probe|dump|indexer|tune|compare|report|all [WORKDIR]}
 work=${2:-runs/paper}
@@ -84,7 +85,7 @@ else
     compare_flags=(--batch-size 50)  # a part's 50 examples in one batch: one generate per row and part, not two
     tune_flags=(--lengths 2048 --examples 40)
     probe_flags=(--length 2048 --examples 4)
-    examples=200; part_examples=50; minutes=${MINUTES:-8}
+    examples=${EXAMPLES:-200}; part_examples=50; minutes=${MINUTES:-8}
     eval_seconds=150  # a backbone stage's evaluation after its last step: ~2 min on an H200
 fi
 backbone="$work/backbone-bf16"

@@ -1,5 +1,8 @@
 """The pieces behind the comparison's rows, on synthetic inputs: matched sizes, oracle windows, phase peaks."""
 
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -60,6 +63,13 @@ class FakeAllocator:
     def use(self, amount):
         self.top = max(self.top, self.now + amount)
 
+    def hold(self, amount):
+        self.now += amount
+        self.top = max(self.top, self.now)
+
+    def free(self, amount):
+        self.now -= amount
+
 
 def test_phase_peaks_split_at_the_first_one_token_forward():
     model = torch.nn.Module()
@@ -73,6 +83,28 @@ def test_phase_peaks_split_at_the_first_one_token_forward():
         allocator.use(20)
         model(input_ids=torch.zeros(1, 1))
     assert (peaks.prefill, peaks.decode) == (70, 20)
+
+
+def test_an_earlier_generations_garbage_is_not_counted_in_the_start():
+    """A cache kept alive only by a reference cycle is freed when the cycle collector runs; here it runs during the
+    prefill (as Python may during a generate). Read into the start, its bytes would hide the prefill's own."""
+    model = torch.nn.Module()
+    model.forward = lambda input_ids: gc.collect()
+    allocator = FakeAllocator()
+    gc.disable()
+    try:
+        cache = torch.nn.Module()
+        cache.graph = [cache]  # an earlier row's cache and its graph, unreachable, a cycle
+        allocator.hold(80)
+        weakref.finalize(cache, allocator.free, 80)
+        del cache
+        with PhasePeaks(model, allocator) as peaks:
+            model(input_ids=torch.zeros(1, 8))
+            allocator.use(50)
+            model(input_ids=torch.zeros(1, 1))
+    finally:
+        gc.enable()
+    assert peaks.prefill == 50
 
 
 def test_off_cuda_peaks_and_syncs_are_none_not_estimates():
