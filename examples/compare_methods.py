@@ -60,6 +60,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--recency-chunks", type=int, default=16, help="without --settings: the recency tail")
     parser.add_argument("--sink-chunks", type=int, default=1)
     parser.add_argument("--budget-threshold", type=float, default=0.0, help="without --settings: lsa (budget)'s")
+    parser.add_argument("--budget-recency-chunks", type=int, default=None,
+                        help="without --settings: the budgeted rows' tail (default: --recency-chunks)")
     parser.add_argument("--tails", default="4,16,32", help="--tune: candidate recency tails")
     parser.add_argument("--thresholds", default="0,0.3,0.5", help="--tune: candidate budget thresholds")
     parser.add_argument("--paging-layers", default="", help="refresh layers of the paging rows (default: target layers)")
@@ -93,7 +95,8 @@ def settings_from(args) -> tuple[RowSettings, dict | None]:
     paging = tuple(int(layer) for layer in args.paging_layers.split(",") if layer) or None
     base = RowSettings(
         tau=args.tau, threshold=args.threshold, recency_chunks=args.recency_chunks, sink_chunks=args.sink_chunks,
-        budget=args.budget, budget_threshold=args.budget_threshold, paging_layers=paging, seed=args.seed,
+        budget=args.budget, budget_threshold=args.budget_threshold, budget_recency_chunks=args.budget_recency_chunks,
+        paging_layers=paging, seed=args.seed,
     )
     if not args.settings:
         return base, None

@@ -122,7 +122,8 @@ def run_script(*flags, check=True):
 def test_the_script_tunes_on_one_draw_evaluates_another_in_parts_and_joins_them(tmp_path):
     tuned = tmp_path / "tuned.json"
     run_script(*SMOKE, "--tune", "--seed", "0", "--lengths", "384", "--tails", "2,4", "--thresholds", "0", "--out", str(tuned))
-    assert json.loads(tuned.read_text())["tuning"]["chosen"]["recency_chunks"] in (2, 4)
+    chosen = json.loads(tuned.read_text())["tuning"]["chosen"]
+    assert chosen["recency_chunks"] in (2, 4) and chosen["budget_recency_chunks"] in (2, 4)
     refused = run_script(*SMOKE, "--settings", str(tuned), "--seed", "0", "--lengths", "384", "--out", str(tmp_path / "x.json"), check=False)
     assert refused.returncode != 0 and "evaluate on another draw" in refused.stderr
     for first in (0, 1):

@@ -3,6 +3,7 @@ against full, in the table and in the choice of tuned settings."""
 
 import pytest
 
+from fm_transformers.eval.methods import RowSettings
 from fm_transformers.eval.summary import (
     format_lead,
     format_table,
@@ -76,3 +77,20 @@ def test_tuning_prefers_exact_match_then_token_accuracy_then_the_smaller_setting
     assert best_setting({2: "t2", 4: "t4", 8: "t8"}, accuracy) == 4
     accuracy["t2"]["exact_match"] = 0.05
     assert best_setting({2: "t2", 4: "t4", 8: "t8"}, accuracy) == 2
+
+
+def test_the_budgeted_rows_tail_is_chosen_with_their_threshold_apart_from_the_uncapped_rows_tail():
+    """At 2K a long tail suits uncapped LSA and starves the budgeted rows (their tail counts against the budget):
+    the pair is chosen on the budgeted row's own accuracy, ties to the shorter tail, then the lower threshold."""
+    accuracy = {
+        "budget 32 0": {"exact_match": 0.0, "token_accuracy": 0.071},
+        "budget 4 0": {"exact_match": 0.0, "token_accuracy": 0.087},
+        "budget 4 0.3": {"exact_match": 0.0, "token_accuracy": 0.087},
+        "budget 16 0": {"exact_match": 0.0, "token_accuracy": 0.087},
+    }
+    pairs = {(32, 0.0): "budget 32 0", (4, 0.0): "budget 4 0", (4, 0.3): "budget 4 0.3", (16, 0.0): "budget 16 0"}
+    assert best_setting(pairs, accuracy) == (4, 0.0)
+    settings = RowSettings(recency_chunks=32, budget_recency_chunks=4, budget=0.1)
+    assert settings.cache_config()["recency_chunks"] == 32
+    assert settings.cache_config(budget=True)["recency_chunks"] == 4
+    assert RowSettings(recency_chunks=32).cache_config(budget=True)["recency_chunks"] == 32  # settings of before

@@ -36,8 +36,10 @@ PolicyFactory = Callable[[torch.nn.Module, dict], ResidentPolicy]
 
 @dataclass(frozen=True)
 class RowSettings:
-    """The settings every row shares; `recency_chunks`, `budget_threshold` and `tau` are the ones a validation
-    run may choose (compare_methods.py --tune)."""
+    """The settings every row shares; `recency_chunks`, `budget_recency_chunks` and `budget_threshold` are the
+    ones a validation run chooses (compare_methods.py --tune). The budgeted rows have a tail of their own: the
+    tail counts against the budget, and the one that suits the uncapped row can take most of a short context's
+    budget (at 2K, 33 of 51 chunks with a 32-chunk tail and the sink)."""
 
     tau: int = 64
     threshold: float = 0.5
@@ -45,11 +47,16 @@ class RowSettings:
     sink_chunks: int = 1
     budget: float = 0.1
     budget_threshold: float = 0.0
+    budget_recency_chunks: int | None = None  # the budgeted rows' tail; None: recency_chunks
     paging_layers: tuple[int, ...] | None = None  # None: the memory indexer's target layers
     seed: int = 0
 
     def cache_config(self, budget: bool = False, **extra) -> dict:
-        config = {"tau": self.tau, "recency_chunks": self.recency_chunks, "sink_chunks": self.sink_chunks, **extra}
+        """Cache options of the uncapped rows, or with `budget` of the budgeted ones (budget, their own tail)."""
+        tail = self.recency_chunks
+        if budget and self.budget_recency_chunks is not None:
+            tail = self.budget_recency_chunks
+        config = {"tau": self.tau, "recency_chunks": tail, "sink_chunks": self.sink_chunks, **extra}
         return {**config, "resident_budget": self.budget} if budget else config
 
 
