@@ -27,7 +27,7 @@
 #             validation draw (seed 0)                              2.3 min per tau (measured, H200)
 #   compare   per tau, length (2048, 4096, 8192) and task: 200 examples on draw seed 1, in parts of 50
 #             examples (72 parts; a call starts a part only if the last one it ran, scaled to the part's length,
-#             would still fit)                                                                    ~1-3 min a part
+#             would still fit; the paging rows in the first part only)  62-87 s a first part (H200), less after
 #   report    join the parts per tau: WORKDIR/tau{64,16}.json, .png, and the printed table   seconds
 # A stage that stops at its time limit exits with status 75: run the same command again (finished work is kept
 # and skipped). `all` runs every stage to its end. SMOKE=1 runs them all at CPU sizes (one tau, one length), about
@@ -37,6 +37,9 @@
 # minutes, default 8) is what one call of a resumable stage may take: a device call is at most 10.
 # TAUS=64 (or 16) runs the stages after the dump for that tau alone (default: both). EXAMPLES=50 compares the first
 # 50 examples of every task and length (default 200: the same draw, so a later run with more adds the parts after).
+# The native-paging rows run on the first PAGING_EXAMPLES examples of each task and length (default 50, one part):
+# they take about 60% of a part's generation time (whole-history scoring at every step) and are read against
+# full's same examples.
 set -euo pipefail
 stage=${1:?usage: bash examples/run_evaluation.sh backbone|probe|dump|indexer|tune|compare|report|all [WORKDIR]}
 work=${2:-runs/paper}
@@ -62,7 +65,7 @@ if [[ "${SMOKE:-0}" == 1 ]]; then
     compare_flags=(--answer-tokens 16 --batch-size 4 --no-paging)
     tune_flags=(--lengths 320 --examples 1 --tails 2,4 --thresholds 0)
     probe_flags=(--length 320 --answer-tokens 16 --tau 4 --examples 1 --budgets 0.5,none --tails 2)
-    examples=1; part_examples=1; minutes=1; eval_seconds=0
+    examples=1; part_examples=1; paging_examples=1; minutes=1; eval_seconds=0
 else
     device=cuda
     taus=${TAUS:-64 16}; lengths="2048 4096 8192"; parts="long_needle qa_block long_chain"
@@ -86,7 +89,7 @@ else
     compare_flags=(--batch-size 50)  # a part's 50 examples in one batch: one generate per row and part, not two
     tune_flags=(--lengths 2048 --examples 40)
     probe_flags=(--length 2048 --examples 4)
-    examples=${EXAMPLES:-200}; part_examples=50; minutes=${MINUTES:-8}
+    examples=${EXAMPLES:-200}; part_examples=50; paging_examples=${PAGING_EXAMPLES:-50}; minutes=${MINUTES:-8}
     eval_seconds=150  # a backbone stage's evaluation after its last step: ~2 min on an H200
 fi
 backbone="$work/backbone-bf16"
@@ -182,8 +185,10 @@ run_compare() {  # parts of part_examples examples: a call cut short loses one s
             # the last part's time, scaled to this part's context (prefill and attention grow with it)
             if (( SECONDS + last * length / last_length > 60 * minutes )); then stop_for_now; return; fi
             started=$SECONDS
+            paging=(); (( first >= paging_examples )) && paging=(--no-paging)
             compare "$tau" "$out.tmp" --settings "$work/tuned$tau.json" --seed 1 --lengths "$length" --tasks "$tasks" \
-                --first "$first" --examples "$(( examples - first < part_examples ? examples - first : part_examples ))"
+                --first "$first" --examples "$(( examples - first < part_examples ? examples - first : part_examples ))" \
+                ${paging[@]+"${paging[@]}"}
             mv "$out.tmp" "$out"
             last=$(( SECONDS - started )) last_length=$length
         done

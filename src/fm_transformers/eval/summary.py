@@ -6,7 +6,9 @@ answer tokens written at their place). A 26-question block or a 26-hop chain fai
 token, so where the full cache itself rarely answers whole, token accuracy is what still tells rows apart.
 
 The matched rows (recency and random at LSA's bytes) also get the interval of LSA's lead over them, paired
-example by example: what the issue's "at least 20 points below LSA" is read from.
+example by example: what the issue's "at least 20 points below LSA" is read from. A row may cover only some of
+the examples (the recipe runs the costly native-paging rows on the first part of each task only): it is then
+read against full's records of the same examples.
 
 A run's records are {length: {row: [record, ...]}}, each record naming its task and its example index (the
 example's place among that task's examples of that length and seed). Parts of one comparison (other lengths,
@@ -107,11 +109,27 @@ def summarize(records: dict, samples: int = 2000, seed: int = 0) -> dict:
     "lsa_lead" besides."""
     summary = {}
     for length, rows in records.items():
-        summary[length] = {row: summarize_row(found, rows[REFERENCE], samples, seed) for row, found in rows.items()}
+        summary[length] = {
+            row: summarize_row(found, same_examples(rows[REFERENCE], found), samples, seed) for row, found in rows.items()
+        }
         for row in MATCHED:
             if row in rows and LSA in rows:
                 summary[length][row]["lsa_lead"] = paired_differences(rows[LSA], rows[row], samples, seed)
     return summary
+
+
+def same_examples(reference: list[dict], records: list[dict]) -> list[dict]:
+    """The reference's records of the examples in `records` (by task and example index), in the reference's order:
+    the reference itself when the row has every example."""
+    if len(records) == len(reference):
+        return reference
+    if any("index" not in record for record in (*records, *reference)):
+        raise ValueError("a row covers fewer examples than full, and records without an example index cannot be paired")
+    wanted = {(record["task"], record["index"]) for record in records}
+    found = [record for record in reference if (record["task"], record["index"]) in wanted]
+    if len(found) != len(wanted):
+        raise ValueError(f"{len(wanted) - len(found)} examples of a row are missing from full's records: pair the same examples")
+    return found
 
 
 def paired_differences(records: list[dict], reference: list[dict], samples: int = 2000, seed: int = 0) -> dict:
