@@ -85,6 +85,7 @@ from fm_transformers.training.dataset import host_batches
 from fm_transformers.training.labels import effective_vote, trigger_positions, visible_chunks
 from fm_transformers.training.order import EpochOrder
 from fm_transformers.training.producer import WAIT_RANGE
+from fm_transformers.training.read_groups import ReadGroups
 from fm_transformers.training.shard_writer import ShardWriter
 from fm_transformers.training.shards import FORMAT, MANIFEST, VERSION, atomic_write_json, backbone_identity
 from fm_transformers.training.step import TriggerBatch
@@ -331,8 +332,8 @@ def premade_training(
 ) -> dict:
     """The run again (warm-up and timed window only), fed a ring of `ring` batches its loader made beforehand:
     the wall time per step of the step alone."""
-    order = EpochOrder(shards.part_triggers(), config.batch_size, config.seed, 0, state.process_index,
-                       state.num_processes)
+    order = EpochOrder(ReadGroups(shards, config.batch_size).part_triggers(), config.batch_size, config.seed, 0,
+                       state.process_index, state.num_processes)
     made = loader_batches(shards, config.loader, config, state.device, state.process_index, state.num_processes)
     batches = list(itertools.islice(made, ring))
     made.close()
@@ -353,14 +354,15 @@ def ring_source(ring: list[TriggerBatch], batches_per_epoch: int) -> BatchSource
 
 
 def loader_batches(shards: LabelShards, loader: str, config: TrainConfig, device, rank: int = 0, world: int = 1):
-    """The trainer's loader alone, epoch after epoch from epoch 0 (for `host`: each batch copied to the device)."""
-    layers = shards.target_layers
+    """The trainer's loader alone, epoch after epoch from epoch 0 (for `host`: each batch copied to the device), on
+    the parts in the trainer's groups."""
+    layers, groups = shards.target_layers, ReadGroups(shards, config.batch_size)
     for epoch in itertools.count():
-        order = EpochOrder(shards.part_triggers(), config.batch_size, config.seed, epoch, rank, world)
+        order = EpochOrder(groups.part_triggers(), config.batch_size, config.seed, epoch, rank, world)
         if loader in DEVICE_LOADERS:
-            made = DEVICE_LOADERS[loader](shards, layers, order, 0, config.negative_ratio, device, config.prefetch)
+            made = DEVICE_LOADERS[loader](groups, layers, order, 0, config.negative_ratio, device, config.prefetch)
         else:
-            made = (batch.to(device) for batch in host_batches(shards, layers, order, 0, config.negative_ratio))
+            made = (batch.to(device) for batch in host_batches(groups, layers, order, 0, config.negative_ratio))
         with closing(made):
             yield from made
 
@@ -368,7 +370,7 @@ def loader_batches(shards: LabelShards, loader: str, config: TrainConfig, device
 def loader_seconds_per_batch(shards: LabelShards, loader: str, config: TrainConfig, batches: int, device) -> float:
     """The trainer's loader alone over the first batches of an epoch; the first batch (it reads the first part) is
     left out."""
-    length = len(EpochOrder(shards.part_triggers(), config.batch_size, config.seed, 0))
+    length = len(EpochOrder(ReadGroups(shards, config.batch_size).part_triggers(), config.batch_size, config.seed, 0))
     if length < 2:
         raise ValueError(f"{shards.directory} has a single batch of trigger steps: probe longer documents")
     made = loader_batches(shards, loader, config, device)

@@ -44,7 +44,7 @@ class HostBatches(Dataset):
         if part in self._cache:
             self._cache.move_to_end(part)
         else:
-            self._cache[part] = self.shards.load_part(*self.shards.parts[part], tensor_names(self.layers))
+            self._cache[part] = self.shards.read_part(part, tensor_names(self.layers))
             if len(self._cache) > self._cached_parts:
                 self._cache.popitem(last=False)
         return self._cache[part]
@@ -58,12 +58,13 @@ class HostBatches(Dataset):
         generator = torch.Generator().manual_seed(seed_from(self.order.seed, self.order.epoch, part, row))
         negatives = _sample_negatives(positives, visible, self.negative_ratio, generator)
         candidates = torch.cat([positives, negatives])
+        keys_at = candidates + (data["key_base"][row] if "key_base" in data else 0)  # a group's keys: end to end
         return {
             "position": position,
             "candidates": candidates,
             "targets": torch.cat([torch.ones(positives.numel()), torch.zeros(negatives.numel())]),
             "hidden": {layer: data[f"hidden/{layer}"][row] for layer in self.layers},
-            "keys": {layer: data[f"keys/{layer}"][candidates] for layer in self.layers},
+            "keys": {layer: data[f"keys/{layer}"][keys_at] for layer in self.layers},
         }
 
 

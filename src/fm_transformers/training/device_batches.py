@@ -203,6 +203,8 @@ def _run_tensors(part: StagedPart, run: Segment, layers, ratio, width, counts: S
         int(counts.negatives.max()),
         generator,
     )
+    if "key_base" in data:  # a group of parts (read_groups.py): chunk ids of each document, keys end to end
+        candidates = candidates + data["key_base"][rows][:, None]
     hidden = {f"hidden/{layer}": data[f"hidden/{layer}"][rows] for layer in layers}
     return {"candidates": candidates, "targets": targets, "mask": mask, "positions": data["positions"][rows], **hidden}
 

@@ -199,11 +199,42 @@ class LabelShards:
         Every tensor is a view into one host buffer (pinned with `pin_memory`) that the stored bytes are read into
         directly, the keys of parts 0..part laid end to end: one pass over the bytes, no safetensors copy, no
         concatenation, and one transfer moves the whole part to a GPU (staging.py)."""
-        parts = self.documents[doc].parts
-        names = names if names is not None else _names(parts[part])
-        spans = [(name, parts[: part + 1] if name.startswith("keys/") else parts[part : part + 1]) for name in names]
-        return read_into_one_buffer([(name, [self._locate(ref, name) for ref in refs]) for name, refs in spans],
-                                    pin_memory)
+        return self.load_parts([(doc, part)], names, pin_memory)
+
+    def read_part(self, part: int, names: list[str] | None = None, pin_memory: bool = False) -> dict[str, torch.Tensor]:
+        """load_part of entry `part` of `parts`: what the loaders read (read_groups.ReadGroups reads groups)."""
+        doc, index = self.parts[part]
+        return self.load_part(doc, index, names, pin_memory=pin_memory)
+
+    def load_parts(
+        self, refs: list[tuple[int, int]], names: list[str] | None = None, pin_memory: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """Several parts (document, part) read as one, laid end to end in one host buffer as load_part lays one.
+
+        Chunk ids stay those of each part's document: with more than one part, "key_base" (triggers,) int64 says
+        where each trigger step's own keys start in the joined "keys/*", and the CSR pointers are joined to follow
+        on (those two are small tensors of their own, outside the buffer)."""
+        first = self.documents[refs[0][0]].parts[refs[0][1]]
+        names = names if names is not None else _names(first)
+
+        def pieces(name: str) -> list[StoredTensor]:
+            found = []
+            for doc, part in refs:
+                parts = self.documents[doc].parts
+                read = parts[: part + 1] if name.startswith("keys/") else parts[part : part + 1]
+                found += [self._locate(ref, name) for ref in read]
+            return found
+
+        data = read_into_one_buffer([(name, pieces(name)) for name in names], pin_memory)
+        if len(refs) == 1:
+            return data
+        triggers = [self.documents[doc].parts[part].triggers for doc, part in refs]
+        for name in [name for name in data if name.endswith("/indptr")]:
+            data[name] = _join(name, list(torch.split(data[name], [count + 1 for count in triggers])))
+        keys = [self.documents[doc].parts[part].chunk_rows[1] for doc, part in refs]  # parts 0..part: from chunk 0
+        starts = torch.tensor([0, *keys[:-1]]).cumsum(0)
+        data["key_base"] = torch.repeat_interleave(starts, torch.tensor(triggers))
+        return data
 
     def _locate(self, part: PartRef, name: str) -> "StoredTensor":
         if part.path not in self._headers:

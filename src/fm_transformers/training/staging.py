@@ -23,9 +23,9 @@ from .shards import LabelShards
 class StagedPart:
     """A part on the device; `host` keeps the small tensors the host plans batches with."""
 
-    part: int  # index into LabelShards.parts
+    part: int  # index into the loader's parts (LabelShards.parts, or ReadGroups.parts)
     order_position: int
-    device: dict[str, torch.Tensor]  # hidden/{layer}, keys/{layer}, positions, visible, labels/*, rows
+    device: dict[str, torch.Tensor]  # hidden/{layer}, keys/{layer}, positions, visible, labels/*, rows[, key_base]
     host: dict[str, torch.Tensor]  # labels/indptr, visible, rows
     ready: torch.cuda.Event | None  # recorded on the side stream after the copies (None on the CPU)
 
@@ -79,8 +79,7 @@ class PartStager:
             return self._read_and_copy(part, order_position, rows)
 
     def _read_and_copy(self, part: int, order_position: int, rows: torch.Tensor) -> StagedPart:
-        doc, index = self.shards.parts[part]
-        data = self.shards.load_part(doc, index, self.names, pin_memory=self._stream is not None)
+        data = self.shards.read_part(part, self.names, pin_memory=self._stream is not None)
         visible = visible_chunks(data["positions"], self.shards.compress_rate)
         # copies, so that no host tensor keeps the (pinned) buffer from reuse once it is on the device
         host = {"labels/indptr": data["labels/indptr"].clone(), "visible": visible, "rows": rows}
@@ -88,7 +87,12 @@ class PartStager:
             return StagedPart(part, order_position, {**_with_spare_index(data), "visible": visible, "rows": rows},
                               host, None)
         with torch.cuda.device(self.device), torch.cuda.stream(self._stream):
-            moved = _with_spare_index(_move_buffer(data, self.device))
+            buffer = data["positions"].untyped_storage().data_ptr()
+            in_buffer = {name: tensor for name, tensor in data.items() if tensor.untyped_storage().data_ptr() == buffer}
+            moved = _with_spare_index(_move_buffer(in_buffer, self.device))
+            # a group's joined CSR pointers and key bases (LabelShards.load_parts) are small tensors of their own
+            apart = [name for name in data if name not in in_buffer]
+            moved.update({name: data[name].to(self.device, non_blocking=True) for name in apart})
             moved.update({name: host[name].to(self.device, non_blocking=True) for name in ("visible", "rows")})
             ready = self._stream.record_event()
         return StagedPart(part, order_position, moved, host, ready)

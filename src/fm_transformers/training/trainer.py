@@ -31,6 +31,7 @@ from .evaluate import evaluate
 from .lora import add_lora, is_lora, merge_lora
 from .losses import LOSSES
 from .order import EpochOrder
+from .read_groups import ReadGroups
 from .shards import LabelShards, backbone_config
 from .step import IndexerLoss, TriggerBatch
 
@@ -156,6 +157,7 @@ class _Run:
     optimizer: torch.optim.Optimizer
     scheduler: object
     shards: LabelShards
+    groups: ReadGroups  # what the loaders read: the parts in groups of at least a batch of trigger steps
     layers: list[int]
     steps_per_epoch: int  # optimizer steps of this process
     total_steps: int
@@ -204,7 +206,8 @@ def _setup(accelerator: Accelerator, config: TrainConfig, shards: LabelShards) -
     dtype = torch.bfloat16 if config.bf16 else torch.float32
     loss = IndexerLoss(model, layers, config.loss, config.gamma, dtype, config.compile)
     loss, optimizer = accelerator.prepare(loss, optimizer)
-    order = EpochOrder(shards.part_triggers(), config.batch_size, config.seed, 0, *_rank(accelerator))
+    groups = ReadGroups(shards, min_triggers=config.batch_size)
+    order = EpochOrder(groups.part_triggers(), config.batch_size, config.seed, 0, *_rank(accelerator))
     if len(order) == 0:
         raise ValueError(
             f"{shards.directory} has {shards.num_triggers} trigger steps: fewer than one batch of {config.batch_size} "
@@ -217,7 +220,7 @@ def _setup(accelerator: Accelerator, config: TrainConfig, shards: LabelShards) -
     )
     scheduler = accelerator.prepare(scheduler)
     logger.info("training %d parameters on %d trigger steps", sum(p.numel() for p in trainable), shards.num_triggers)
-    return _Run(loss, optimizer, scheduler, shards, layers, len(order), total_steps)
+    return _Run(loss, optimizer, scheduler, shards, groups, layers, len(order), total_steps)
 
 
 def _rank(accelerator: Accelerator) -> tuple[int, int]:
@@ -273,13 +276,13 @@ def _loop(
 
 def _batches(accelerator, run: _Run, config: TrainConfig, epoch: int, start: int) -> Iterator[TriggerBatch]:
     """This process's batches of `epoch` from batch `start` on, on the training device."""
-    order = EpochOrder(run.shards.part_triggers(), config.batch_size, config.seed, epoch, *_rank(accelerator))
+    order = EpochOrder(run.groups.part_triggers(), config.batch_size, config.seed, epoch, *_rank(accelerator))
     if config.loader in DEVICE_LOADERS:
         yield from DEVICE_LOADERS[config.loader](
-            run.shards, run.layers, order, start, config.negative_ratio, accelerator.device, config.prefetch
+            run.groups, run.layers, order, start, config.negative_ratio, accelerator.device, config.prefetch
         )
         return
-    for batch in host_batches(run.shards, run.layers, order, start, config.negative_ratio, config.num_workers):
+    for batch in host_batches(run.groups, run.layers, order, start, config.negative_ratio, config.num_workers):
         yield batch.to(accelerator.device)
 
 
