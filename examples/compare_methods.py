@@ -95,8 +95,8 @@ def settings_from(args) -> tuple[RowSettings, dict | None]:
     paging = tuple(int(layer) for layer in args.paging_layers.split(",") if layer) or None
     base = RowSettings(
         tau=args.tau, threshold=args.threshold, recency_chunks=args.recency_chunks, sink_chunks=args.sink_chunks,
-        budget=args.budget, budget_threshold=args.budget_threshold, budget_recency_chunks=args.budget_recency_chunks,
-        paging_layers=paging, seed=args.seed,
+        budget=args.budget, budget_threshold=args.budget_threshold,
+        budget_recency_chunks=args.budget_recency_chunks, paging_layers=paging, seed=args.seed,
     )
     if not args.settings:
         return base, None

@@ -45,10 +45,11 @@ def test_a_row_on_some_of_the_examples_is_read_against_fulls_same_examples():
     """The paging rows run on the first part of each task only: paired by (task, index), not by position."""
     full = [{**record(task, right), "index": index, "csa_device_bytes": 8.0}
             for task in ("a", "b") for index, right in enumerate((4, 0, 4, 0))]
-    first_two = [{**record(task, 2), "index": index, "csa_device_bytes": 2.0} for task in ("a", "b") for index in (0, 1)]
+    first_two = [{**record(task, 2), "index": index, "csa_device_bytes": 2.0}
+                 for task in ("a", "b") for index in (0, 1)]
     entry = summarize({"2048": {"full": full, "native paging": first_two}}, samples=200)["2048"]["native paging"]
     assert entry["examples"] == 4
-    assert entry["vs_full"]["difference"] == pytest.approx(-0.5)  # full's first two: one of two whole; the row: none
+    assert entry["vs_full"]["difference"] == pytest.approx(-0.5)  # full's first two: one whole; the row: none
     assert entry["tokens_vs_full"]["difference"] == pytest.approx(0.0)  # 2 of 4 against (4 + 0) / 2 of 4
     assert entry["csa_device_ratio"] == pytest.approx(0.25)
     unindexed = [record("a", 2)]

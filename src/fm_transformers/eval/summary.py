@@ -110,7 +110,8 @@ def summarize(records: dict, samples: int = 2000, seed: int = 0) -> dict:
     summary = {}
     for length, rows in records.items():
         summary[length] = {
-            row: summarize_row(found, same_examples(rows[REFERENCE], found), samples, seed) for row, found in rows.items()
+            row: summarize_row(found, same_examples(rows[REFERENCE], found), samples, seed)
+            for row, found in rows.items()
         }
         for row in MATCHED:
             if row in rows and LSA in rows:
@@ -124,11 +125,14 @@ def same_examples(reference: list[dict], records: list[dict]) -> list[dict]:
     if len(records) == len(reference):
         return reference
     if any("index" not in record for record in (*records, *reference)):
-        raise ValueError("a row covers fewer examples than full, and records without an example index cannot be paired")
+        raise ValueError(
+            "a row covers fewer examples than full, and records without an example index cannot be paired"
+        )
     wanted = {(record["task"], record["index"]) for record in records}
     found = [record for record in reference if (record["task"], record["index"]) in wanted]
     if len(found) != len(wanted):
-        raise ValueError(f"{len(wanted) - len(found)} examples of a row are missing from full's records: pair the same examples")
+        missing = len(wanted) - len(found)
+        raise ValueError(f"{missing} examples of a row are missing from full's records: pair the same examples")
     return found
 
 
