@@ -88,3 +88,18 @@ def test_device_batches_from_groups_hold_the_host_references_samples(labels, req
         for layer in LAYERS:
             assert torch.equal(device.hidden[layer], host.hidden[layer])
             assert torch.equal(device.keys[layer][positive], host.keys[layer][positive])
+
+
+@pytest.mark.gpu
+def test_groups_staged_on_the_gpu_make_the_cpu_batches(split_train_labels):
+    """On CUDA the joined CSR pointers and key bases travel apart from the part's buffer (staging.py)."""
+    shards = LabelShards(split_train_labels)
+    groups = ReadGroups(shards, min_triggers=3 * max(shards.part_triggers()))
+    order = EpochOrder(groups.part_triggers(), batch_size=32, seed=0, epoch=0)
+    on_gpu = device_batches(groups, LAYERS, order, 0, 3.0, torch.device("cuda"), prefetch=3)
+    for gpu, cpu in zip(on_gpu, device_batches(groups, LAYERS, order, 0, 3.0, CPU), strict=True):
+        assert gpu.keys[4].is_cuda
+        assert torch.equal(gpu.positions.cpu(), cpu.positions) and torch.equal(gpu.mask.cpu(), cpu.mask)
+        positive = cpu.targets.bool()
+        for layer in LAYERS:
+            assert torch.equal(gpu.keys[layer].cpu()[positive], cpu.keys[layer][positive])
