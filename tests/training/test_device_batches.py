@@ -9,6 +9,7 @@ from training_helpers import TARGET_LAYERS
 from fm_transformers.training.dataset import HostBatches, host_batches
 from fm_transformers.training.device_batches import candidate_sets, device_batches, sample_counts
 from fm_transformers.training.order import EpochOrder
+from fm_transformers.training.read_groups import ReadGroups
 from fm_transformers.training.shards import LabelShards
 
 LAYERS = list(TARGET_LAYERS)
@@ -62,12 +63,18 @@ def test_the_same_seed_draws_the_same_negatives():
     assert torch.equal(first, second) and not torch.equal(first, other)
 
 
+def loader_source(shards: LabelShards, grouped: bool):
+    """What a loader reads: the parts themselves, or in groups of several parts (read_groups.py)."""
+    return ReadGroups(shards, min_triggers=3 * max(shards.part_triggers())) if grouped else shards
+
+
+@pytest.mark.parametrize("grouped", [False, True])
 @pytest.mark.parametrize("labels", ["train_labels", "split_train_labels"])
-def test_device_batches_hold_the_host_references_samples_with_another_negative_draw(labels, request):
-    shards = LabelShards(request.getfixturevalue(labels))
-    order = EpochOrder(shards.part_triggers(), batch_size=32, seed=0, epoch=1)
-    made = list(device_batches(shards, LAYERS, order, 0, 3.0, CPU))
-    reference = list(host_batches(shards, LAYERS, order, 0, 3.0))
+def test_device_batches_hold_the_host_references_samples_with_another_negative_draw(labels, grouped, request):
+    source = loader_source(LabelShards(request.getfixturevalue(labels)), grouped)
+    order = EpochOrder(source.part_triggers(), batch_size=32, seed=0, epoch=1)
+    made = list(device_batches(source, LAYERS, order, 0, 3.0, CPU))
+    reference = list(host_batches(source, LAYERS, order, 0, 3.0))
     assert len(made) == len(reference) == len(order)
     for device, host in zip(made, reference, strict=True):
         assert torch.equal(device.positions, host.positions)
@@ -127,12 +134,14 @@ def test_host_reference_samples_hold_three_negatives_per_positive(train_labels):
 
 
 @pytest.mark.gpu
-def test_parts_staged_on_the_gpu_make_the_cpu_batches(split_train_labels):
-    shards = LabelShards(split_train_labels)
-    order = EpochOrder(shards.part_triggers(), batch_size=32, seed=0, epoch=0)
-    on_gpu = device_batches(shards, LAYERS, order, 0, 3.0, torch.device("cuda"), prefetch=3)
-    for gpu, cpu in zip(on_gpu, device_batches(shards, LAYERS, order, 0, 3.0, CPU), strict=True):
+@pytest.mark.parametrize("grouped", [False, True])  # groups: joined CSR pointers and key bases travel on their own
+def test_parts_staged_on_the_gpu_make_the_cpu_batches(split_train_labels, grouped):
+    source = loader_source(LabelShards(split_train_labels), grouped)
+    order = EpochOrder(source.part_triggers(), batch_size=32, seed=0, epoch=0)
+    on_gpu = device_batches(source, LAYERS, order, 0, 3.0, torch.device("cuda"), prefetch=3)
+    for gpu, cpu in zip(on_gpu, device_batches(source, LAYERS, order, 0, 3.0, CPU), strict=True):
         assert gpu.keys[4].is_cuda
         assert torch.equal(gpu.positions.cpu(), cpu.positions) and torch.equal(gpu.mask.cpu(), cpu.mask)
         positive = cpu.targets.bool()
-        assert torch.equal(gpu.keys[7].cpu()[positive], cpu.keys[7][positive])
+        for layer in LAYERS:
+            assert torch.equal(gpu.keys[layer].cpu()[positive], cpu.keys[layer][positive])

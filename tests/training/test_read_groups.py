@@ -1,19 +1,17 @@
-"""Parts read in groups (read_groups.py): each trigger step keeps its own document's data and keys, and the
-device loader makes the host reference's batches from groups as from single parts."""
+"""Parts read in groups (read_groups.py): each trigger step keeps its own document's data and keys (the device
+loader on groups against the host reference: test_device_batches.py)."""
 
 import pytest
 import torch
 from training_helpers import TARGET_LAYERS
 
-from fm_transformers.training.dataset import HostBatches, host_batches
-from fm_transformers.training.device_batches import device_batches
+from fm_transformers.training.dataset import HostBatches
 from fm_transformers.training.order import EpochOrder
 from fm_transformers.training.read_groups import ReadGroups
 from fm_transformers.training.shards import LabelShards
 from fm_transformers.training.staging import tensor_names
 
 LAYERS = list(TARGET_LAYERS)
-CPU = torch.device("cpu")
 
 
 @pytest.mark.parametrize("labels", ["train_labels", "split_train_labels"])
@@ -71,35 +69,3 @@ def test_a_host_sample_from_a_group_gathers_its_own_documents_keys(split_train_l
         assert torch.equal(sample["candidates"][: positives.numel()], positives)
         for layer in LAYERS:
             assert torch.equal(sample["keys"][layer], own[f"keys/{layer}"][sample["candidates"]])
-
-
-@pytest.mark.parametrize("labels", ["train_labels", "split_train_labels"])
-def test_device_batches_from_groups_hold_the_host_references_samples(labels, request):
-    shards = LabelShards(request.getfixturevalue(labels))
-    groups = ReadGroups(shards, min_triggers=3 * max(shards.part_triggers()))
-    order = EpochOrder(groups.part_triggers(), batch_size=32, seed=0, epoch=1)
-    made = list(device_batches(groups, LAYERS, order, 0, 3.0, CPU))
-    reference = list(host_batches(groups, LAYERS, order, 0, 3.0))
-    assert len(made) == len(reference) == len(order)
-    for device, host in zip(made, reference, strict=True):
-        assert torch.equal(device.positions, host.positions)
-        assert torch.equal(device.targets, host.targets) and torch.equal(device.mask, host.mask)
-        positive = host.targets.bool()
-        for layer in LAYERS:
-            assert torch.equal(device.hidden[layer], host.hidden[layer])
-            assert torch.equal(device.keys[layer][positive], host.keys[layer][positive])
-
-
-@pytest.mark.gpu
-def test_groups_staged_on_the_gpu_make_the_cpu_batches(split_train_labels):
-    """On CUDA the joined CSR pointers and key bases travel apart from the part's buffer (staging.py)."""
-    shards = LabelShards(split_train_labels)
-    groups = ReadGroups(shards, min_triggers=3 * max(shards.part_triggers()))
-    order = EpochOrder(groups.part_triggers(), batch_size=32, seed=0, epoch=0)
-    on_gpu = device_batches(groups, LAYERS, order, 0, 3.0, torch.device("cuda"), prefetch=3)
-    for gpu, cpu in zip(on_gpu, device_batches(groups, LAYERS, order, 0, 3.0, CPU), strict=True):
-        assert gpu.keys[4].is_cuda
-        assert torch.equal(gpu.positions.cpu(), cpu.positions) and torch.equal(gpu.mask.cpu(), cpu.mask)
-        positive = cpu.targets.bool()
-        for layer in LAYERS:
-            assert torch.equal(gpu.keys[layer].cpu()[positive], cpu.keys[layer][positive])

@@ -87,12 +87,7 @@ class PartStager:
             return StagedPart(part, order_position, {**_with_spare_index(data), "visible": visible, "rows": rows},
                               host, None)
         with torch.cuda.device(self.device), torch.cuda.stream(self._stream):
-            buffer = data["positions"].untyped_storage().data_ptr()
-            in_buffer = {name: tensor for name, tensor in data.items() if tensor.untyped_storage().data_ptr() == buffer}
-            moved = _with_spare_index(_move_buffer(in_buffer, self.device))
-            # a group's joined CSR pointers and key bases (LabelShards.load_parts) are small tensors of their own
-            apart = [name for name in data if name not in in_buffer]
-            moved.update({name: data[name].to(self.device, non_blocking=True) for name in apart})
+            moved = _with_spare_index(_move_part(data, self.device))
             moved.update({name: host[name].to(self.device, non_blocking=True) for name in ("visible", "rows")})
             ready = self._stream.record_event()
         return StagedPart(part, order_position, moved, host, ready)
@@ -104,11 +99,10 @@ def _with_spare_index(data: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {**data, "labels/indices": torch.cat([indices, indices.new_zeros(1)])}
 
 
-def _move_buffer(data: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    """The views of one host buffer (load_part's), as views of one copy of that buffer on `device`: one transfer."""
+def _move_part(data: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """A part read by LabelShards.load_parts, on `device`: the views of its one host buffer as views of one copy of
+    that buffer (one transfer); a tensor of its own (a group's joined CSR pointers and key bases) on its own."""
     storage = data["positions"].untyped_storage()
-    if any(tensor.untyped_storage().data_ptr() != storage.data_ptr() for tensor in data.values()):
-        raise ValueError("a part's tensors must be views of one buffer (LabelShards.load_part)")
     buffer = torch.empty(storage.nbytes(), dtype=torch.uint8)
     buffer.set_(storage)
     moved = buffer.to(device, non_blocking=True).untyped_storage()
@@ -116,5 +110,7 @@ def _move_buffer(data: dict[str, torch.Tensor], device: torch.device) -> dict[st
         name: torch.empty(0, dtype=tensor.dtype, device=device).set_(
             moved, tensor.storage_offset(), tensor.shape, tensor.stride()
         )
+        if tensor.untyped_storage().data_ptr() == storage.data_ptr()
+        else tensor.to(device, non_blocking=True)
         for name, tensor in data.items()
     }
