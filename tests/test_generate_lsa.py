@@ -68,3 +68,18 @@ def test_by_default_the_shipped_pair_answers_and_keeping_everything_equals_full(
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[0] == "qa_block: a 256-token context, an answer of 15 tokens (token ids)"
     assert "writes the full cache's answer token for token: True" in result.stdout
+
+
+def test_the_shipped_tau16_indexer_goes_with_the_shipped_backbone_and_keeping_everything_equals_full():
+    """checkpoints/indexer-tau16 is a second indexer for the same backbone: it loads beside it, its recalls fire
+    every 16 steps, and keeping every chunk writes the full cache's tokens."""
+    shipped = SCRIPT.parents[1] / "checkpoints"
+    flags = ["--backbone", str(shipped / "backbone-bf16"), "--indexer", str(shipped / "indexer-tau16"),
+             "--task", "long_chain", "--context", "256", "--answer-tokens", "33", "--tau", "16", "--threshold", "0"]
+    result = subprocess.run([sys.executable, str(SCRIPT), *flags], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "writes the full cache's answer token for token: True" in result.stdout
+    lines = result.stdout.splitlines()
+    answer_tokens = int(lines[0].split("an answer of ")[1].split()[0])  # the task's answer, at most 33 tokens
+    recalls = next(line for line in lines if "recalls per layer" in line)
+    assert answer_tokens > 16 and recalls.split("recalls per layer: ")[1].startswith(f"{1 + (answer_tokens - 1) // 16} ")
