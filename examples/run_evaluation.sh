@@ -22,7 +22,7 @@
 #                                                          4.2 min (measured, H100: 53K tokens/s)
 #   indexer   per tau (64, 16): select the labels at votes 1-3 and the evidence labels (departs from the paper;
 #             one dump serves all), train an indexer per label set and learning rate (8), choose on validation,
-#             gate on test; in 8-min runs, 2.8 min a candidate (measured, H100), ~23 min per tau
+#             gate on test; in 8-min runs, 30 s a candidate (measured, H100: 110 steps/s), ~5 min per tau
 #   tune      per tau: the recency tails (uncapped LSA's; the budgeted rows', with their threshold) chosen on a
 #             validation draw (seed 0)                              2.3 min per tau (measured, H200)
 #   compare   per tau, length (2048, 4096, 8192) and task: 200 examples on draw seed 1, in parts of 50
