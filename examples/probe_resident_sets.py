@@ -16,7 +16,10 @@ For each long task, --examples examples of draw --seed (5: neither the tuning dr
 - the evidence oracle with --fillers more chunks (first tail): drawn from the filler, or from the other
   statements (distractors), or the ones the stock run picked most (an oracle: each layer's spare picks keep
   returning to a few chunks of its own). The top-k fills all its slots from what is resident: this tells whether
-  the answers need more than the evidence or only harmless chunks in the slots the evidence leaves free.
+  the answers need more than the evidence or only harmless chunks in the slots the evidence leaves free;
+- the window evidence oracle at each tail: at each recall only the statements the next tau answer tokens are read
+  from (long_tasks.window_evidence_chunks), the tail and the sink; then with --fillers filler chunks (first tail):
+  what labels of a window's evidence (label_selection.EVIDENCE_WINDOW) could reach.
 Each answered by greedy decoding of the answer's length; reported: answer tokens right, tokens the same as the
 stock run's, exact match, and the resident CSA bytes' mean share over the recalls.
 """
@@ -37,10 +40,12 @@ from fm_transformers.eval.catalog import evaluation_examples
 from fm_transformers.eval.comparison import generate
 from fm_transformers.eval.long_tasks import (
     LONG_TASK_NAMES,
+    answer_evidence,
     evidence_chunks,
     expected_triggers,
     question_start,
     statement_chunks,
+    window_evidence_chunks,
 )
 from fm_transformers.eval.matched import RecordingPolicy
 from fm_transformers.eval.oracle import NativePicks, lookahead_sets
@@ -62,7 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", help="JSON with every measure")
     args = parser.parse_args(argv)
     try:
-        args.budgets = [None if b == "none" else float(b) for b in args.budgets.split(",")]
+        args.budgets = [None if b == "none" else float(b) for b in args.budgets.split(",") if b]
         args.tails = [int(t) for t in args.tails.split(",")]
     except ValueError:
         parser.error("--budgets takes fractions or 'none', --tails whole chunk counts, comma-separated")
@@ -154,6 +159,12 @@ def probe_task(model, task: str, args) -> dict:
         config = LSAConfig(tau=args.tau, recency_chunks=tail, sink_chunks=1)
         tokens, share = decode_with_sets(model, input_ids, length, [evidence] * triggers, config)
         result[f"evidence tail {tail}"] = {**answer_scores(tokens, stock, examples), "resident_share": share}
+    windows = [window_evidence_chunks(answer_evidence(e), task, length, args.tau, rate) for e in examples]
+    window_sets = [[torch.tensor(w[trigger]) for w in windows] for trigger in range(triggers)]
+    for tail in args.tails:
+        config = LSAConfig(tau=args.tau, recency_chunks=tail, sink_chunks=1)
+        tokens, share = decode_with_sets(model, input_ids, length, window_sets, config)
+        result[f"window evidence tail {tail}"] = {**answer_scores(tokens, stock, examples), "resident_share": share}
     config = LSAConfig(tau=args.tau, recency_chunks=args.tails[0], sink_chunks=1)
     extra = added_chunks(examples, rate, args.fillers, config.recency_chunks)
     extra["most picked"] = most_picked_others(steps, evidence, args.fillers, prompt // rate - config.recency_chunks)
@@ -162,6 +173,10 @@ def probe_task(model, task: str, args) -> dict:
         tokens, share = decode_with_sets(model, input_ids, length, [sets] * triggers, config)
         scores = answer_scores(tokens, stock, examples)
         result[f"evidence + {args.fillers} {kind}"] = {**scores, "resident_share": share}
+    sets = [[torch.tensor(sorted({*w.tolist(), *c})) for w, c in zip(window, extra["filler"])] for window in window_sets]
+    tokens, share = decode_with_sets(model, input_ids, length, sets, config)
+    scores = answer_scores(tokens, stock, examples)
+    result[f"window evidence + {args.fillers} filler"] = {**scores, "resident_share": share}
     return result
 
 

@@ -22,7 +22,8 @@ Labels follow the paper's recipe (nucleus 0.6 of the native top-k, lookahead uni
 to the backbone's CSA layers (3 of 21 -> 1 of 7) unless --votes lists candidates: with the paper-layout backbone
 1 of 7 marks most of the context (docs/evaluation.md, sixth run), so the vote is worth choosing; the dump stores
 every chunk's votes, so one dump serves every vote. --evidence-labels adds one more candidate label set, departing
-from the paper: each trigger's question evidence (label_selection.EVIDENCE). Every split is seeded apart from the
+from the paper: each trigger's question evidence (label_selection.EVIDENCE); --window-evidence-labels another, the
+evidence of each trigger's next tau answer tokens only (EVIDENCE_WINDOW). Every split is seeded apart from the
 others and from the comparison's examples.
 """
 
@@ -39,7 +40,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from fm_transformers.eval.dump_blocks import block_directories, dump_in_blocks, is_complete
 from fm_transformers.eval.gate import CHOICE_RULE, choose_candidate, gate_metrics, selection_score
 from fm_transformers.eval.indexer_data import question_documents, question_trigger_warmup, scaled_vote
-from fm_transformers.eval.label_selection import EVIDENCE, LabelSet, select_label_sets
+from fm_transformers.eval.label_selection import EVIDENCE, EVIDENCE_SETS, EVIDENCE_WINDOW, LabelSet, select_label_sets
 from fm_transformers.indexer import MemoryIndexerModel, default_target_layers
 from fm_transformers.layout import csa_layers
 from fm_transformers.training import DumpConfig, LabelConfig, TrainConfig, train
@@ -72,6 +73,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--evidence-labels", action="store_true",
         help="train: one more candidate, labels marking each trigger's question evidence (departs from the paper)",
+    )
+    parser.add_argument(
+        "--window-evidence-labels", action="store_true",
+        help="train: one more candidate, labels marking the evidence of each trigger's next tau answer tokens "
+        "(departs from the paper)",
     )
     parser.add_argument("--block-size", type=int, default=250, help="documents per dump block")
     parser.add_argument(
@@ -128,17 +134,18 @@ def dump(args, workdir: Path) -> bool:
 
 def candidate_label_sets(args) -> list[LabelSet]:
     """The label sets to choose among: the votes, each checked against the backbone's CSA layers before any work,
-    and the evidence if asked."""
+    and the evidence label sets asked for."""
     layers = len(csa_layers(AutoConfig.from_pretrained(args.backbone)))
     votes = args.votes or [scaled_vote(layers)]
     if max(votes) > layers:
         raise SystemExit(f"error: --votes {max(votes)} asks more CSA layers than the backbone's {layers}")
-    return [*votes, *([EVIDENCE] if args.evidence_labels else [])]
+    evidence = [EVIDENCE] if args.evidence_labels else []
+    return [*votes, *evidence, *([EVIDENCE_WINDOW] if args.window_evidence_labels else [])]
 
 
 def label_set_name(label_set: LabelSet) -> str:
-    """The directory and candidate prefix of a label set: vote<v> or evidence."""
-    return EVIDENCE if label_set == EVIDENCE else f"vote{label_set}"
+    """The directory and candidate prefix of a label set: vote<v>, evidence or evidence-window."""
+    return label_set if label_set in EVIDENCE_SETS else f"vote{label_set}"
 
 
 def select_tau(args, workdir: Path, out: Path, label_sets: list[LabelSet]) -> None:

@@ -13,7 +13,14 @@ from fm_transformers.eval import build_eval_backbone, eval_backbone_config
 from fm_transformers.eval.dump_blocks import block_directories, dump_in_blocks, is_complete
 from fm_transformers.eval.gate import gate_metrics, selection_score
 from fm_transformers.eval.indexer_data import question_documents, question_trigger_warmup, scaled_vote
-from fm_transformers.eval.label_selection import QUESTIONS, read_questions, select_label_sets, select_labels
+from fm_transformers.eval.label_selection import (
+    EVIDENCE,
+    EVIDENCE_WINDOW,
+    QUESTIONS,
+    read_questions,
+    select_label_sets,
+    select_labels,
+)
 from fm_transformers.indexer import MemoryIndexerModel, default_target_layers
 from fm_transformers.training import DumpConfig, LabelConfig, LabelShards, dump_labels
 from fm_transformers.training.shards import MANIFEST
@@ -133,6 +140,30 @@ def test_one_pass_over_the_dump_selects_every_vote_as_one_pass_each_does(raw, tm
             assert sorted(a) == sorted(b) and all(torch.equal(a[name], b[name]) for name in a)
     sizes = [LabelShards(target).load(0)["labels/indices"].numel() for target in targets.values()]
     assert sizes[1] > sizes[2]  # the votes' label sets differ: each went to its own directory
+
+
+def test_window_evidence_labels_mark_only_the_statements_each_triggers_window_reads(raw, tmp_path):
+    root, questions = raw
+    blocks = block_directories(root / "tau4", 3, 2)
+    targets = {EVIDENCE: tmp_path / "whole", EVIDENCE_WINDOW: tmp_path / "window"}
+    manifests = select_label_sets(blocks, targets, questions, tau=8)
+    assert manifests[EVIDENCE_WINDOW]["labels"]["source"] == EVIDENCE_WINDOW
+    whole, window = LabelShards(targets[EVIDENCE]), LabelShards(targets[EVIDENCE_WINDOW])
+    narrower = 0
+    for index, document in enumerate(window.documents):
+        a, b = whole.load(index), window.load(index)
+        assert torch.equal(a["positions"], b["positions"]) and torch.equal(a["used/indices"], b["used/indices"])
+        expected = {}
+        for question in questions[document.doc_id]:
+            windows = question.window_evidence_chunks(8, window.compress_rate)
+            for position, chunks in zip(question.trigger_positions(8), windows):
+                expected[position] = sorted(c for c in chunks if c < (position + 1) // window.compress_rate)
+        for row, position in enumerate(b["positions"].tolist()):
+            marked = b["labels/indices"][b["labels/indptr"][row] : b["labels/indptr"][row + 1]].tolist()
+            all_evidence = a["labels/indices"][a["labels/indptr"][row] : a["labels/indptr"][row + 1]].tolist()
+            assert marked == expected[position] and set(marked) <= set(all_evidence)
+            narrower += len(marked) < len(all_evidence)
+    assert narrower > 0  # the windows of long answers read fewer statements than the whole answer
 
 
 @pytest.mark.parametrize("vote, message", [(0, "not a number of CSA layers"), (8, "not a number of CSA layers")])

@@ -1,6 +1,6 @@
-"""examples/train_eval_indexer.py --votes and --evidence-labels: one dump serves every candidate label set,
-validation chooses among label sets and learning rates by the rule gate.py states, and a vote the backbone cannot
-give is a clear error before any work."""
+"""examples/train_eval_indexer.py --votes, --evidence-labels and --window-evidence-labels: one dump serves every
+candidate label set, validation chooses among label sets and learning rates by the rule gate.py states, and a vote
+the backbone cannot give is a clear error before any work."""
 
 import json
 import shutil
@@ -57,13 +57,19 @@ def test_one_dump_trains_every_candidate_vote_and_validation_chooses(backbone, d
     assert f"{report['chosen_labels']}, lr {report['chosen_lr']} chosen on validation" in done.stdout
 
 
-def test_evidence_labels_are_one_more_candidate_marking_each_questions_evidence(backbone, dumped, tmp_path):
+def test_evidence_labels_are_more_candidates_marking_each_questions_evidence(backbone, dumped, tmp_path):
     shutil.copytree(dumped / "raw", tmp_path / "raw")
-    done = run(backbone, tmp_path, *TRAIN, "--votes", "2", "--evidence-labels", "--lrs", "1e-3")
+    flags = ["--votes", "2", "--evidence-labels", "--window-evidence-labels", "--lrs", "1e-3"]
+    done = run(backbone, tmp_path, *TRAIN, *flags)
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads((tmp_path / "tau8" / "gate.json").read_text())
-    assert set(report["validation"]) == {"vote2-lr0.001", "evidence-lr0.001"}
-    assert set(report["labels_on_test"]) == {"vote2", "evidence"}
+    assert set(report["validation"]) == {"vote2-lr0.001", "evidence-lr0.001", "evidence-window-lr0.001"}
+    assert set(report["labels_on_test"]) == {"vote2", "evidence", "evidence-window"}
+    window = json.loads((tmp_path / "tau8" / "evidence-window" / "train" / "manifest.json").read_text())
+    assert window["labels"]["source"] == "evidence-window"
+    # a window's evidence is part of the question's: as the scores, it keeps no more of the chunks
+    narrower, whole = (report["labels_on_test"][labels]["all"] for labels in ("evidence-window", "evidence"))
+    assert 0.0 < narrower["paper_resident_fraction"] <= whole["paper_resident_fraction"]
     assert (report["chosen"], report["meets_resident_target"]) == choose_candidate(report["validation"])
     # as the scores, the evidence labels hold every evidence chunk made at a question and nothing else
     ceiling = report["labels_on_test"]["evidence"]["all"]

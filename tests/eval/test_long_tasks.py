@@ -4,8 +4,10 @@ from collections import Counter
 import pytest
 
 from fm_transformers.eval.long_tasks import (
+    ITEM_TOKENS,
     LONG_TASK_NAMES,
     TokenDraw,
+    answer_evidence,
     evidence_chunks,
     expected_triggers,
     first_error,
@@ -15,6 +17,7 @@ from fm_transformers.eval.long_tasks import (
     random_facts,
     statement_chunks,
     statement_tokens,
+    window_evidence_chunks,
 )
 from fm_transformers.eval.catalog import evaluation_examples
 from fm_transformers.eval.qa_documents import qa_document
@@ -162,3 +165,31 @@ def test_evidence_statements_span_exactly_the_tokens_the_answer_is_read_from(tas
         assert max(statements) <= (question_start(example) - 1) // 4 + 1  # every statement before the question
         markers = {p // 4 + d for p, t in enumerate(example.input_ids) if t in (NEEDLE, LET) for d in (0, 1)}
         assert markers <= set(statements)  # distractors too
+
+
+@pytest.mark.parametrize("task", LONG_TASK_NAMES)
+def test_the_answer_reads_its_evidence_in_order_and_a_window_needs_only_its_items_statements(task):
+    for example in evaluation_examples(task, 1024, 3, seed=5, answer_tokens=40):
+        item = ITEM_TOKENS[task] or len(example.answer)
+        spans = answer_evidence(example)
+        assert sorted(start for start, _ in spans) == list(example.evidence)  # every statement, once
+        for index, (start, stop) in enumerate(spans):  # statement i ends with answer item i
+            assert example.input_ids[stop - item : stop] == example.answer[index * item : (index + 1) * item]
+        windows = window_evidence_chunks(spans, task, len(example.answer), 16, 4)
+        assert len(windows) == expected_triggers(len(example.answer), 16)
+        assert sorted(set().union(*windows)) == evidence_chunks(example, 4)  # together: the whole evidence
+        for trigger, chunks in enumerate(windows):  # tokens 16 k to 16 k + 15 read items 16 k // 5 to ...
+            read = range(16 * trigger // item, min(16 * trigger + 15, len(example.answer) - 1) // item + 1)
+            holding = {p // 4 + d for i in read for p in range(*spans[i]) for d in (0, 1)}
+            assert chunks == sorted(holding)
+        if task != "long_needle":  # one item: the whole evidence at every trigger
+            assert max(map(len, windows)) < len(evidence_chunks(example, 4))
+    with pytest.raises(ValueError, match="evidence spans for 40 answer tokens"):
+        window_evidence_chunks(spans[:-1] if len(spans) > 1 else [], task, 40, 16, 4)
+
+
+def test_a_question_documents_window_evidence_is_its_answers_items_statements():
+    for question in qa_document(2048, random.Random(5), align=64).questions:
+        windows = question.window_evidence_chunks(16, 4)
+        assert len(windows) == len(question.trigger_positions(16))
+        assert sorted(set().union(*windows)) == question.evidence_chunks(4)

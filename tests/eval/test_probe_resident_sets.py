@@ -20,13 +20,17 @@ def test_the_probe_reproduces_the_stock_answers_uncapped_and_holds_less_under_a_
         "--budgets", "0.25,none", "--tails", "2", "--fillers", "6", "--out", str(out),
     ])
     assert set(results) == {"long_needle", "qa_block", "long_chain"}
-    for rows in results.values():
+    for task, rows in results.items():
         assert rows["stock"]["same_as_stock"] == 1.0
         assert rows["oracle budget None"]["same_as_stock"] == 1.0  # every pick resident: the stock answer
         assert rows["oracle budget 0.25"]["resident_share"] < rows["oracle budget None"]["resident_share"]
         assert 0.0 < rows["evidence tail 2"]["resident_share"] < 1.0
         for kind in ("filler", "other statements", "most picked"):  # the evidence and more
             assert rows["evidence tail 2"]["resident_share"] < rows[f"evidence + 6 {kind}"]["resident_share"] < 1.0
+        window = rows["window evidence tail 2"]["resident_share"]  # a window's evidence: part of the whole's
+        whole = rows["evidence tail 2"]["resident_share"]
+        assert 0.0 < window <= whole and (window < whole or task == "long_needle")  # its answer: one item
+        assert window < rows["window evidence + 6 filler"]["resident_share"] < 1.0
         assert 0.0 < rows["touched"]["per_layer"] <= rows["touched"]["pooled"] <= 1.0
         assert sum(rows["picks"].values()) == pytest.approx(1.0) and rows["picks"]["tail"] > 0.0
     assert json.loads(out.read_text())["results"] == json.loads(json.dumps(results))

@@ -13,7 +13,10 @@ chunks whose most layers over the widened window reach v, equal to a dump made a
 Beside the paper's label sets, one that departs from it (EVIDENCE): at every trigger of a question, the chunks of
 that question's evidence already made there, the chunks its answer copies from. On the paper-layout backbone the
 native picks wander over the filler and the paper's labels hold little of the evidence (docs/evaluation.md), while
-the evidence with a recency tail keeps most answers: these labels teach an indexer that target directly.
+the evidence with a recency tail keeps most answers: these labels teach an indexer that target directly. And
+its narrower form (EVIDENCE_WINDOW): at each trigger only the statements that the next tau answer tokens are read
+from (AskedQuestion.window_evidence_chunks), the lookahead window the paper's labels describe, not the whole
+answer's evidence at every trigger of it.
 
 The selected set is a normal label directory (manifest, shards) with the questions of its documents beside it
 (QUESTIONS, read by gate.py).
@@ -34,6 +37,8 @@ from .qa_documents import AskedQuestion
 
 QUESTIONS = "questions.json"
 EVIDENCE = "evidence"  # the label set of each trigger's question evidence, beside the votes (int) and None
+EVIDENCE_WINDOW = "evidence-window"  # the label set of the evidence each trigger's next tau answer tokens read
+EVIDENCE_SETS = (EVIDENCE, EVIDENCE_WINDOW)
 LabelSet = int | str | None
 
 
@@ -43,7 +48,8 @@ def select_labels(
 ) -> dict:
     """Write to `target` (replacing it) the labels at the question triggers for `tau`, from the raw dumps in
     `sources` (one or more directories of one backbone and label settings), at `vote` CSA layers (None: the
-    dump's own; EVIDENCE: the questions' evidence). Returns the manifest."""
+    dump's own; EVIDENCE: the questions' evidence; EVIDENCE_WINDOW: the evidence of each trigger's window). Returns
+    the manifest."""
     return select_label_sets(sources, {vote: target}, questions, tau)[vote]
 
 
@@ -51,8 +57,8 @@ def select_label_sets(
     sources: list[Path], targets: dict[LabelSet, Path], questions: dict[str, tuple[AskedQuestion, ...]], tau: int
 ) -> dict[LabelSet, dict]:
     """select_labels for several label sets in one pass over the dump (each document read and widened once; the
-    sets differ only in their labels): `targets` maps a vote (None: the dump's own; EVIDENCE: the questions'
-    evidence) to its directory. Returns the manifests by label set."""
+    sets differ only in their labels): `targets` maps a vote (None: the dump's own; EVIDENCE, EVIDENCE_WINDOW: the
+    questions' evidence, whole or the window's) to its directory. Returns the manifests by label set."""
     raw = [LabelShards(source) for source in sources]
     first = raw[0]
     for other in raw[1:]:
@@ -63,7 +69,7 @@ def select_label_sets(
     if tau % raw_tau:
         raise ValueError(f"tau {tau} is not a multiple of the dump's tau {raw_tau}: dump at a tau dividing it")
     for vote in targets:
-        if vote not in (None, EVIDENCE):
+        if vote not in (None, *EVIDENCE_SETS):
             _check_vote(vote, first)
     manifests = {vote: _selected_manifest(first.manifest, tau, vote) for vote in targets}
     writers = {}
@@ -77,7 +83,7 @@ def select_label_sets(
         for index, document in enumerate(shards.documents):
             asked = [(p, q) for q in questions[document.doc_id] for p in q.trigger_positions(tau)]
             positions = [p for p, _ in asked]
-            evidence = [q.evidence_chunks(shards.compress_rate) for _, q in asked] if EVIDENCE in targets else None
+            evidence = question_evidence(questions[document.doc_id], tau, shards.compress_rate, targets)
             by_vote = select_triggers(
                 shards.load(index), positions, raw_tau, tau, shards.compress_rate, list(targets), evidence
             )
@@ -96,8 +102,8 @@ def select_label_sets(
 def _selected_manifest(raw: dict, tau: int, vote: LabelSet) -> dict:
     """The manifest of a selected label set, before its documents are written."""
     labels = {**raw["labels"], "tau": tau}
-    if vote == EVIDENCE:
-        labels.update(source=EVIDENCE, vote=None, vote_applied=None)
+    if vote in EVIDENCE_SETS:
+        labels.update(source=vote, vote=None, vote_applied=None)
     elif vote is not None:
         labels.update(vote=vote, vote_applied=vote)
     return {
@@ -121,6 +127,19 @@ def read_questions(directory: Path) -> dict[str, list[AskedQuestion]]:
     }
 
 
+def question_evidence(
+    asked: tuple[AskedQuestion, ...], tau: int, compress_rate: int, label_sets
+) -> dict[str, list[list[int]]]:
+    """Per evidence label set among `label_sets`, the chunks of each trigger of the questions `asked` (in the
+    order of their trigger_positions, question after question)."""
+    evidence = {}
+    if EVIDENCE in label_sets:
+        evidence[EVIDENCE] = [q.evidence_chunks(compress_rate) for q in asked for _ in q.trigger_positions(tau)]
+    if EVIDENCE_WINDOW in label_sets:
+        evidence[EVIDENCE_WINDOW] = [chunks for q in asked for chunks in q.window_evidence_chunks(tau, compress_rate)]
+    return evidence
+
+
 def _check_vote(vote: int, shards: LabelShards) -> None:
     layers = len(shards.backbone["csa_layers"])
     if not 1 <= vote <= layers:
@@ -134,12 +153,12 @@ def _check_vote(vote: int, shards: LabelShards) -> None:
 
 def select_triggers(
     data: dict, positions: list[int], raw_tau: int, tau: int, compress_rate: int, votes: list[LabelSet],
-    evidence: list[list[int]] | None = None,
+    evidence: dict[str, list[list[int]]] | None = None,
 ) -> dict[LabelSet, dict]:
     """One document's tensors (LabelShards.load) at the triggers `positions`, each widened to a window of tau,
     once per label set: at vote v the labels are the chunks the dump's votes hold in at least v layers (None: the
-    dump's own labels; EVIDENCE: `evidence[i]`, the chunks of trigger i's question evidence, cut to those made at
-    the trigger). Everything but the labels is the same tensors for every label set."""
+    dump's own labels; EVIDENCE or EVIDENCE_WINDOW: `evidence[label set][i]`, trigger i's chunks of that set, cut
+    to those made at the trigger). Everything but the labels is the same tensors for every label set."""
     row_of = {position: row for row, position in enumerate(data["positions"].tolist())}
     steps = range(0, tau, raw_tau)
     missing = [p + step for p in positions for step in steps if p + step not in row_of]
@@ -153,16 +172,18 @@ def select_triggers(
             shared[name] = tensor[rows] if name.startswith("hidden/") else tensor
     groups = [[row_of[p + step] for step in steps] for p in positions]
     shared.update(_union_rows(data, "used", groups, limits))
-    voting = any(vote not in (None, EVIDENCE) for vote in votes)
+    voting = any(vote not in (None, *EVIDENCE_SETS) for vote in votes)
     widened = _union_rows(data, "votes", groups, limits, reduce="max") if voting else None
 
     def labels(vote: LabelSet) -> dict:
         if vote is None:
             return _union_rows(data, "labels", groups, limits)
-        if vote == EVIDENCE:
-            if evidence is None or len(evidence) != len(positions):
-                raise ValueError("evidence labels need each trigger's evidence chunks")
-            return _chunk_rows([[c for c in chunks if c < limit] for chunks, limit in zip(evidence, limits.tolist())])
+        if vote in EVIDENCE_SETS:
+            chunks_by_trigger = (evidence or {}).get(vote)
+            if chunks_by_trigger is None or len(chunks_by_trigger) != len(positions):
+                raise ValueError(f"{vote} labels need each trigger's evidence chunks")
+            made = zip(chunks_by_trigger, limits.tolist())
+            return _chunk_rows([[c for c in chunks if c < limit] for chunks, limit in made])
         return _at_least(widened, vote)
 
     return {vote: {**shared, **labels(vote)} for vote in votes}

@@ -225,6 +225,33 @@ def statement_chunks(example: Example, compress_rate: int) -> list[int]:
     return _chunks_of_statements(example, starts, compress_rate)
 
 
+def answer_evidence(example: Example) -> list[tuple[int, int]]:
+    """The evidence statements' (start, stop) spans in the order the answer reads them, one per answer item: each
+    statement ends with its item (a needle's value, a qa_block key and value, a chain hop's target name), and no
+    token is drawn twice in an example, so an item's first token finds its statement."""
+    size, item = statement_tokens(example), ITEM_TOKENS[example.task] or len(example.answer)
+    by_first = {example.input_ids[start + size - item]: (start, start + size) for start in example.evidence}
+    return [by_first[example.answer[first]] for first in range(0, len(example.answer), item)]
+
+
+def window_evidence_chunks(
+    spans: list[tuple[int, int]], task: str, answer_tokens: int, tau: int, compress_rate: int
+) -> list[list[int]]:
+    """Per level-1 trigger of an answer (expected_triggers), the chunks of the evidence that the next tau answer
+    tokens are read from: trigger k's set serves the forwards that write answer tokens k tau to (k + 1) tau - 1,
+    whose items' statements are `spans` (in answer order, one per item of ITEM_TOKENS; one for a whole-answer
+    item). Narrower than the whole evidence at every trigger: what a window of decoding needs, as the paper's
+    lookahead labels are."""
+    item = ITEM_TOKENS[task] or answer_tokens
+    if len(spans) != -(-answer_tokens // item):
+        raise ValueError(f"{len(spans)} evidence spans for {answer_tokens} answer tokens of {item}-token items")
+    windows = []
+    for trigger in range(expected_triggers(answer_tokens, tau)):
+        first, last = trigger * tau, min((trigger + 1) * tau, answer_tokens) - 1
+        windows.append(csa_chunks_of_spans(spans[first // item : last // item + 1], compress_rate))
+    return windows
+
+
 def _chunks_of_statements(example: Example, starts, compress_rate: int) -> list[int]:
     size = statement_tokens(example)
     return csa_chunks_of_spans(((start, start + size) for start in starts), compress_rate)

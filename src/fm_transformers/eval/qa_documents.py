@@ -18,7 +18,7 @@ import random
 from dataclasses import dataclass
 
 from ..layout import csa_chunks_of_spans
-from .long_tasks import LONG_TASK_NAMES, TokenDraw, expected_triggers, random_facts
+from .long_tasks import LONG_TASK_NAMES, TokenDraw, expected_triggers, random_facts, window_evidence_chunks
 from .tasks import Example
 from .vocab import BOS, FILLER, LONG_TASK_TOKENS
 
@@ -40,6 +40,11 @@ class AskedQuestion:
     def evidence_chunks(self, compress_rate: int) -> list[int]:
         """Compressed chunks holding a token of the evidence (layout.csa_chunks_of_spans)."""
         return csa_chunks_of_spans(self.evidence, compress_rate)
+
+    def window_evidence_chunks(self, tau: int, compress_rate: int) -> list[list[int]]:
+        """Per trigger (trigger_positions), the chunks of the evidence the next tau answer tokens are read from
+        (long_tasks.window_evidence_chunks; `evidence` is in the order the answer reads it)."""
+        return window_evidence_chunks(list(self.evidence), self.task, self.answer_tokens, tau, compress_rate)
 
 
 @dataclass(frozen=True)
