@@ -20,9 +20,10 @@
 #                                                          6.4 min (measured, H100; CPU: 10 min)
 #   dump      label 5,600 question documents with the frozen backbone (train/validation/test), 32 a forward
 #                                                          4.2 min (measured, H100: 53K tokens/s)
-#   indexer   per tau (64, 16): select the labels at votes 1-3 and the evidence labels (departs from the paper;
-#             one dump serves all), train an indexer per label set and learning rate (8), choose on validation,
-#             gate on test; in 8-min runs, 30 s a candidate (measured, H100: 110 steps/s), ~5 min per tau
+#   indexer   per tau (64, 16): select the labels at votes 1-3 and two evidence label sets, the question's and
+#             the window's (both depart from the paper; one dump serves all), train an indexer per label set and
+#             learning rate (10), choose on validation, gate on test; in 8-min runs, 30 s a candidate (measured,
+#             H100: 110 steps/s), ~6 min per tau
 #   tune      per tau: the recency tails (uncapped LSA's; the budgeted rows', with their threshold) chosen on a
 #             validation draw (seed 0)                              2.3 min per tau (measured, H200)
 #   compare   per tau, length (2048, 4096, 8192) and task: 200 examples on draw seed 1, in parts of 50
@@ -61,7 +62,8 @@ if [[ "${SMOKE:-0}" == 1 ]]; then
     backbone_flags=("${window_flags[@]}" --restricted-share 0.75 --extra-tasks long_needle,qa_block,long_chain)
     data_flags=(--length 320 --spacing 128 --align 8 --train-docs 6 --validation-docs 3 --test-docs 3 --dump-tau 4
                 --block-size 6 --recency-chunks 2)
-    indexer_flags=(--steps 20 --batch-size 8 --num-heads 2 --rank 8 --lrs 3e-3 --votes 1,2 --evidence-labels)
+    indexer_flags=(--steps 20 --batch-size 8 --num-heads 2 --rank 8 --lrs 3e-3 --votes 1,2 --evidence-labels
+                   --window-evidence-labels)
     compare_flags=(--answer-tokens 16 --batch-size 4 --no-paging)
     tune_flags=(--lengths 320 --examples 1 --tails 2,4 --thresholds 0)
     probe_flags=(--length 320 --answer-tokens 16 --tau 4 --examples 1 --budgets 0.5,none --tails 2)
@@ -85,7 +87,7 @@ else
     data_flags=(--length 2048 --train-docs 5000 --validation-docs 300 --test-docs 300 --dump-tau 16
                 --dump-batch-size 32)
     indexer_flags=(--steps 3000 --batch-size 256 --num-heads 16 --rank 256 --lrs 1e-3,3e-3 --votes 1,2,3
-                   --evidence-labels)
+                   --evidence-labels --window-evidence-labels)
     compare_flags=(--batch-size 50)  # a part's 50 examples in one batch: one generate per row and part, not two
     tune_flags=(--lengths 2048 --examples 40)
     probe_flags=(--length 2048 --examples 4)

@@ -231,21 +231,23 @@ def print_gate(report: dict) -> None:
         print(f"  {name:<16} score {selection_score(metrics):.3f}  resident paper {m['paper_resident_fraction']:.3f}")
     print("test split, per task:")
     print(
-        f"{'task':<12}{'questions':>10}{'evid. paper':>12}{'evid. budget':>13}{'used paper':>11}{'used budget':>12}"
-        f"{'resident paper':>15}"
+        f"{'task':<12}{'questions':>10}{'evid. paper':>12}{'evid. budget':>13}{'window paper':>13}{'window budget':>14}"
+        f"{'used paper':>11}{'used budget':>12}{'resident paper':>15}"
     )
     for task in sorted(report["test"], key=lambda name: (name == "all", name)):
         m = report["test"][task]
         print(
             f"{task:<12}{m['question_triggers']:>10}{m['paper_evidence_recall']:>12.3f}"
-            f"{m['budget_evidence_recall']:>13.3f}"
+            f"{m['budget_evidence_recall']:>13.3f}{m['paper_window_evidence_recall']:>13.3f}"
+            f"{m['budget_window_evidence_recall']:>14.3f}"
             f"{m['paper_used_recall']:>11.3f}{m['budget_used_recall']:>12.3f}{m['paper_resident_fraction']:>15.3f}"
         )
     print("the labels as the scores (a perfect learner of them), test split, all tasks, paper resident set:")
     for name, metrics in report["labels_on_test"].items():
         m = metrics["all"]
         print(
-            f"  {name:<8} evidence {m['paper_evidence_recall']:.3f}  used {m['paper_used_recall']:.3f}"
+            f"  {name:<15} evidence {m['paper_evidence_recall']:.3f}  window evidence "
+            f"{m['paper_window_evidence_recall']:.3f}  used {m['paper_used_recall']:.3f}"
             f"  resident {m['paper_resident_fraction']:.3f}"
         )
 

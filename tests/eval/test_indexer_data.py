@@ -164,6 +164,12 @@ def test_window_evidence_labels_mark_only_the_statements_each_triggers_window_re
             assert marked == expected[position] and set(marked) <= set(all_evidence)
             narrower += len(marked) < len(all_evidence)
     assert narrower > 0  # the windows of long answers read fewer statements than the whole answer
+    # as the scores, either set holds every window's evidence; only the whole set holds all of it at a question
+    as_scores = {labels: gate_metrics(None, target, budget=1.0, recency_chunks=0, sink_chunks=0)["all"]
+                 for labels, target in targets.items()}
+    assert as_scores[EVIDENCE]["paper_window_evidence_recall"] == 1.0 == as_scores[EVIDENCE]["paper_evidence_recall"]
+    assert as_scores[EVIDENCE_WINDOW]["paper_window_evidence_recall"] == 1.0
+    assert as_scores[EVIDENCE_WINDOW]["paper_evidence_recall"] < 1.0
 
 
 @pytest.mark.parametrize("vote, message", [(0, "not a number of CSA layers"), (8, "not a number of CSA layers")])
@@ -198,6 +204,7 @@ def test_the_gate_selects_everything_at_threshold_zero_and_holds_the_budget(raw,
     indexer = MemoryIndexerModel.from_backbone(model, num_heads=2, rank=8)
     everything = gate_metrics(indexer, tmp_path, budget=1.0, threshold=0.0, recency_chunks=0, sink_chunks=0)
     assert everything["all"]["paper_evidence_recall"] == 1.0 and everything["all"]["paper_used_recall"] == 1.0
+    assert everything["all"]["paper_window_evidence_recall"] == 1.0
     assert everything["all"]["paper_resident_fraction"] == 1.0
     capped = gate_metrics(indexer, tmp_path, budget=0.1, threshold=0.0, recency_chunks=2, sink_chunks=1)
     assert set(capped) == {"all", *(q.task for asked in questions.values() for q in asked)}

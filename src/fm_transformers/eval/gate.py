@@ -4,6 +4,9 @@ will need, at the resident sets LSA will really use?
 Per task, at the triggers of a selected label set (label_selection.py):
 - evidence_recall: at each question's own trigger, the share of its evidence chunks (those holding a statement
   that carries the answer, already made at the trigger) in the resident set;
+- window_evidence_recall: at every trigger (question and answer), the share of the evidence chunks the next tau
+  answer tokens read (AskedQuestion.window_evidence_chunks, made at the trigger) in the resident set: what the
+  lookahead must hold for the window it serves, where evidence_recall asks the first trigger for the whole answer's;
 - used_recall: at every trigger (question and answer), the share of the native top-k picks of the next tau steps
   (every CSA layer, every token: the dump's "used" counts) that fall in the resident set: level 2 reproduces the
   full cache where this is 1;
@@ -78,16 +81,22 @@ def gate_metrics(
         data = shards.load(index)
         rows = torch.arange(data["positions"].numel())
         scores = label_scores(data, rows) if indexer is None else trigger_scores(indexer, data, rows)
-        asked = {p: (q, p == q.end) for q in questions[document.doc_id] for p in q.trigger_positions(_tau(shards))}
+        tau = _tau(shards)
+        asked = {
+            p: (q, p == q.end, window)
+            for q in questions[document.doc_id]
+            for p, window in zip(q.trigger_positions(tau), q.window_evidence_chunks(tau, rate))
+        }
         for row, position in enumerate(data["positions"].tolist()):
-            question, at_question = asked[position]
+            question, at_question, window = asked[position]
             visible = (position + 1) // rate
             used = _csr_row(data, "used", row)
             evidence = [chunk for chunk in question.evidence_chunks(rate) if chunk < visible]
+            window = [chunk for chunk in window if chunk < visible]
             for name, (cut, config) in configs.items():
                 kept = resident_set(scores[row], visible, cut, config)
                 for task in (question.task, "all"):
-                    _add(sums[task], name, kept, visible, used, evidence if at_question else None)
+                    _add(sums[task], name, kept, visible, used, evidence if at_question else None, window)
     if indexer is not None:
         indexer.train(was_training)
     return {task: _means(total) for task, total in sums.items()}
@@ -102,8 +111,14 @@ def _csr_row(data: dict, kind: str, row: int) -> dict[int, int]:
     return dict(zip(data[f"{kind}/indices"][span].tolist(), data[f"{kind}/counts"][span].tolist()))
 
 
-def _add(total, name: str, kept: set[int], visible: int, used: dict[int, int], evidence: list[int] | None) -> None:
+def _add(
+    total, name: str, kept: set[int], visible: int, used: dict[int, int], evidence: list[int] | None,
+    window: list[int],
+) -> None:
     total[f"{name}_used_hit"] += sum(count for chunk, count in used.items() if chunk in kept)
+    if window:
+        total[f"{name}_window_evidence_recall"] += sum(chunk in kept for chunk in window) / len(window)
+        total[f"{name}_windows"] += 1
     total[f"{name}_used"] += sum(used.values())
     total[f"{name}_fraction"] += len(kept) / max(visible, 1)
     total[f"{name}_triggers"] += 1
@@ -117,6 +132,8 @@ def _means(total) -> dict[str, float]:
     for name in SELECTIONS:
         means[f"{name}_evidence_recall"] = total[f"{name}_evidence_recall"] / max(total[f"{name}_questions"], 1)
         means[f"{name}_used_recall"] = total[f"{name}_used_hit"] / max(total[f"{name}_used"], 1)
+        windows = max(total[f"{name}_windows"], 1)
+        means[f"{name}_window_evidence_recall"] = total[f"{name}_window_evidence_recall"] / windows
         means[f"{name}_resident_fraction"] = total[f"{name}_fraction"] / max(total[f"{name}_triggers"], 1)
     return means
 
