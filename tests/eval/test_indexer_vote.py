@@ -98,7 +98,7 @@ def test_a_vote_the_backbone_cannot_give_is_a_clear_error(backbone, dumped, vote
 def metrics(resident: float, recall: float, budget_recall: float | None = None) -> dict:
     recalls = {"paper": recall, "budget": recall if budget_recall is None else budget_recall}
     task = {f"{selection}_{metric}": recalls[selection] for selection in recalls
-            for metric in ("evidence_recall", "used_recall")}
+            for metric in ("evidence_recall", "window_evidence_recall", "used_recall")}
     return {"all": {**task, "paper_resident_fraction": resident}, "qa_block": task}
 
 
@@ -111,6 +111,14 @@ def test_validation_takes_the_best_score_among_candidates_that_meet_the_resident
     assert choose_candidate({"edge": metrics(BYTES_TARGET, 0.5)}) == ("edge", True)
     with pytest.raises(ValueError, match="no candidate"):
         choose_candidate({})
+
+
+def test_validation_ranks_by_the_windows_evidence_not_the_whole_answers_at_its_question():
+    whole, window = metrics(0.3, 0.5, 0.2), metrics(0.3, 0.5, 0.2)
+    for task in ("all", "qa_block"):
+        whole[task].update(budget_evidence_recall=0.6, budget_window_evidence_recall=0.3)
+        window[task].update(budget_evidence_recall=0.2, budget_window_evidence_recall=0.7)
+    assert choose_candidate({"whole": whole, "window": window}) == ("window", False)
 
 
 def test_a_train_stage_stopped_by_its_time_limit_goes_on_where_it_stopped(backbone, dumped, tmp_path):
