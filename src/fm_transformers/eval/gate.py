@@ -116,10 +116,10 @@ def _add(
     window: list[int],
 ) -> None:
     total[f"{name}_used_hit"] += sum(count for chunk, count in used.items() if chunk in kept)
+    total[f"{name}_used"] += sum(used.values())
     if window:
         total[f"{name}_window_evidence_recall"] += sum(chunk in kept for chunk in window) / len(window)
         total[f"{name}_windows"] += 1
-    total[f"{name}_used"] += sum(used.values())
     total[f"{name}_fraction"] += len(kept) / max(visible, 1)
     total[f"{name}_triggers"] += 1
     if evidence:  # a question trigger with evidence already made (a chunk still open is in the window)
