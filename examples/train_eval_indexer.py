@@ -139,8 +139,8 @@ def candidate_label_sets(args) -> list[LabelSet]:
     votes = args.votes or [scaled_vote(layers)]
     if max(votes) > layers:
         raise SystemExit(f"error: --votes {max(votes)} asks more CSA layers than the backbone's {layers}")
-    evidence = [EVIDENCE] if args.evidence_labels else []
-    return [*votes, *evidence, *([EVIDENCE_WINDOW] if args.window_evidence_labels else [])]
+    evidence = ((EVIDENCE, args.evidence_labels), (EVIDENCE_WINDOW, args.window_evidence_labels))
+    return [*votes, *(label_set for label_set, asked in evidence if asked)]
 
 
 def label_set_name(label_set: LabelSet) -> str:

@@ -73,7 +73,7 @@ def gate_metrics(
         "budget": (budget_threshold, LSAConfig(recency_chunks=recency_chunks, sink_chunks=sink_chunks, resident_budget=budget)),
     }
     sums: dict[str, defaultdict] = defaultdict(lambda: defaultdict(float))
-    rate = shards.compress_rate
+    rate, tau = shards.compress_rate, _tau(shards)
     was_training = indexer is not None and indexer.training
     if indexer is not None:
         indexer.eval()
@@ -81,7 +81,6 @@ def gate_metrics(
         data = shards.load(index)
         rows = torch.arange(data["positions"].numel())
         scores = label_scores(data, rows) if indexer is None else trigger_scores(indexer, data, rows)
-        tau = _tau(shards)
         asked = {
             p: (q, p == q.end, window)
             for q in questions[document.doc_id]

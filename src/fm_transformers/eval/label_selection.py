@@ -81,9 +81,9 @@ def select_label_sets(
     kept = {}
     for shards in raw:
         for index, document in enumerate(shards.documents):
-            asked = [(p, q) for q in questions[document.doc_id] for p in q.trigger_positions(tau)]
-            positions = [p for p, _ in asked]
-            evidence = question_evidence(questions[document.doc_id], tau, shards.compress_rate, targets)
+            asked = questions[document.doc_id]
+            positions = [p for q in asked for p in q.trigger_positions(tau)]
+            evidence = question_evidence(asked, tau, shards.compress_rate, targets)
             by_vote = select_triggers(
                 shards.load(index), positions, raw_tau, tau, shards.compress_rate, list(targets), evidence
             )
