@@ -31,7 +31,7 @@ import fm_transformers as fm
 from fm_transformers.eval import build_eval_backbone, eval_backbone_config
 from fm_transformers.eval.catalog import TASK_SETS, evaluation_examples
 from fm_transformers.eval.comparison import run_comparison
-from fm_transformers.eval.methods import RowSettings, paper_rows
+from fm_transformers.eval.methods import PAGING_ROWS, RowSettings, paper_rows
 from fm_transformers.eval.paper_layout import check_paper_layout
 from fm_transformers.eval.summary import format_lead, format_table, format_tasks, join_records, summarize
 from fm_transformers.eval.tuning import tune
@@ -65,7 +65,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--tails", default="4,16,32", help="--tune: candidate recency tails")
     parser.add_argument("--thresholds", default="0,0.3,0.5", help="--tune: candidate budget thresholds")
     parser.add_argument("--paging-layers", default="", help="refresh layers of the paging rows (default: target layers)")
-    parser.add_argument("--no-paging", action="store_true", help="leave the native-paging rows out")
+    rows = parser.add_mutually_exclusive_group()
+    rows.add_argument("--no-paging", action="store_true", help="leave the native-paging rows out")
+    rows.add_argument("--paging-only", action="store_true",
+                      help="the native-paging rows alone (joined later with a part that ran the others)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--eager", action="store_true", help="decode LSA eagerly on CUDA too (default: a CUDA graph)")
     parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples")
@@ -138,6 +141,8 @@ def run(args) -> dict:
         chosen, report = tune(model, indexer, examples, settings, tails, thresholds, args.batch_size, graph=graph)
         return {**head, "settings": asdict(chosen), "tuning": report}
     rows = paper_rows(indexer, settings, paging=not args.no_paging)
+    if args.paging_only:
+        rows = [row for row in rows if row.name in PAGING_ROWS]
     records = {}
     for length in lengths:
         indexed = examples_for(args, length)
@@ -198,12 +203,16 @@ def plot(summary: dict, path: str) -> None:
 def main() -> None:
     args = parse_args()
     result = merge(args.merge) if args.merge else run(args)
-    if result["kind"] == "comparison":
+    alone = args.paging_only and not args.merge  # rows read against full's, which another part holds
+    if result["kind"] == "comparison" and not alone:
         result["summary"] = summarize(result["records"], args.bootstrap, seed=result["seed"])
     with open(args.out, "w") as handle:
         json.dump(result, handle, indent=1)
     if result["kind"] == "tuning":
         print(json.dumps(result["tuning"], indent=1))
+        return
+    if alone:
+        print(f"the native-paging rows in {args.out}: --merge it with the parts that ran full for their summary")
         return
     print(format_table(result["summary"]))
     print()

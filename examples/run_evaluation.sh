@@ -26,9 +26,11 @@
 #             H100: 110 steps/s), ~6 min per tau
 #   tune      per tau: the recency tails (uncapped LSA's; the budgeted rows', with their threshold) chosen on a
 #             validation draw (seed 0)                              2.3 min per tau (measured, H200)
-#   compare   per tau, length (2048, 4096, 8192) and task: 200 examples on draw seed 1, in parts of 50
-#             examples (72 parts; a call starts a part only if the last one it ran, scaled to the part's length,
-#             would still fit; the paging rows in the first part only)  62-87 s a first part (H200), less after
+#   compare   per tau, length (2048, 4096, 8192) and task: 200 examples on draw seed 1, every row but native
+#             paging, in parts of 50 examples (72 parts; a call starts a part only if the last one it ran, scaled
+#             to the part's length, would still fit)          34 s a part of 50 (H100), ~50 s a part of 150
+#   paging    per tau, length and task: the native-paging rows on the first 50 examples (PAGING_EXAMPLES), a part
+#             of their own (whole-history scoring at every step: ~20 s a row for 50 examples)   ~60 s a part
 #   report    join the parts per tau: WORKDIR/tau{64,16}.json, .png, and the printed table   seconds
 # A stage that stops at its time limit exits with status 75: run the same command again (finished work is kept
 # and skipped). `all` runs every stage to its end. SMOKE=1 runs them all at CPU sizes (one tau, one length), about
@@ -38,11 +40,13 @@
 # minutes, default 8) is what one call of a resumable stage may take: a device call is at most 10.
 # TAUS=64 (or 16) runs the stages after the dump for that tau alone (default: both). EXAMPLES=50 compares the first
 # 50 examples of every task and length (default 200: the same draw, so a later run with more adds the parts after).
-# The native-paging rows run on the first PAGING_EXAMPLES examples of each task and length (default 50, one part):
-# they take about 60% of a part's generation time (whole-history scoring at every step) and are read against
-# full's same examples.
+# PART_EXAMPLES=150 makes the parts not yet run 150 examples each (default 50), in batches of at most
+# BATCH_TOKENS / length examples (default 614400: 150 at 4096, 75 at 8192); a GPU step is mostly launch overhead,
+# so a bigger batch costs little more time (the allocator's peaks per example, the batch's over its size, then
+# include less of the weights). The native-paging rows run on the first PAGING_EXAMPLES examples of each task and
+# length (default 50; 0: none) and are read against full's same examples.
 set -euo pipefail
-stage=${1:?usage: bash examples/run_evaluation.sh backbone|probe|dump|indexer|tune|compare|report|all [WORKDIR]}
+stage=${1:?usage: bash examples/run_evaluation.sh backbone|probe|dump|indexer|tune|compare|paging|report|all [WORKDIR]}
 work=${2:-runs/paper}
 STOPPED=75
 mkdir -p "$work"
@@ -64,10 +68,10 @@ if [[ "${SMOKE:-0}" == 1 ]]; then
                 --block-size 6 --recency-chunks 2)
     indexer_flags=(--steps 20 --batch-size 8 --num-heads 2 --rank 8 --lrs 3e-3 --votes 1,2 --evidence-labels
                    --window-evidence-labels)
-    compare_flags=(--answer-tokens 16 --batch-size 4 --no-paging)
-    tune_flags=(--lengths 320 --examples 1 --tails 2,4 --thresholds 0)
+    compare_flags=(--answer-tokens 16)
+    tune_flags=(--lengths 320 --examples 1 --tails 2,4 --thresholds 0 --batch-size 4)
     probe_flags=(--length 320 --answer-tokens 16 --tau 4 --examples 1 --budgets 0.5,none --tails 2)
-    examples=1; part_examples=1; paging_examples=1; minutes=1; eval_seconds=0
+    examples=1; part_examples=1; paging_examples=1; batch_tokens=1280; minutes=1; eval_seconds=0
 else
     device=cuda
     taus=${TAUS:-64 16}; lengths="2048 4096 8192"; parts="long_needle qa_block long_chain"
@@ -88,10 +92,11 @@ else
                 --dump-batch-size 32)
     indexer_flags=(--steps 3000 --batch-size 256 --num-heads 16 --rank 256 --lrs 1e-3,3e-3 --votes 1,2,3
                    --evidence-labels --window-evidence-labels)
-    compare_flags=(--batch-size 50)  # a part's 50 examples in one batch: one generate per row and part, not two
-    tune_flags=(--lengths 2048 --examples 40)
+    compare_flags=()
+    tune_flags=(--lengths 2048 --examples 40 --batch-size 50)
     probe_flags=(--length 2048 --examples 4)
-    examples=${EXAMPLES:-200}; part_examples=50; paging_examples=${PAGING_EXAMPLES:-50}; minutes=${MINUTES:-8}
+    examples=${EXAMPLES:-200}; part_examples=${PART_EXAMPLES:-50}; paging_examples=${PAGING_EXAMPLES:-50}
+    batch_tokens=${BATCH_TOKENS:-614400}; minutes=${MINUTES:-8}
     eval_seconds=150  # a backbone stage's evaluation after its last step: ~2 min on an H200
 fi
 backbone="$work/backbone-bf16"
@@ -160,14 +165,14 @@ run_indexer() {  # each tau in what is left of the call; a candidate not begun w
         [[ -f "$work/indexer/tau$tau/gate.json" ]] && continue
         budget=$(minutes_left 0) || { stop_for_now; return; }
         python examples/train_eval_indexer.py "${indexer_args[@]}" --stage train --tau "$tau" "${indexer_flags[@]}" \
-            --max-minutes "$budget"
+            --max-minutes "$budget" || return
     done
 }
 
 compare() {  # compare TAU OUT FLAGS...: one run of compare_methods.py with the tau's indexer
     local tau=$1 out=$2; shift 2
     python examples/compare_methods.py --backbone "$backbone" --indexer "$work/indexer/tau$tau/indexer" --device "$device" \
-        --tau "$tau" "${compare_flags[@]}" --out "$out" "$@"
+        --tau "$tau" ${compare_flags[@]+"${compare_flags[@]}"} --out "$out" "$@"
 }
 
 run_tune() {
@@ -177,22 +182,33 @@ run_tune() {
     done
 }
 
-run_compare() {  # parts of part_examples examples: a call cut short loses one small part, not a task's 200
+examples_in() {  # the examples a part file holds
+    python -c 'import json, sys; runs = json.load(open(sys.argv[1]))["records"].values()
+print(len(next(iter(next(iter(runs)).values()))))' "$1"
+}
+
+# run_parts KIND: KIND compare (every row but native paging, parts of part_examples up to `examples`) or paging
+# (the native-paging rows alone on the first paging_examples, in parts as compare's). A call starts a part only if the last one it
+# ran, scaled to this part's context (prefill and attention grow with it), would still fit.
+run_parts() {
+    local kind=$1 last=0 last_length=1 started first count limit out rows
     mkdir -p "$work/compare"
-    local last=0 last_length=1 started first
     for tau in $taus; do for length in $lengths; do for tasks in $parts; do
-        for (( first = 0; first < examples; first += part_examples )); do
-            local out="$work/compare/tau$tau-$length-$tasks-$first.json"
-            [[ -f "$out" ]] && continue
-            # the last part's time, scaled to this part's context (prefill and attention grow with it)
+        first=0
+        limit=$examples rows=(--no-paging)
+        [[ $kind == paging ]] && limit=$paging_examples rows=(--paging-only)
+        while (( first < limit )); do
+            out="$work/compare/tau$tau-$length-$tasks-$first.json"
+            [[ $kind == paging ]] && out="$work/compare/tau$tau-$length-$tasks-paging-$first.json"
+            if [[ -f "$out" ]]; then first=$(( first + $(examples_in "$out") )); continue; fi
             if (( SECONDS + last * length / last_length > 60 * minutes )); then stop_for_now; return; fi
+            count=$(( limit - first < part_examples ? limit - first : part_examples ))
             started=$SECONDS
-            paging=(); (( first >= paging_examples )) && paging=(--no-paging)
             compare "$tau" "$out.tmp" --settings "$work/tuned$tau.json" --seed 1 --lengths "$length" --tasks "$tasks" \
-                --first "$first" --examples "$(( examples - first < part_examples ? examples - first : part_examples ))" \
-                ${paging[@]+"${paging[@]}"}
-            mv "$out.tmp" "$out"
-            last=$(( SECONDS - started )) last_length=$length
+                --first "$first" --examples "$count" "${rows[@]}" \
+                --batch-size "$(( count < batch_tokens / length ? count : batch_tokens / length ))" || return
+            mv "$out.tmp" "$out" || return
+            last=$(( SECONDS - started )) last_length=$length first=$(( first + count ))
         done
     done; done; done
 }
@@ -209,7 +225,8 @@ case "$stage" in
     dump) run_dump ;;
     indexer) run_indexer ;;
     tune) run_tune ;;
-    compare) run_compare ;;
+    compare) run_parts compare ;;
+    paging) run_parts paging ;;
     report) run_report ;;
     all)
         repeat_until_done run_backbone
@@ -217,7 +234,8 @@ case "$stage" in
         repeat_until_done run_dump
         repeat_until_done run_indexer
         run_tune
-        repeat_until_done run_compare
+        repeat_until_done run_parts compare
+        repeat_until_done run_parts paging
         run_report ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac

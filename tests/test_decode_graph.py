@@ -89,6 +89,28 @@ def test_buckets_grow_when_a_recall_or_the_room_is_outgrown(model, monkeypatch):
     assert torch.equal(eager.sequences, static.sequences)
 
 
+@pytest.mark.gpu
+def test_captured_buckets_rebuild_while_a_tensor_of_the_last_graph_lives_on(model, monkeypatch):
+    """A rebuilt bucket captures a new graph while something allocated during the last capture is still
+    referenced (here its output buffer): the new capture must not reuse the dropped graph's pool."""
+    if DEVICE.type != "cuda":
+        pytest.skip("FM_TEST_DEVICE=cuda runs it")
+    monkeypatch.setattr(decode_graph, "MIN_RESIDENT_CAPACITY", 2)
+    monkeypatch.setattr(decode_graph, "ROOM_TOKENS", 8)
+    prompt, mask = padded_prompt()
+    eager, _ = decode(model, prompt, mask, KeepAllPolicy(), static=True, capture=False)
+    kept, original_release = [], DecodeGraph.release
+
+    def release_keeping_the_output(self):
+        kept.append(self.logits)
+        original_release(self)
+
+    monkeypatch.setattr(DecodeGraph, "release", release_keeping_the_output)
+    graph, cache = decode(model, prompt, mask, KeepAllPolicy(), static=True, capture=True)
+    assert cache.decode_graph.captures >= 2 and any(logits is not None for logits in kept)
+    assert torch.equal(eager.sequences, graph.sequences)
+
+
 def test_graph_safe_experts_match_eager_experts(model):
     """The MoE inside the graph (grouped_mm or batched_mm experts, no nonzero()) equals the eager loop."""
     block = model.model.layers[-1].mlp

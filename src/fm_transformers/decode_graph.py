@@ -105,7 +105,9 @@ class DecodeGraph:
         for layer in self.cache.lookahead_layers():
             layer.flush_to_pool()
             layer.fix_capacity(None)
-        self.state, self.graph, self.logits, self._warm = None, None, None, False
+        # The graph's private pool goes with it: a later capture into a dropped graph's pool, while a tensor
+        # allocated in that pool is still alive, fails inside the CUDA caching allocator.
+        self.state, self.graph, self.logits, self._warm, self._pool = None, None, None, False, None
 
     # Buckets.
 

@@ -49,7 +49,14 @@ def test_the_smoke_recipe_runs_every_stage_and_a_rerun_skips_what_is_done(tmp_pa
     assert json.loads((tmp_path / "tuned4.json").read_text())["seed"] == 0
     result = json.loads((tmp_path / "tau4.json").read_text())
     assert result["seed"] == 1 and result["tuning"]["seed"] == 0
-    assert list(result["summary"]["320"]) == ["full", "lsa", "recency (matched)", "random (matched)", "lsa (budget)", "oracle lookahead"]
+    assert list(result["summary"]["320"]) == [
+        "full", "lsa", "recency (matched)", "random (matched)", "lsa (budget)", "oracle lookahead", "native paging",
+        "lsa + native paging",
+    ]
+    # the native-paging rows run as a part of their own, read against full's same example
+    paging_part = json.loads((tmp_path / "compare" / "tau4-320-long-paging-0.json").read_text())["records"]["320"]
+    assert sorted(paging_part) == ["lsa + native paging", "native paging"]
+    assert result["summary"]["320"]["native paging"]["examples"] == result["summary"]["320"]["full"]["examples"] == 3
     again = run("compare", work=tmp_path)
     assert again.returncode == 0 and "compare" not in again.stderr
 

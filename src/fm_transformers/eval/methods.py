@@ -94,6 +94,10 @@ class PagingCache(OffloadedLookaheadCache):
         self.refresh_checks = self.refresh_scored_chunks = 0
 
 
+# The native indexer's demand-paging rows: they read no other row's results, so they can run as a part of their own.
+PAGING_ROWS = ("native paging", "lsa + native paging")
+
+
 def paper_rows(indexer, settings: RowSettings, paging: bool = True) -> list[Row]:
     """Every row, in the order the comparison runs them (each after the rows it reads)."""
     paper = LSAConfig(**settings.cache_config())
@@ -129,7 +133,7 @@ def paper_rows(indexer, settings: RowSettings, paging: bool = True) -> list[Row]
         layers = list(settings.paging_layers or indexer.config.layers)
         config = settings.cache_config(budget=True, refresh_layers=layers)
         rows += [
-            Row("native paging", config, lambda m, s: RecencyPolicy(window=0)),
-            Row("lsa + native paging", config, lambda m, s: MemoryIndexerPolicy(indexer, threshold=settings.budget_threshold)),
+            Row(PAGING_ROWS[0], config, lambda m, s: RecencyPolicy(window=0)),
+            Row(PAGING_ROWS[1], config, lambda m, s: MemoryIndexerPolicy(indexer, threshold=settings.budget_threshold)),
         ]
     return rows
