@@ -1,12 +1,14 @@
 """The README's main job: DeepSeek-V4 answers one question with the stock cache and with LSA, side by side.
 
 By default it asks the backbone and memory indexer shipped in checkpoints/ (a paper-layout DeepSeek-V4 trained
-by examples/run_evaluation.sh, its indexer by the same recipe) one long-task question (--task, a --context-token
-context, the evaluation's examples) and prints the expected answer, the full cache's and LSA's (threshold
---threshold, no budget: as the paper runs it), and what each cache held. --backbone and --indexer ask another
-pair. CPU, offline: 29 s on a 2-core CPU at the default 2048-token context (the backbone's training length); at
---context 4096 it took 88 s, 50 s of them the stock model's prefill (LSA's chunked prefill: 3 s), and the full
-cache wrote that draw's first answer wrong from its 22nd token.
+by examples/run_evaluation.sh, its tau-16 indexer by the same recipe) one long-task question (--task, a
+--context-token context, the evaluation's examples) and prints the expected answer, the full cache's and LSA's
+(threshold --threshold, no budget: as the paper runs it; tau: the indexer's own), and what each cache held.
+--backbone and --indexer ask another pair. Both prefill in bounded chunks (fm.enable_bounded_prefill for the stock
+cache, the same results up to float rounding): at the default 4096-token context (twice the training length) the
+stock model's one-shot prefill alone took 50 s on a 2-core CPU, the bounded one 3 s. The default question is
+the first qa_block example of the evaluation's draw (seed 1): 30 s on 2 cores, full writes 129 of its 130 answer
+tokens, LSA 61 from 12.6% of the CSA bytes (the first long_chain example is one full gets wrong from token 22).
 
 --tiny runs a tiny random DeepSeek-V4 made in code instead (seconds): with a fresh (untrained) memory indexer at
 the default threshold LSA keeps an arbitrary subset and may diverge from stock; with threshold 0 it keeps
@@ -37,7 +39,7 @@ from fm_transformers.report import stock_csa_bytes, stock_layer_bytes
 from fm_transformers.tiny import tiny_deepseek_v4, tiny_tokenizer
 
 SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints"
-SHIPPED_BACKBONE, SHIPPED_INDEXER = SHIPPED / "backbone-bf16", SHIPPED / "indexer-tau64"
+SHIPPED_BACKBONE, SHIPPED_INDEXER = SHIPPED / "backbone-bf16", SHIPPED / "indexer-tau16"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -46,12 +48,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--prompt-length", type=int, default=400, help="--tiny: prompt tokens (100 chunks)")
     parser.add_argument("--new-tokens", type=int, default=64, help="--tiny: tokens generated")
     parser.add_argument("--budget", type=float, default=0.25, help="--tiny: resident budget, share of the history")
-    parser.add_argument("--tau", type=int, default=None, help="steps per recall (default 64; 16 with --tiny)")
+    parser.add_argument("--tau", type=int, default=None, help="steps per recall (default: the indexer's; 16 with --tiny)")
     parser.add_argument("--threshold", type=float, default=0.5)
     parser.add_argument("--backbone", help="a trained paper-layout backbone (save_pretrained dir; default: shipped)")
     parser.add_argument("--indexer", help="the backbone's memory indexer (save_pretrained dir; with --backbone)")
-    parser.add_argument("--task", choices=LONG_TASK_NAMES, default="long_chain", help="the question's task")
-    parser.add_argument("--context", type=int, default=2048, help="context tokens (2048: the training length)")
+    parser.add_argument("--task", choices=LONG_TASK_NAMES, default="qa_block", help="the question's task")
+    parser.add_argument("--context", type=int, default=4096, help="context tokens (the backbone trained at 2048)")
     parser.add_argument("--answer-tokens", type=int, default=None, help="answer length (default: the task's 130)")
     parser.add_argument("--seed", type=int, default=1, help="the draw the question comes from")
     args = parser.parse_args(argv)
@@ -80,7 +82,8 @@ def ask_trained_backbone(args) -> None:
     """One long-task question answered by the full cache and by LSA, on the CPU: the answers beside the expected
     one, then the stock cache's bytes and LSA's memory report."""
     model = AutoModelForCausalLM.from_pretrained(args.backbone, dtype=torch.float32).eval()
-    fm.attach_memory_indexer(model, args.indexer)
+    indexer = fm.attach_memory_indexer(model, args.indexer)
+    fm.enable_bounded_prefill(model)  # the stock cache's prefill in chunks too: 50 s -> 3 s at 4096 on 2 cores
     example = evaluation_examples(args.task, args.context, 1, seed=args.seed, answer_tokens=args.answer_tokens)[0]
     input_ids = torch.tensor([example.input_ids])
     prompt_length, answer_length = input_ids.shape[1], len(example.answer)
@@ -88,7 +91,7 @@ def ask_trained_backbone(args) -> None:
         attention_mask=torch.ones_like(input_ids), max_new_tokens=answer_length, min_new_tokens=answer_length,
         do_sample=False, pad_token_id=PAD, eos_token_id=EOS, return_dict_in_generate=True,
     )
-    tau = 64 if args.tau is None else args.tau
+    tau = args.tau or indexer.config.tau or 64
     with torch.no_grad():
         full = model.generate(input_ids, **settings)
         lsa = model.generate(

@@ -28,9 +28,9 @@
 #             validation draw (seed 0)                              2.3 min per tau (measured, H200)
 #   compare   per tau, length (2048, 4096, 8192) and task: 200 examples on draw seed 1, every row but native
 #             paging, in parts of 50 examples (72 parts; a call starts a part only if the last one it ran, scaled
-#             to the part's length, would still fit)          34 s a part of 50 (H100), ~50 s a part of 150
+#             to the part's length, would still fit)   34 s a part of 50, 52-110 s one of 150 (measured, H100)
 #   paging    per tau, length and task: the native-paging rows on the first 50 examples (PAGING_EXAMPLES), a part
-#             of their own (whole-history scoring at every step: ~20 s a row for 50 examples)   ~60 s a part
+#             of their own (whole-history scoring at every step: 20-26 s a row of 50 on an H200)  ~50 s a part
 #   report    join the parts per tau: WORKDIR/tau{64,16}.json, .png, and the printed table   seconds
 # A stage that stops at its time limit exits with status 75: run the same command again (finished work is kept
 # and skipped). `all` runs every stage to its end. SMOKE=1 runs them all at CPU sizes (one tau, one length), about

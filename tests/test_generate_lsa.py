@@ -60,26 +60,34 @@ def test_tiny_with_a_backbone_is_a_clear_error(saved):
     assert result.returncode == 2 and "--tiny makes its own model" in result.stderr
 
 
-def test_by_default_the_shipped_pair_answers_and_keeping_everything_equals_full():
-    """No --backbone: the pair in checkpoints/ loads together, and LSA keeping every chunk writes the full cache's
-    tokens on a short question (what holds for any weights, checked on the shipped ones)."""
-    flags = ["--task", "qa_block", "--context", "256", "--answer-tokens", "15", "--tau", "4", "--threshold", "0"]
-    result = subprocess.run([sys.executable, str(SCRIPT), *flags], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines()[0] == "qa_block: a 256-token context, an answer of 15 tokens (token ids)"
-    assert "writes the full cache's answer token for token: True" in result.stdout
-
-
-def test_the_shipped_tau16_indexer_goes_with_the_shipped_backbone_and_keeping_everything_equals_full():
-    """checkpoints/indexer-tau16 is a second indexer for the same backbone: it loads beside it, its recalls fire
-    every 16 steps, and keeping every chunk writes the full cache's tokens."""
-    shipped = SCRIPT.parents[1] / "checkpoints"
-    flags = ["--backbone", str(shipped / "backbone-bf16"), "--indexer", str(shipped / "indexer-tau16"),
-             "--task", "long_chain", "--context", "256", "--answer-tokens", "33", "--tau", "16", "--threshold", "0"]
-    result = subprocess.run([sys.executable, str(SCRIPT), *flags], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert "writes the full cache's answer token for token: True" in result.stdout
-    lines = result.stdout.splitlines()
-    answer_tokens = int(lines[0].split("an answer of ")[1].split()[0])  # the task's answer, at most 33 tokens
+def recalls_and_answer(stdout: str) -> tuple[int, int]:
+    lines = stdout.splitlines()
+    answer_tokens = int(lines[0].split("an answer of ")[1].split()[0])  # the task's answer, at most what was asked
     recalls = next(line for line in lines if "recalls per layer" in line)
-    assert answer_tokens > 16 and recalls.split("recalls per layer: ")[1].startswith(f"{1 + (answer_tokens - 1) // 16} ")
+    return int(recalls.split("recalls per layer: ")[1].split()[0]), answer_tokens
+
+
+def test_by_default_the_shipped_pair_answers_at_its_indexers_tau_and_keeping_everything_equals_full():
+    """No --backbone: the pair in checkpoints/ (the tau-16 indexer) loads together, recalls fire every 16 steps
+    (no --tau: the indexer's own), and LSA keeping every chunk writes the full cache's tokens on a short question
+    (what holds for any weights, checked on the shipped ones)."""
+    flags = ["--task", "long_chain", "--context", "256", "--answer-tokens", "33", "--threshold", "0"]
+    result = subprocess.run([sys.executable, str(SCRIPT), *flags], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0].startswith("long_chain: a 2")  # a context of about 256 tokens
+    assert "writes the full cache's answer token for token: True" in result.stdout
+    recalls, answer_tokens = recalls_and_answer(result.stdout)
+    assert answer_tokens > 16 and recalls == 1 + (answer_tokens - 1) // 16
+
+
+def test_the_shipped_tau64_indexer_goes_with_the_shipped_backbone_at_its_own_tau():
+    """checkpoints/indexer-tau64 is a second indexer for the same backbone: it loads beside it, its recalls fire
+    every 64 steps, and keeping every chunk writes the full cache's tokens."""
+    shipped = SCRIPT.parents[1] / "checkpoints"
+    flags = ["--backbone", str(shipped / "backbone-bf16"), "--indexer", str(shipped / "indexer-tau64"),
+             "--task", "long_chain", "--context", "256", "--answer-tokens", "33", "--threshold", "0"]
+    result = subprocess.run([sys.executable, str(SCRIPT), *flags], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "writes the full cache's answer token for token: True" in result.stdout
+    recalls, answer_tokens = recalls_and_answer(result.stdout)
+    assert 16 < answer_tokens <= 64 and recalls == 1
