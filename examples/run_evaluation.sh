@@ -23,7 +23,7 @@
 #   indexer   per tau (64, 16): select the labels at votes 1-3 and two evidence label sets, the question's and
 #             the window's (both depart from the paper; one dump serves all), train an indexer per label set and
 #             learning rate (10), choose on validation, gate on test; in 8-min runs, 30 s a candidate (measured,
-#             H100: 110 steps/s), ~6 min per tau
+#             H100: 110 steps/s), ~6 min per tau (SMOKE also starts each from the native indexer: --starts)
 #   tune      per tau: the recency tails (uncapped LSA's; the budgeted rows', with their threshold) chosen on a
 #             validation draw (seed 0)                              2.3 min per tau (measured, H200)
 #   compare   per tau, length (2048, 4096, 8192) and task: 200 examples on draw seed 1, every row but native
@@ -67,7 +67,7 @@ if [[ "${SMOKE:-0}" == 1 ]]; then
     data_flags=(--length 320 --spacing 128 --align 8 --train-docs 6 --validation-docs 3 --test-docs 3 --dump-tau 4
                 --block-size 6 --recency-chunks 2)
     indexer_flags=(--steps 20 --batch-size 8 --num-heads 2 --rank 8 --lrs 3e-3 --votes 1,2 --evidence-labels
-                   --window-evidence-labels)
+                   --window-evidence-labels --starts random,native)
     compare_flags=(--answer-tokens 16)
     tune_flags=(--lengths 320 --examples 1 --tails 2,4 --thresholds 0 --batch-size 4)
     probe_flags=(--length 320 --answer-tokens 16 --tau 4 --examples 1 --budgets 0.5,none --tails 2)

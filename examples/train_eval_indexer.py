@@ -10,7 +10,8 @@ three splits, labelled by the frozen backbone every --dump-tau tokens in blocks 
 --max-minutes it stops between blocks and exits with status 75: the same command goes on.
 train: for --tau, the triggers that carry meaning (each question's end, every tau steps of each answer) and their
 labels, widened from the dump's tau, in each candidate label set (label_selection.py); one indexer per candidate
-label set and learning rate on the three target layers, trained with fm_transformers.training; the one validation
+label set, learning rate and start (--starts: fresh weights, or each target layer's native indexer query tower,
+which departs from the paper) on the three target layers, trained with fm_transformers.training; the one validation
 prefers (gate.choose_candidate: among those whose resident set at threshold 0.5 holds at most 15% of the chunks,
 the best gate score; if none does, the best ranking at the budget) is kept in WORKDIR/tau<TAU>/indexer and gated on
 the test split (gate.py), beside what each candidate label set reaches as the scores (the ceiling of an indexer
@@ -92,6 +93,11 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--tau", type=int, default=16, help="train: decode steps between recalls")
     parser.add_argument("--lrs", default="1e-3,3e-3", help="train: candidate learning rates (chosen on validation)")
+    parser.add_argument(
+        "--starts", default="random",
+        help="train: candidate starting weights, comma-separated: random, native (each target layer's native "
+             "indexer query tower, MemoryIndexerModel.from_native; its rank is the backbone's q_lora_rank)",
+    )
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--num-heads", type=int, default=16)
@@ -175,19 +181,28 @@ def train_tau(args, workdir: Path) -> dict | None:
     label_sets = [label_set_name(label_set) for label_set in wanted]
     gate = dict(budget=args.budget, recency_chunks=args.recency_chunks, sink_chunks=args.sink_chunks)
     lrs = [float(x) for x in args.lrs.split(",")]
-    candidates = {f"{labels}-lr{lr:g}": (labels, lr) for labels in label_sets for lr in lrs}
+    starts = {"random": None, "native": out / "native-start"}
+    asked = args.starts.split(",")
+    if not asked or any(name not in starts for name in asked):
+        raise SystemExit(f"error: --starts {args.starts!r}: choose among {', '.join(starts)}")
+    candidates = {
+        f"{labels}-lr{lr:g}" + ("" if begin == "random" else f"-{begin}"): (labels, lr, starts[begin])
+        for labels in label_sets for lr in lrs for begin in asked
+    }
+    if "native" in asked and not (starts["native"] / "config.json").is_file():
+        save_native_start(args, starts["native"])
     validation = {}
-    for name, (labels, lr) in candidates.items():
+    for name, (labels, lr, start_from) in candidates.items():
         trained = is_trained(out / name)
         if not trained and args.max_minutes is not None and time.monotonic() - start + last > 60 * args.max_minutes:
             return None
         began = time.monotonic()
-        indexer = train_candidate(args, out / labels, out / name, lr)
+        indexer = train_candidate(args, out / labels, out / name, lr, start_from)
         validation[name] = gate_metrics(indexer, out / labels / "validation", **gate)
         if not trained:
             last = time.monotonic() - began
     chosen, meets = choose_candidate(validation)
-    chosen_labels, lr = candidates[chosen]
+    chosen_labels, lr, start_from = candidates[chosen]
     shutil.rmtree(out / "indexer", ignore_errors=True)
     shutil.copytree(out / chosen, out / "indexer", ignore=shutil.ignore_patterns("checkpoints"))
     indexer = MemoryIndexerModel.from_pretrained(out / "indexer").to(args.device)
@@ -195,6 +210,7 @@ def train_tau(args, workdir: Path) -> dict | None:
     ceilings = {labels: gate_metrics(None, out / labels / "test", **gate) for labels in label_sets}  # chooses nothing
     report = {
         "tau": args.tau, "chosen": chosen, "chosen_labels": chosen_labels, "chosen_lr": f"{lr:g}",
+        "chosen_start": "random" if start_from is None else "native",
         "chosen_on": "validation", "criterion": CHOICE_RULE,
         "meets_resident_target": meets, "selection_score": selection_score(validation[chosen]),
         "gate_settings": gate, "validation": validation, "test": test, "labels_on_test": ceilings,
@@ -208,11 +224,22 @@ def is_trained(run_dir: Path) -> bool:
     return (run_dir / "training_summary.json").is_file()
 
 
-def train_candidate(args, data: Path, run_dir: Path, lr: float) -> MemoryIndexerModel:
-    """One candidate indexer on the labels in `data` (train, validation), trained unless already done."""
+def save_native_start(args, directory: Path) -> None:
+    """The native candidates' starting weights: the backbone's native indexer query towers on the dump's target
+    layers, with --num-heads heads (the native ones first)."""
+    backbone = AutoModelForCausalLM.from_pretrained(args.backbone, dtype=torch.float32)
+    heads = max(args.num_heads, backbone.config.index_n_heads)
+    start = MemoryIndexerModel.from_native(backbone, layers=default_target_layers(backbone.config), num_heads=heads)
+    start.save_pretrained(directory)
+
+
+def train_candidate(args, data: Path, run_dir: Path, lr: float, start_from: Path | None) -> MemoryIndexerModel:
+    """One candidate indexer on the labels in `data` (train, validation), trained unless already done; from
+    fresh weights, or from the indexer in `start_from`."""
     if not is_trained(run_dir):
         train(TrainConfig(
             data=str(data / "train"), eval_data=str(data / "validation"), output_dir=str(run_dir),
+            init_from=None if start_from is None else str(start_from),
             num_heads=args.num_heads, rank=args.rank, max_steps=args.steps, batch_size=args.batch_size,
             learning_rate=lr, warmup_steps=min(100, args.steps // 10), cpu=args.device == "cpu",
             bf16=args.device == "cuda", save_every=500, resume=(run_dir / "checkpoints").is_dir(),
@@ -224,7 +251,9 @@ def print_gate(report: dict) -> None:
     """The choice, the test split per task, and what each candidate label set would reach as the scores (the
     ceiling of an indexer trained on it)."""
     meets = "" if report["meets_resident_target"] else " (none met the resident target: the best at the budget)"
-    print(f"\ntau {report['tau']}: {report['chosen_labels']}, lr {report['chosen_lr']} chosen on validation{meets}")
+    start = report.get("chosen_start", "random")
+    print(f"\ntau {report['tau']}: {report['chosen_labels']}, lr {report['chosen_lr']}, {start} start, chosen on "
+          f"validation{meets}")
     print("validation, all tasks:")
     for name, metrics in report["validation"].items():
         m = metrics["all"]

@@ -105,3 +105,33 @@ def test_batched_selection_equals_the_selection_of_each_sequence(budget, recency
     config = LSAConfig(recency_chunks=recency, sink_chunks=sink, resident_budget=budget)
     got = resident_sets(priorities, context_for(num_chunks, batch), config)
     assert [ids.tolist() for ids in got] == _resident_sets_one_sequence_at_a_time(priorities, num_chunks, config)
+
+
+@pytest.mark.parametrize("extra_heads", [0, 4])
+def test_an_indexer_started_from_the_native_one_scores_a_token_as_the_native_indexer_does(extra_heads):
+    """from_native copies each target layer's native query tower: on a real forward its logits for every token
+    equal the native indexer's scores against the same compressed index keys (extra heads add nothing yet)."""
+    from fm_transformers.tiny import tiny_deepseek_v4
+
+    backbone = tiny_deepseek_v4(seed=1)
+    layer = 6
+    attention = backbone.model.layers[layer].self_attn
+    seen = {}
+    native = attention.compressor.indexer
+    native.register_forward_pre_hook(lambda module, args: seen.update(hidden=args[0], positions=args[2]))
+    native.scorer.register_forward_hook(lambda module, args, output: seen.update(keys=args[1], native=output))
+    prompt = torch.randint(3, backbone.config.vocab_size, (2, 37), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        backbone(prompt, use_cache=False)
+    heads = backbone.config.index_n_heads + extra_heads
+    indexer = fm.MemoryIndexerModel.from_native(backbone, layers=[2, layer], num_heads=heads)
+    assert indexer.config.num_heads == heads and indexer.config.rank == backbone.config.q_lora_rank
+    with torch.no_grad():
+        logits = indexer(layer, seen["hidden"], seen["positions"], seen["keys"])
+    assert seen["native"].abs().max() > 0.1  # real scores, not an all-zero tie
+    torch.testing.assert_close(logits, seen["native"].float(), rtol=1e-4, atol=1e-5)
+
+
+def test_a_native_start_with_fewer_heads_than_the_native_indexer_is_a_clear_error(model):
+    with pytest.raises(ValueError, match="at least the 16 native heads"):
+        fm.MemoryIndexerModel.from_native(model, num_heads=4)

@@ -211,6 +211,36 @@ class MemoryIndexerModel(PreTrainedModel):
         return cls(config)
 
     @classmethod
+    def from_native(cls, model, layers=None, num_heads: int | None = None) -> "MemoryIndexerModel":
+        """An indexer whose every target layer starts as that layer's native indexer query tower: the attention's
+        q_a_proj and q_a_norm (W_DQ and its norm, rank q_lora_rank), the native indexer's q_b_proj (W_IUQ) and
+        weights_proj (W_w). Its logits for a token then equal the native indexer's scores for that token, so
+        training starts from "what this token reads" rather than from noise. num_heads (default: the native
+        index_n_heads) may add heads: random queries with zero head weights, so they add nothing until trained.
+
+        model: the DeepSeek-V4 model with its weights; layers as in `from_backbone`.
+        """
+        config = model.config
+        native_heads = config.index_n_heads
+        num_heads = native_heads if num_heads is None else num_heads
+        if num_heads < native_heads:
+            raise ValueError(f"num_heads={num_heads}: a native start needs at least the {native_heads} native heads")
+        indexer = cls.from_backbone(model, layers=layers, num_heads=num_heads, rank=config.q_lora_rank)
+        width = native_heads * config.index_head_dim
+        with torch.no_grad():
+            for layer, tower in indexer.indexers.items():
+                attention = model.model.layers[int(layer)].self_attn
+                native = attention.compressor.indexer
+                tower.down_proj.weight.copy_(attention.q_a_proj.weight)
+                tower.q_norm.weight.copy_(attention.q_a_norm.weight)
+                tower.up_proj.weight[:width].copy_(native.q_b_proj.weight)
+                tower.weights_proj.weight.zero_()
+                tower.weights_proj.weight[:native_heads].copy_(native.scorer.weights_proj.weight)
+                # the native scale is index_head_dim^-0.5 * index_n_heads^-0.5; the tower's counts its own heads
+                tower.weights_proj.weight.mul_(math.sqrt(num_heads / native_heads))
+        return indexer.to(next(model.parameters()).device)
+
+    @classmethod
     def from_official(cls, checkpoint, backbone, filename: str | None = None) -> "MemoryIndexerModel":
         """The memory indexer released with the paper (libertywing/FlashMemory-Deepseek-V4, MIT), checked against
         `backbone` (a DeepSeek-V4 model, config, Hub id or directory). `checkpoint`: a .pt/.pth/.safetensors file,

@@ -46,6 +46,10 @@ def test_the_smoke_recipe_runs_every_stage_and_a_rerun_skips_what_is_done(tmp_pa
     gate = json.loads((tmp_path / "indexer" / "tau4" / "gate.json").read_text())
     assert gate["chosen_on"] == "validation" and "all" in gate["test"]
     assert sorted(gate["labels_on_test"]) == ["evidence", "evidence-window", "vote1", "vote2"]
+    # every label set from fresh weights and from the native indexer's query towers, all chosen among
+    assert sorted(gate["validation"]) == sorted(
+        f"{labels}-lr0.003{start}" for labels in gate["labels_on_test"] for start in ("", "-native")
+    )
     assert json.loads((tmp_path / "tuned4.json").read_text())["seed"] == 0
     result = json.loads((tmp_path / "tau4.json").read_text())
     assert result["seed"] == 1 and result["tuning"]["seed"] == 0
