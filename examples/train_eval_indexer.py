@@ -50,6 +50,17 @@ STOPPED_EARLY = 75
 SPLITS = ("train", "validation", "test")
 
 
+STARTS = ("random", "native")
+
+
+def candidate_starts(text: str) -> list[str]:
+    """--starts: a comma-separated list of STARTS."""
+    starts = [name for name in text.split(",") if name]
+    if not starts or any(name not in STARTS for name in starts):
+        raise argparse.ArgumentTypeError(f"{text!r}: choose among {', '.join(STARTS)}, comma-separated")
+    return starts
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", required=True, help="the trained paper-layout backbone (save_pretrained dir)")
@@ -94,7 +105,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--tau", type=int, default=16, help="train: decode steps between recalls")
     parser.add_argument("--lrs", default="1e-3,3e-3", help="train: candidate learning rates (chosen on validation)")
     parser.add_argument(
-        "--starts", default="random",
+        "--starts", default="random", type=candidate_starts,
         help="train: candidate starting weights, comma-separated: random, native (each target layer's native "
              "indexer query tower, MemoryIndexerModel.from_native; its rank is the backbone's q_lora_rank)",
     )
@@ -182,14 +193,11 @@ def train_tau(args, workdir: Path) -> dict | None:
     gate = dict(budget=args.budget, recency_chunks=args.recency_chunks, sink_chunks=args.sink_chunks)
     lrs = [float(x) for x in args.lrs.split(",")]
     starts = {"random": None, "native": out / "native-start"}
-    asked = args.starts.split(",")
-    if not asked or any(name not in starts for name in asked):
-        raise SystemExit(f"error: --starts {args.starts!r}: choose among {', '.join(starts)}")
     candidates = {
         f"{labels}-lr{lr:g}" + ("" if begin == "random" else f"-{begin}"): (labels, lr, starts[begin])
-        for labels in label_sets for lr in lrs for begin in asked
+        for labels in label_sets for lr in lrs for begin in args.starts
     }
-    if "native" in asked and not (starts["native"] / "config.json").is_file():
+    if "native" in args.starts and not (starts["native"] / "config.json").is_file():
         save_native_start(args, starts["native"])
     validation = {}
     for name, (labels, lr, start_from) in candidates.items():
