@@ -13,11 +13,12 @@ A comparison can run in parts (--lengths, --tasks, --first/--examples select exa
 machinery, not accuracy.
 
 Every generation writes exactly as many tokens as the answer (EOS cannot end it early); on CUDA, LSA rows
-without refresh layers decode through a CUDA graph (--eager: not), as generate(cache_implementation="lsa") does. Memory per row: CSA bytes
-on the device at the end, the allocator's peaks during prefill and during decode (CUDA; None elsewhere); and per
-generation: level-1 triggers, chunks fetched from the host pool, host syncs per token (CUDA), and for the paging
-rows their refreshes and whole-history scoring. Prints the table and writes JSON (records per example, summary,
-settings and how they were chosen) and a plot.
+without refresh layers decode through a CUDA graph (--eager: not), as generate(cache_implementation="lsa") does.
+Memory per row: CSA bytes on the device at the end, the allocator's peaks during prefill and during decode (CUDA;
+None elsewhere); and per generation: level-1 triggers, chunks fetched from the host pool, host syncs per token
+(CUDA), and for the paging rows their refreshes and whole-history scoring. Prints the table and writes JSON
+(records per example, summary, settings and how they were chosen) and a plot. --paging-only runs the native-paging
+rows alone, a part that --merge joins with the others (the recipe's `paging` stage).
 """
 
 import argparse
@@ -64,7 +65,9 @@ def parse_args() -> argparse.Namespace:
                         help="without --settings: the budgeted rows' tail (default: --recency-chunks)")
     parser.add_argument("--tails", default="4,16,32", help="--tune: candidate recency tails")
     parser.add_argument("--thresholds", default="0,0.3,0.5", help="--tune: candidate budget thresholds")
-    parser.add_argument("--paging-layers", default="", help="refresh layers of the paging rows (default: target layers)")
+    parser.add_argument(
+        "--paging-layers", default="", help="refresh layers of the paging rows (default: target layers)"
+    )
     rows = parser.add_mutually_exclusive_group()
     rows.add_argument("--no-paging", action="store_true", help="leave the native-paging rows out")
     rows.add_argument("--paging-only", action="store_true",
@@ -129,7 +132,8 @@ def run(args) -> dict:
     settings, tuning = settings_from(args)
     graph = False if args.eager else None
     head = {
-        "kind": "tuning" if args.tune else "comparison", "backbone": args.backbone or "smoke", "indexer": args.indexer or "fresh",
+        "kind": "tuning" if args.tune else "comparison", "backbone": args.backbone or "smoke",
+        "indexer": args.indexer or "fresh",
         "tau": args.tau, "seed": args.seed, "answer_tokens": args.answer_tokens, "dtype": str(model.dtype),
         "device": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else args.device,
         "layout": layout,
@@ -148,7 +152,8 @@ def run(args) -> dict:
         indexed = examples_for(args, length)
         found = run_comparison(model, [example for _, example in indexed], rows, args.batch_size, graph=graph)
         records[str(length)] = {
-            row: [{**record, "index": index} for (index, _), record in zip(indexed, listed)] for row, listed in found.items()
+            row: [{**record, "index": index} for (index, _), record in zip(indexed, listed)]
+            for row, listed in found.items()
         }
     return {**head, "settings": asdict(settings), "tuning": tuning, "records": records}
 
@@ -161,7 +166,9 @@ def merge(paths: list[str]) -> dict:
     for path, other in zip(paths[1:], runs[1:]):
         differing = [name for name in RUN_FIELDS if other.get(name) != runs[0].get(name)]
         if differing:
-            raise SystemExit(f"error: {path} differs from {paths[0]} in {', '.join(differing)}: not parts of one comparison")
+            raise SystemExit(
+                f"error: {path} differs from {paths[0]} in {', '.join(differing)}: not parts of one comparison"
+            )
     try:
         records = join_records([run["records"] for run in runs])
     except ValueError as error:

@@ -48,7 +48,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--prompt-length", type=int, default=400, help="--tiny: prompt tokens (100 chunks)")
     parser.add_argument("--new-tokens", type=int, default=64, help="--tiny: tokens generated")
     parser.add_argument("--budget", type=float, default=0.25, help="--tiny: resident budget, share of the history")
-    parser.add_argument("--tau", type=int, default=None, help="steps per recall (default: the indexer's; 16 with --tiny)")
+    parser.add_argument(
+        "--tau", type=int, default=None, help="steps per recall (default: the indexer's; 16 with --tiny)"
+    )
     parser.add_argument("--threshold", type=float, default=0.5)
     parser.add_argument("--backbone", help="a trained paper-layout backbone (save_pretrained dir; default: shipped)")
     parser.add_argument("--indexer", help="the backbone's memory indexer (save_pretrained dir; with --backbone)")
@@ -130,13 +132,20 @@ def tiny_demo(args) -> None:
     fm.attach_memory_indexer(model, fm.MemoryIndexerModel.from_backbone(model, layers=[2, 4], num_heads=8, rank=32))
     text = "".join(chr(32 + (7 * i * i + 3 * i) % 95) for i in range(args.prompt_length))
     inputs = tokenizer(text, return_tensors="pt")
-    settings = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, return_dict_in_generate=True)
+    settings = dict(
+        max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, return_dict_in_generate=True
+    )
 
     stock = model.generate(**inputs, **settings)
-    keep_all = model.generate(**inputs, **settings, cache_implementation="lsa", cache_config={"tau": tau, "threshold": 0.0})
+    keep_all = model.generate(
+        **inputs, **settings, cache_implementation="lsa", cache_config={"tau": tau, "threshold": 0.0}
+    )
     sparse = model.generate(
         **inputs, **settings, cache_implementation="lsa",
-        cache_config={"tau": tau, "threshold": args.threshold, "resident_budget": args.budget, "recency_chunks": 8, "sink_chunks": 2},
+        cache_config={
+            "tau": tau, "threshold": args.threshold, "resident_budget": args.budget, "recency_chunks": 8,
+            "sink_chunks": 2,
+        },
     )
     prompt_length = inputs["input_ids"].shape[1]
     decode = lambda out: repr(tokenizer.decode(out.sequences[0, prompt_length:]))  # noqa: E731
