@@ -54,7 +54,8 @@ def test_one_dump_trains_every_candidate_vote_and_validation_chooses(backbone, d
     for vote in (1, 3):
         labels = json.loads((dumped / "tau8" / f"vote{vote}" / "train" / "manifest.json").read_text())["labels"]
         assert labels["vote_applied"] == vote and labels["tau"] == 8
-    assert f"{report['chosen_labels']}, lr {report['chosen_lr']} chosen on validation" in done.stdout
+    assert report["chosen_start"] == "random"
+    assert f"{report['chosen_labels']}, lr {report['chosen_lr']}, random start, chosen on validation" in done.stdout
 
 
 def test_evidence_labels_are_more_candidates_marking_each_questions_evidence(backbone, dumped, tmp_path):
