@@ -93,7 +93,7 @@ def ask_trained_backbone(args) -> None:
         attention_mask=torch.ones_like(input_ids), max_new_tokens=answer_length, min_new_tokens=answer_length,
         do_sample=False, pad_token_id=PAD, eos_token_id=EOS, return_dict_in_generate=True,
     )
-    tau = args.tau or indexer.config.tau or 64
+    tau = args.tau if args.tau is not None else indexer.config.tau or 64
     with torch.no_grad():
         full = model.generate(input_ids, **settings)
         lsa = model.generate(

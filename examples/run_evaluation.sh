@@ -188,29 +188,32 @@ print(len(next(iter(next(iter(runs)).values()))))' "$1"
 }
 
 # run_parts KIND: KIND compare (every row but native paging, parts of part_examples up to `examples`) or paging
-# (the native-paging rows alone on the first paging_examples, in parts as compare's). A call starts a part only if the last one it
-# ran, scaled to this part's context (prefill and attention grow with it), would still fit.
+# (the native-paging rows alone on the first paging_examples, in parts as compare's). A call starts a part only if
+# the last one it ran, scaled to this part's context (prefill and attention grow with it), would still fit.
 run_parts() {
-    local kind=$1 last=0 last_length=1 started first count limit out rows
+    local kind=$1 last=0 last_length=1 started first count out limit=$examples rows=(--no-paging) tag=""
+    [[ $kind == paging ]] && limit=$paging_examples rows=(--paging-only) tag="paging-"
     mkdir -p "$work/compare"
     for tau in $taus; do for length in $lengths; do for tasks in $parts; do
         first=0
-        limit=$examples rows=(--no-paging)
-        [[ $kind == paging ]] && limit=$paging_examples rows=(--paging-only)
         while (( first < limit )); do
-            out="$work/compare/tau$tau-$length-$tasks-$first.json"
-            [[ $kind == paging ]] && out="$work/compare/tau$tau-$length-$tasks-paging-$first.json"
+            out="$work/compare/tau$tau-$length-$tasks-$tag$first.json"
             if [[ -f "$out" ]]; then first=$(( first + $(examples_in "$out") )); continue; fi
             if (( SECONDS + last * length / last_length > 60 * minutes )); then stop_for_now; return; fi
             count=$(( limit - first < part_examples ? limit - first : part_examples ))
             started=$SECONDS
             compare "$tau" "$out.tmp" --settings "$work/tuned$tau.json" --seed 1 --lengths "$length" --tasks "$tasks" \
-                --first "$first" --examples "$count" "${rows[@]}" \
-                --batch-size "$(( count < batch_tokens / length ? count : batch_tokens / length ))" || return
+                --first "$first" --examples "$count" "${rows[@]}" --batch-size "$(batch_size "$count" "$length")" \
+                || return
             mv "$out.tmp" "$out" || return
             last=$(( SECONDS - started )) last_length=$length first=$(( first + count ))
         done
     done; done; done
+}
+
+batch_size() {  # batch_size COUNT LENGTH: a part's examples per batch, at most batch_tokens / LENGTH, at least 1
+    local most=$(( $2 > batch_tokens ? 1 : batch_tokens / $2 ))
+    echo $(( $1 < most ? $1 : most ))
 }
 
 run_report() {

@@ -74,7 +74,7 @@ def test_by_default_the_shipped_pair_answers_at_its_indexers_tau_and_keeping_eve
     flags = ["--task", "long_chain", "--context", "256", "--answer-tokens", "33", "--threshold", "0"]
     result = subprocess.run([sys.executable, str(SCRIPT), *flags], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines()[0].startswith("long_chain: a 2")  # a context of about 256 tokens
+    assert result.stdout.splitlines()[0] == "long_chain: a 256-token context, an answer of 30 tokens (token ids)"
     assert "writes the full cache's answer token for token: True" in result.stdout
     recalls, answer_tokens = recalls_and_answer(result.stdout)
     assert answer_tokens > 16 and recalls == 1 + (answer_tokens - 1) // 16
