@@ -176,27 +176,30 @@ def merge(paths: list[str]) -> dict:
     return {**runs[0], "records": records, "merged_from": paths}
 
 
-def plot(summary: dict, path: str) -> None:
-    """Exact match and token accuracy against the context length, a panel each, every row with its interval."""
+def plot(summary: dict, path: str):
+    """Exact match and token accuracy against the context length, a panel each, every row with its interval at the
+    lengths it ran (the figure, saved to path)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     lengths = sorted(summary, key=int)
+    names = list(dict.fromkeys(name for n in lengths for name in summary[n]))  # a row may miss some lengths
     figure, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharex=True)
     panels = (
         ("mean_accuracy", "vs_full", "mean exact match (%)"),
         ("mean_token_accuracy", "tokens_vs_full", "mean token accuracy (%)"),
     )
     for axis, (mean, versus, label) in zip(axes, panels):
-        for name in summary[lengths[0]]:
-            full = [100 * summary[n]["full"][mean] for n in lengths]
-            means = [100 * summary[n][name][mean] for n in lengths]
-            intervals = [summary[n][name][versus] for n in lengths]
+        for name in names:
+            measured = [n for n in lengths if name in summary[n]]
+            full = [100 * summary[n]["full"][mean] for n in measured]
+            means = [100 * summary[n][name][mean] for n in measured]
+            intervals = [summary[n][name][versus] for n in measured]
             below = [0 if i is None else m - (f + 100 * i["low"]) for m, f, i in zip(means, full, intervals)]
             above = [0 if i is None else (f + 100 * i["high"]) - m for m, f, i in zip(means, full, intervals)]
-            axis.errorbar([int(n) for n in lengths], means, yerr=[below, above], label=name, marker="o", capsize=3)
+            axis.errorbar([int(n) for n in measured], means, yerr=[below, above], label=name, marker="o", capsize=3)
         axis.set_xscale("log", base=2)
         axis.set_xticks([int(n) for n in lengths], lengths)
         axis.set_xlabel("context length (tokens)")
@@ -205,6 +208,7 @@ def plot(summary: dict, path: str) -> None:
     axes[1].legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
+    return figure
 
 
 def main() -> None:

@@ -1,6 +1,7 @@
 """The comparison's rows on the CPU, on an untrained paper-layout backbone of smoke size: properties that hold for
 any weights, so each of these tests fails when the machinery is wrong (not an accuracy of an untrained model)."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -137,3 +138,17 @@ def test_the_script_tunes_on_one_draw_evaluates_another_in_parts_and_joins_them(
     assert "recency (matched)" in done.stdout and (tmp_path / "p.png").stat().st_size > 0
     again = run_script("--merge", str(tmp_path / "part0.json"), str(tmp_path / "part0.json"), "--out", str(joined), check=False)
     assert again.returncode != 0 and "appears in more than one part" in again.stderr
+
+
+def test_the_plot_draws_a_row_at_the_lengths_it_ran_only(tmp_path):
+    spec = importlib.util.spec_from_file_location("compare_methods", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    interval = {"low": -0.3, "high": -0.1}
+    row = {"mean_accuracy": 0.2, "mean_token_accuracy": 0.4, "vs_full": interval, "tokens_vs_full": interval}
+    full = {"mean_accuracy": 0.5, "mean_token_accuracy": 0.7, "vs_full": None, "tokens_vs_full": None}
+    summary = {"2048": {"full": full, "lsa": row, "native paging": row}, "4096": {"full": full, "lsa": row}}
+    figure = script.plot(summary, str(tmp_path / "p.png"))
+    drawn = {bars.get_label(): list(bars.lines[0].get_xdata()) for bars in figure.axes[0].containers}
+    assert drawn == {"full": [2048, 4096], "lsa": [2048, 4096], "native paging": [2048]}
+    assert (tmp_path / "p.png").stat().st_size > 0
