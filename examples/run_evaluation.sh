@@ -29,8 +29,8 @@
 #   compare   per tau, length (2048, 4096, 8192) and task: 200 examples on draw seed 1, every row but native
 #             paging, in parts of 50 examples (72 parts; a call starts a part only if the last one it ran, scaled
 #             to the part's length, would still fit)   34 s a part of 50, 52-110 s one of 150 (measured, H100)
-#   paging    per tau, length and task: the native-paging rows on the first 50 examples (PAGING_EXAMPLES), a part
-#             of their own (whole-history scoring at every step: 20-26 s a row of 50 on an H200)  ~50 s a part
+#   paging    per tau, length and task: the native-paging rows on 200 examples (PAGING_EXAMPLES), parts of their
+#             own (whole-history scoring at every step)   60-119 s a part of 150 or 200 (measured, H100), ~15 min per tau
 #   report    join the parts per tau: WORKDIR/tau{64,16}.json, .png, and the printed table   seconds
 # A stage that stops at its time limit exits with status 75: run the same command again (finished work is kept
 # and skipped). `all` runs every stage to its end. SMOKE=1 runs them all at CPU sizes (one tau, one length), about
@@ -44,7 +44,7 @@
 # BATCH_TOKENS / length examples (default 614400: 150 at 4096, 75 at 8192); a GPU step is mostly launch overhead,
 # so a bigger batch costs little more time (the allocator's peaks per example, the batch's over its size, then
 # include less of the weights). The native-paging rows run on the first PAGING_EXAMPLES examples of each task and
-# length (default 50; 0: none) and are read against full's same examples.
+# length (default 200; 0: none) and are read against full's same examples.
 set -euo pipefail
 stage=${1:?usage: bash examples/run_evaluation.sh backbone|probe|dump|indexer|tune|compare|paging|report|all [WORKDIR]}
 work=${2:-runs/paper}
@@ -95,7 +95,7 @@ else
     compare_flags=()
     tune_flags=(--lengths 2048 --examples 40 --batch-size 50)
     probe_flags=(--length 2048 --examples 4)
-    examples=${EXAMPLES:-200}; part_examples=${PART_EXAMPLES:-50}; paging_examples=${PAGING_EXAMPLES:-50}
+    examples=${EXAMPLES:-200}; part_examples=${PART_EXAMPLES:-50}; paging_examples=${PAGING_EXAMPLES:-200}
     batch_tokens=${BATCH_TOKENS:-614400}; minutes=${MINUTES:-8}
     eval_seconds=150  # a backbone stage's evaluation after its last step: ~2 min on an H200
 fi
