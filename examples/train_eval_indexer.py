@@ -45,6 +45,7 @@ from fm_transformers.eval.label_selection import EVIDENCE, EVIDENCE_SETS, EVIDEN
 from fm_transformers.indexer import MemoryIndexerModel, default_target_layers
 from fm_transformers.layout import csa_layers
 from fm_transformers.training import DumpConfig, LabelConfig, TrainConfig, train
+from fm_transformers.training.shards import read_manifest
 
 STOPPED_EARLY = 75
 SPLITS = ("train", "validation", "test")
@@ -198,7 +199,7 @@ def train_tau(args, workdir: Path) -> dict | None:
         for labels in label_sets for lr in lrs for begin in args.starts
     }
     if "native" in args.starts and not (starts["native"] / "config.json").is_file():
-        save_native_start(args, starts["native"])
+        save_native_start(args, out / label_sets[0] / "train", starts["native"])
     validation = {}
     for name, (labels, lr, start_from) in candidates.items():
         trained = is_trained(out / name)
@@ -232,12 +233,13 @@ def is_trained(run_dir: Path) -> bool:
     return (run_dir / "training_summary.json").is_file()
 
 
-def save_native_start(args, directory: Path) -> None:
-    """The native candidates' starting weights: the backbone's native indexer query towers on the dump's target
-    layers, with --num-heads heads (the native ones first)."""
+def save_native_start(args, labels: Path, directory: Path) -> None:
+    """The native candidates' starting weights: the backbone's native indexer query towers on the target layers
+    of the labels in `labels` (those the candidates train on), with --num-heads heads (the native ones first)."""
     backbone = AutoModelForCausalLM.from_pretrained(args.backbone, dtype=torch.float32)
     heads = max(args.num_heads, backbone.config.index_n_heads)
-    start = MemoryIndexerModel.from_native(backbone, layers=default_target_layers(backbone.config), num_heads=heads)
+    layers = read_manifest(labels)["target_layers"]
+    start = MemoryIndexerModel.from_native(backbone, layers=layers, num_heads=heads)
     start.save_pretrained(directory)
 
 
