@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from fm_transformers.eval import build_eval_backbone, eval_backbone_config
 from fm_transformers.eval.dump_blocks import block_directories, dump_in_blocks, is_complete
-from fm_transformers.eval.gate import gate_metrics, selection_score
+from fm_transformers.eval.gate import gate_metrics, label_scores, selection_score
 from fm_transformers.eval.indexer_data import question_documents, question_trigger_warmup, scaled_vote
 from fm_transformers.eval.label_selection import (
     EVIDENCE,
@@ -232,3 +232,22 @@ def test_the_labels_as_scores_keep_exactly_the_labelled_chunks(raw, tmp_path):
     assert 0.0 < labels["paper_resident_fraction"] < 1.0 and evidence
     assert labels["paper_resident_fraction"] == pytest.approx(sum(density) / len(density))
     assert labels["paper_evidence_recall"] == pytest.approx(sum(evidence) / len(evidence))
+
+
+def test_a_scorer_is_gated_as_an_indexer_is(raw, tmp_path):
+    root, questions = raw
+    select_labels(block_directories(root / "tau4", 3, 2), tmp_path, questions, tau=4)
+    settings = dict(budget=0.1, recency_chunks=0, sink_chunks=0)
+    as_labels = gate_metrics(None, tmp_path, scorer=lambda doc_id, data, rows: label_scores(data, rows), **settings)
+    assert as_labels == gate_metrics(None, tmp_path, **settings)
+    seen = []
+
+    def wants_nothing(doc_id, data, rows):  # below the threshold everywhere: the paper's set keeps no chunk
+        seen.append(doc_id)
+        return 0.4 * torch.rand_like(label_scores(data, rows))
+
+    nothing = gate_metrics(None, tmp_path, scorer=wants_nothing, **settings)["all"]
+    assert nothing["paper_resident_fraction"] == 0.0 < as_labels["all"]["paper_resident_fraction"]
+    assert seen == [document.doc_id for document in LabelShards(tmp_path).documents]
+    with pytest.raises(ValueError, match="not both"):
+        gate_metrics(object(), tmp_path, scorer=wants_nothing, **settings)

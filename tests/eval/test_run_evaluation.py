@@ -5,7 +5,10 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -26,9 +29,17 @@ def run_to_the_end(*args, work, calls=5):
     return done
 
 
-def test_the_smoke_recipe_runs_every_stage_and_a_rerun_skips_what_is_done(tmp_path):
-    done = run("all", work=tmp_path)
+@pytest.fixture(scope="module")
+def smoke_recipe(tmp_path_factory):
+    """The smoke recipe's working directory after `all`."""
+    work = tmp_path_factory.mktemp("smoke")
+    done = run("all", work=work)
     assert done.returncode == 0, done.stderr[-3000:]
+    return work
+
+
+def test_the_smoke_recipe_runs_every_stage_and_a_rerun_skips_what_is_done(smoke_recipe):
+    tmp_path = smoke_recipe
     assert (tmp_path / "backbone-bf16" / "config.json").is_file()
     # six backbone stages, each from the weights of the one before: recall, copy, long, more of long, more at a
     # wider window, which the exports carry on to the stages after it, then under LSA's restriction
@@ -85,3 +96,21 @@ def test_a_fresh_machine_given_only_the_newest_export_trains_only_the_stages_aft
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resuming from" in again.stderr and "at step 2 of 2" in again.stderr
     assert json.loads((fresh / "backbone" / "eval.json").read_text())["config"]["init_from"] == str(fresh / "window-bf16")
+
+
+def test_the_key_probe_gates_both_key_kinds_on_the_recipes_dump_and_refuses_other_documents(smoke_recipe, tmp_path):
+    probe = [sys.executable, "examples/probe_indexer_keys.py", "--backbone", str(smoke_recipe / "backbone-bf16"),
+             "--labels", str(smoke_recipe / "indexer" / "tau4" / "evidence-window"), "--length", "320",
+             "--align", "8", "--steps", "3", "--documents-per-step", "2", "--heads", "2", "--rank", "8"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "probe.json"
+    done = subprocess.run([*probe, "--spacing", "128", "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    gate = json.loads(out.read_text())["gate"]
+    assert sorted(gate) == ["index/train", "index/validation", "main/train", "main/validation"]
+    assert all(0.0 <= metrics["all"]["budget_window_evidence_recall"] <= 1.0 for metrics in gate.values())
+    # documents drawn with another spacing are not the dump's: the recomputed index keys differ
+    wrong = subprocess.run([*probe, "--spacing", "64", "--out", str(tmp_path / "x.json")], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert wrong.returncode != 0 and "does not match the dump's" in wrong.stderr
+    assert not (tmp_path / "x.json").exists()

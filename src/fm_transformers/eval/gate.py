@@ -19,6 +19,7 @@ labels would reach, the ceiling the indexer is read against. Labels that miss th
 """
 
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -29,6 +30,10 @@ from ..training import LabelShards
 from .label_selection import read_questions
 
 SELECTIONS = ("paper", "budget")
+
+# A predictor gated in place of a MemoryIndexerModel: (doc_id, the document's dumped tensors, trigger rows) ->
+# (rows, chunks) scores in [0, 1].
+Scorer = Callable[[str, dict, torch.Tensor], torch.Tensor]
 
 
 def trigger_scores(indexer, data: dict, rows: torch.Tensor) -> torch.Tensor:
@@ -63,10 +68,13 @@ def resident_set(scores: torch.Tensor, visible: int, threshold: float, config: L
 @torch.no_grad()
 def gate_metrics(
     indexer, directory: Path, budget: float, threshold: float = 0.5, budget_threshold: float = 0.0,
-    recency_chunks: int = 16, sink_chunks: int = 1,
+    recency_chunks: int = 16, sink_chunks: int = 1, scorer: Scorer | None = None,
 ) -> dict[str, dict[str, float]]:
     """{task: {"<selection>_<metric>": value, "question_triggers": n, "answer_triggers": n}} and an "all" entry
-    pooling the tasks (micro averages). `indexer` None: the labels as the scores."""
+    pooling the tasks (micro averages). `indexer` None: the labels as the scores; `scorer` (with no indexer): a
+    predictor other than MemoryIndexerModel, called as scorer(doc_id, data, rows) -> (rows, chunks) in [0, 1]."""
+    if scorer is not None and indexer is not None:
+        raise ValueError("pass an indexer or a scorer, not both")
     shards, questions = LabelShards(directory), read_questions(directory)
     configs = {
         "paper": (threshold, LSAConfig(recency_chunks=recency_chunks, sink_chunks=sink_chunks)),
@@ -80,7 +88,10 @@ def gate_metrics(
     for index, document in enumerate(shards.documents):
         data = shards.load(index)
         rows = torch.arange(data["positions"].numel())
-        scores = label_scores(data, rows) if indexer is None else trigger_scores(indexer, data, rows)
+        if scorer is not None:
+            scores = scorer(document.doc_id, data, rows)
+        else:
+            scores = label_scores(data, rows) if indexer is None else trigger_scores(indexer, data, rows)
         asked = {
             p: (q, p == q.end, window)
             for q in questions[document.doc_id]
