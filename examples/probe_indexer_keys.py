@@ -81,7 +81,7 @@ def main_kv(args, split: str, shards: LabelShards, layers: list[int]) -> dict[st
             chunks = dumped[f"keys/{layer}"].shape[0]
             compressed = cache.layers[layer].compressed_kv
             if document.doc_id != shards.documents[index].doc_id or not torch.allclose(
-                compressed["indexer"][0, :chunks], dumped[f"keys/{layer}"], atol=1e-4
+                compressed["indexer"][0, :chunks], dumped[f"keys/{layer}"], atol=1e-2  # the dump's batches: ~1e-4
             ):
                 raise SystemExit(
                     f"error: document {document.doc_id} drawn again does not match the dump's: pass the --length, "
