@@ -51,6 +51,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--train-seed", type=int, default=0, help="seeds the weights and the document draws")
     parser.add_argument("--budget", type=float, default=0.1, help="the gate's resident budget")
     parser.add_argument("--recency-chunks", type=int, default=16)
+    parser.add_argument("--cache-dir", help="keep the main KV here (a forward a document) for later runs")
     parser.add_argument("--out", default="probe_indexer_keys.json")
     args = parser.parse_args()
     args.keys = args.keys.split(",")
@@ -65,7 +66,13 @@ def parse_args() -> argparse.Namespace:
 
 def main_kv(args, split: str, shards: LabelShards, layers: list[int]) -> dict[str, dict[int, torch.Tensor]]:
     """{doc_id: {layer: (chunks, head_dim)}} the main compressed KV of each document of `split`, from a forward of
-    the backbone over the document drawn again (its index keys checked against the dump's)."""
+    the backbone over the document drawn again (its index keys checked against the dump's), kept in --cache-dir."""
+    cached = Path(args.cache_dir) / f"main-kv-{split}.pt" if args.cache_dir else None
+    if cached is not None and cached.is_file():
+        out = torch.load(cached)
+        if sorted(out) != sorted(ref.doc_id for ref in shards.documents):
+            raise SystemExit(f"error: {cached} holds other documents than {args.labels}/{split}: remove it")
+        return out
     backbone = AutoModelForCausalLM.from_pretrained(args.backbone, dtype=torch.float32).eval()
     drawn = question_documents(len(shards.documents), args.length, split, args.seed, args.spacing, args.align)
     out = {}
@@ -80,14 +87,18 @@ def main_kv(args, split: str, shards: LabelShards, layers: list[int]) -> dict[st
         for layer in layers:
             chunks = dumped[f"keys/{layer}"].shape[0]
             compressed = cache.layers[layer].compressed_kv
-            if document.doc_id != shards.documents[index].doc_id or not torch.allclose(
-                compressed["indexer"][0, :chunks], dumped[f"keys/{layer}"], atol=1e-2  # the dump's batches: ~1e-4
-            ):
+            # the dump's batched forwards differ in rounding and, past near ties of the native top-k, in a few
+            # chunks of deep layers; another document differs in nearly every chunk
+            agree = (compressed["indexer"][0, :chunks] - dumped[f"keys/{layer}"]).abs().amax(1) < 1e-3
+            if document.doc_id != shards.documents[index].doc_id or agree.float().mean() < 0.9:
                 raise SystemExit(
                     f"error: document {document.doc_id} drawn again does not match the dump's: pass the --length, "
                     "--seed, --spacing and --align the dump ran with, and the backbone it used"
                 )
             out[document.doc_id][layer] = compressed["compressor"][0, :chunks].clone()
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(out, cached)
     return out
 
 
@@ -122,7 +133,7 @@ def documents(shards: LabelShards, layers: list[int], keys: dict | None) -> dict
             labels[row, data["labels/indices"][data["labels/indptr"][row] : data["labels/indptr"][row + 1]]] = 1.0
         out[ref.doc_id] = {
             "hidden": {layer: data[f"hidden/{layer}"].float() for layer in layers},
-            "keys": {layer: (keys[ref.doc_id][layer] if keys else data[f"keys/{layer}"]).float() for layer in layers},
+            "keys": {layer: (keys[ref.doc_id][layer][:chunks] if keys else data[f"keys/{layer}"]).float() for layer in layers},
             "labels": labels,
             "visible": torch.arange(chunks) < ((data["positions"] + 1) // shards.compress_rate).unsqueeze(1),
         }
@@ -171,14 +182,15 @@ def main() -> None:
     root = Path(args.labels)
     shards = {split: LabelShards(root / split) for split in SPLITS}
     layers = [int(layer) for layer in shards["train"].manifest["target_layers"]]
-    results = {"settings": vars(args), "layers": layers, "gate": {}}
+    results = {"settings": vars(args), "layers": layers, "key_dims": {}, "gate": {}}
     main_keys = {}
     if "main" in args.keys:
         main_keys = {split: main_kv(args, split, shards[split], layers) for split in SPLITS}
     for kind in args.keys:
         started = time.monotonic()
         torch.manual_seed(args.train_seed)
-        docs = {split: documents(shards[split], layers, main_keys.get(split)) for split in SPLITS}
+        docs = {split: documents(shards[split], layers, main_keys[split] if kind == "main" else None) for split in SPLITS}
+        results["key_dims"][kind] = next(iter(docs["train"].values()))["keys"][layers[0]].shape[1]
         towers = train(args, docs["train"], layers)
         for split in SPLITS:
             metrics = gate_metrics(

@@ -103,12 +103,20 @@ def test_the_key_probe_gates_both_key_kinds_on_the_recipes_dump_and_refuses_othe
              "--labels", str(smoke_recipe / "indexer" / "tau4" / "evidence-window"), "--length", "320",
              "--align", "8", "--steps", "3", "--documents-per-step", "2", "--heads", "2", "--rank", "8"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = tmp_path / "probe.json"
-    done = subprocess.run([*probe, "--spacing", "128", "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    out, cache = tmp_path / "probe.json", ["--cache-dir", str(tmp_path / "cache")]
+    done = subprocess.run([*probe, "--spacing", "128", *cache, "--out", str(out)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    gate = json.loads(out.read_text())["gate"]
+    result = json.loads(out.read_text())
+    gate, config = result["gate"], json.loads((smoke_recipe / "backbone-bf16" / "config.json").read_text())
     assert sorted(gate) == ["index/train", "index/validation", "main/train", "main/validation"]
+    assert result["key_dims"] == {"index": config["index_head_dim"], "main": config["head_dim"]}
     assert all(0.0 <= metrics["all"]["budget_window_evidence_recall"] <= 1.0 for metrics in gate.values())
+    # a second run reads the main KV kept in the cache (no forward) and, seeded alike, gates alike
+    again = subprocess.run([*probe, "--spacing", "128", *cache, "--keys", "main", "--out", str(tmp_path / "again.json")],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "main KV" not in again.stderr
+    assert json.loads((tmp_path / "again.json").read_text())["gate"]["main/validation"] == gate["main/validation"]
     # documents drawn with another spacing are not the dump's: the recomputed index keys differ
     wrong = subprocess.run([*probe, "--spacing", "64", "--out", str(tmp_path / "x.json")], cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=600)
