@@ -2,18 +2,20 @@
 
 The memory indexer scores the chunks' 32-dim native index keys (the paper's design). This probe trains the same
 query tower (low rank, norm, heads, relu dots, head weights; one per target layer, the max over layers) on the same
-dump's labels, triggers and hidden states twice: against the index keys, and against the chunks' main compressed
-KV (the attention's own entries, head_dim wide), which a backbone forward over each document recomputes. Both are
-read by the project's gate (fm_transformers.eval.gate) on the validation split and on the training split itself,
-whose gap says how much of what is learnt is memorised.
+dump's labels, triggers and hidden states against the index keys, against the chunks' main compressed KV (the
+attention's own entries, head_dim wide), which a backbone forward over each document recomputes, and against that
+KV through a learned projection to the index keys' width (what LSA could keep on the device). Each is read by the
+project's gate (fm_transformers.eval.gate) on the validation split and on the training split itself, whose gap
+says how much of what is learnt is memorised.
 
     python examples/probe_indexer_keys.py --backbone checkpoints/backbone-bf16 \\
-        --labels runs/cpu16/tau16/evidence-window --length 2048 --out probe_keys.json
+        --labels runs/cpu16/tau16/evidence-window --length 2048 --cache-dir runs/cpu16/probe-cache --out keys.json
 
 --labels is one label set of `train_eval_indexer.py` (its train/ and validation/); --length, --seed, --spacing and
 --align must be those the dump ran with: the documents are drawn again, and a document whose recomputed index keys
-differ from the dumped ones stops the probe. Departs from the trainer in its loss (focal over every visible chunk,
-no sampled negatives) and batching (whole documents); with index keys it lands where the trainer does.
+differ from the dumped ones in over a tenth of its chunks stops the probe. Departs from the trainer in its loss (focal
+over every visible chunk, no sampled negatives) and batching (whole documents); with index keys it lands where the
+trainer does.
 """
 
 import argparse
@@ -30,7 +32,9 @@ from fm_transformers.eval.gate import gate_metrics
 from fm_transformers.eval.indexer_data import question_documents
 from fm_transformers.training import LabelShards
 
-KEY_KINDS = ("index", "main")  # the native indexer's compressed keys, the attention's compressed KV
+# the native indexer's compressed keys; the attention's compressed KV; that KV through a learned projection to the
+# index keys' width (keys LSA could keep on the device as it keeps the index keys)
+KEY_KINDS = ("index", "main", "main-projected")
 SPLITS = ("validation", "train")
 
 
@@ -38,7 +42,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", required=True, help="the backbone the labels were dumped with")
     parser.add_argument("--labels", required=True, help="a label set directory holding train/ and validation/")
-    parser.add_argument("--keys", default="index,main", help=f"key kinds to compare, of {KEY_KINDS}")
+    parser.add_argument("--keys", default=",".join(KEY_KINDS), help=f"key kinds to compare, of {KEY_KINDS}")
     parser.add_argument("--length", type=int, required=True, help="the dump's --length")
     parser.add_argument("--seed", type=int, default=0, help="the dump's --seed")
     parser.add_argument("--spacing", type=int, default=320, help="the dump's --spacing")
@@ -103,11 +107,13 @@ def main_kv(args, split: str, shards: LabelShards, layers: list[int]) -> dict[st
 
 
 class QueryTower(torch.nn.Module):
-    """One target layer's scorer, shaped as the memory indexer's; keys are RMS-normalised (the two kinds differ
-    in scale)."""
+    """One target layer's scorer, shaped as the memory indexer's; keys are RMS-normalised (the kinds differ in
+    scale), after a learned projection to `project` dims where given."""
 
-    def __init__(self, hidden: int, key_dim: int, heads: int, rank: int):
+    def __init__(self, hidden: int, key_dim: int, heads: int, rank: int, project: int | None = None):
         super().__init__()
+        self.project = None if project is None else torch.nn.Linear(key_dim, project, bias=False)
+        key_dim = project or key_dim
         self.heads, self.key_dim = heads, key_dim
         self.down = torch.nn.Linear(hidden, rank, bias=False)
         self.norm = torch.nn.RMSNorm(rank)
@@ -117,6 +123,7 @@ class QueryTower(torch.nn.Module):
 
     def forward(self, hidden: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """hidden (triggers, hidden), keys (chunks, key_dim) -> logits (triggers, chunks)."""
+        keys = keys if self.project is None else self.project(keys)
         q = self.up(self.norm(self.down(hidden))).view(-1, self.heads, self.key_dim)
         dots = torch.einsum("thd,cd->thc", q, self.key_norm(keys)) / self.key_dim**0.5
         return (F.relu(dots) * self.head_weights(hidden).unsqueeze(-1)).sum(1)
@@ -140,10 +147,11 @@ def documents(shards: LabelShards, layers: list[int], keys: dict | None) -> dict
     return out
 
 
-def train(args, docs: dict, layers: list[int]) -> torch.nn.ModuleDict:
+def train(args, docs: dict, layers: list[int], project: int | None) -> torch.nn.ModuleDict:
     first = next(iter(docs.values()))
     towers = torch.nn.ModuleDict({
-        str(layer): QueryTower(first["hidden"][layer].shape[1], first["keys"][layer].shape[1], args.heads, args.rank)
+        str(layer): QueryTower(first["hidden"][layer].shape[1], first["keys"][layer].shape[1], args.heads, args.rank,
+                               project)
         for layer in layers
     })
     optimizer = torch.optim.AdamW(towers.parameters(), lr=args.lr, weight_decay=0.0)
@@ -184,14 +192,17 @@ def main() -> None:
     layers = [int(layer) for layer in shards["train"].manifest["target_layers"]]
     results = {"settings": vars(args), "layers": layers, "key_dims": {}, "gate": {}}
     main_keys = {}
-    if "main" in args.keys:
+    if any(kind.startswith("main") for kind in args.keys):
         main_keys = {split: main_kv(args, split, shards[split], layers) for split in SPLITS}
+    index_width = shards["train"].load(0)[f"keys/{layers[0]}"].shape[1]
     for kind in args.keys:
         started = time.monotonic()
         torch.manual_seed(args.train_seed)
-        docs = {split: documents(shards[split], layers, main_keys[split] if kind == "main" else None) for split in SPLITS}
-        results["key_dims"][kind] = next(iter(docs["train"].values()))["keys"][layers[0]].shape[1]
-        towers = train(args, docs["train"], layers)
+        keys = {split: main_keys[split] if kind.startswith("main") else None for split in SPLITS}
+        docs = {split: documents(shards[split], layers, keys[split]) for split in SPLITS}
+        project = index_width if kind == "main-projected" else None
+        results["key_dims"][kind] = project or next(iter(docs["train"].values()))["keys"][layers[0]].shape[1]
+        towers = train(args, docs["train"], layers, project)
         for split in SPLITS:
             metrics = gate_metrics(
                 None, root / split, budget=args.budget, recency_chunks=args.recency_chunks, sink_chunks=1,
@@ -200,7 +211,7 @@ def main() -> None:
             results["gate"][f"{kind}/{split}"] = metrics
             every = metrics["all"]
             print(
-                f"{kind:5s} keys, {split:10s}: at the {args.budget:.0%} budget, window evidence "
+                f"{kind:14s} keys, {split:10s}: at the {args.budget:.0%} budget, window evidence "
                 f"{every['budget_window_evidence_recall']:.3f}, question evidence {every['budget_evidence_recall']:.3f}, "
                 f"native top-k {every['budget_used_recall']:.3f} ({time.monotonic() - started:.0f} s)",
                 flush=True,

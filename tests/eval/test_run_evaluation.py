@@ -98,7 +98,7 @@ def test_a_fresh_machine_given_only_the_newest_export_trains_only_the_stages_aft
     assert json.loads((fresh / "backbone" / "eval.json").read_text())["config"]["init_from"] == str(fresh / "window-bf16")
 
 
-def test_the_key_probe_gates_both_key_kinds_on_the_recipes_dump_and_refuses_other_documents(smoke_recipe, tmp_path):
+def test_the_key_probe_gates_every_key_kind_on_the_recipes_dump_and_refuses_other_documents(smoke_recipe, tmp_path):
     probe = [sys.executable, "examples/probe_indexer_keys.py", "--backbone", str(smoke_recipe / "backbone-bf16"),
              "--labels", str(smoke_recipe / "indexer" / "tau4" / "evidence-window"), "--length", "320",
              "--align", "8", "--steps", "3", "--documents-per-step", "2", "--heads", "2", "--rank", "8"]
@@ -109,8 +109,9 @@ def test_the_key_probe_gates_both_key_kinds_on_the_recipes_dump_and_refuses_othe
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
     gate, config = result["gate"], json.loads((smoke_recipe / "backbone-bf16" / "config.json").read_text())
-    assert sorted(gate) == ["index/train", "index/validation", "main/train", "main/validation"]
-    assert result["key_dims"] == {"index": config["index_head_dim"], "main": config["head_dim"]}
+    assert set(gate) == {f"{kind}/{split}" for kind in ("index", "main", "main-projected") for split in ("train", "validation")}
+    width = config["index_head_dim"]
+    assert result["key_dims"] == {"index": width, "main": config["head_dim"], "main-projected": width}
     assert all(0.0 <= metrics["all"]["budget_window_evidence_recall"] <= 1.0 for metrics in gate.values())
     # a second run reads the main KV kept in the cache (no forward) and, seeded alike, gates alike
     again = subprocess.run([*probe, "--spacing", "128", *cache, "--keys", "main", "--out", str(tmp_path / "again.json")],
