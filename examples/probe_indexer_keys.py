@@ -64,7 +64,9 @@ def parse_args() -> argparse.Namespace:
         parser.error(f"--keys {unknown} unknown: choose among {KEY_KINDS}")
     for split in ("train", "validation"):
         if not (Path(args.labels) / split / "manifest.json").is_file():
-            parser.error(f"{Path(args.labels) / split} holds no label set: point --labels at one of train_eval_indexer's")
+            parser.error(
+                f"{Path(args.labels) / split} holds no label set: point --labels at one of train_eval_indexer's"
+            )
     return args
 
 
@@ -85,7 +87,8 @@ def main_kv(args, split: str, shards: LabelShards, layers: list[int]) -> dict[st
         ids = torch.tensor([document.input_ids])
         with torch.no_grad():
             for start in range(0, ids.shape[1], 1024):
-                backbone(input_ids=ids[:, start : start + 1024], past_key_values=cache, use_cache=True, logits_to_keep=1)
+                piece = ids[:, start : start + 1024]
+                backbone(input_ids=piece, past_key_values=cache, use_cache=True, logits_to_keep=1)
         dumped = shards.load(index)
         out[document.doc_id] = {}
         for layer in layers:
@@ -140,7 +143,9 @@ def documents(shards: LabelShards, layers: list[int], keys: dict | None) -> dict
             labels[row, data["labels/indices"][data["labels/indptr"][row] : data["labels/indptr"][row + 1]]] = 1.0
         out[ref.doc_id] = {
             "hidden": {layer: data[f"hidden/{layer}"].float() for layer in layers},
-            "keys": {layer: (keys[ref.doc_id][layer][:chunks] if keys else data[f"keys/{layer}"]).float() for layer in layers},
+            "keys": {
+                layer: (keys[ref.doc_id][layer][:chunks] if keys else data[f"keys/{layer}"]).float() for layer in layers
+            },
             "labels": labels,
             "visible": torch.arange(chunks) < ((data["positions"] + 1) // shards.compress_rate).unsqueeze(1),
         }
@@ -179,7 +184,9 @@ def scorer(towers: torch.nn.ModuleDict, docs: dict, layers: list[int]):
     def scores(doc_id: str, data: dict, rows: torch.Tensor) -> torch.Tensor:
         doc = docs[doc_id]
         with torch.no_grad():
-            per_layer = [torch.sigmoid(towers[str(layer)](doc["hidden"][layer], doc["keys"][layer])) for layer in layers]
+            per_layer = [
+                torch.sigmoid(towers[str(layer)](doc["hidden"][layer], doc["keys"][layer])) for layer in layers
+            ]
         return torch.stack(per_layer).amax(0)[rows]
 
     return scores
@@ -212,7 +219,8 @@ def main() -> None:
             every = metrics["all"]
             print(
                 f"{kind:14s} keys, {split:10s}: at the {args.budget:.0%} budget, window evidence "
-                f"{every['budget_window_evidence_recall']:.3f}, question evidence {every['budget_evidence_recall']:.3f}, "
+                f"{every['budget_window_evidence_recall']:.3f}, "
+                f"question evidence {every['budget_evidence_recall']:.3f}, "
                 f"native top-k {every['budget_used_recall']:.3f} ({time.monotonic() - started:.0f} s)",
                 flush=True,
             )
