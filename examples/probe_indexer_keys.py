@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, DynamicCache
 
-from fm_transformers.eval.gate import gate_metrics
+from fm_transformers.eval.gate import gate_metrics, label_scores
 from fm_transformers.eval.indexer_data import question_documents
 from fm_transformers.training import LabelShards
 
@@ -62,7 +62,7 @@ def parse_args() -> argparse.Namespace:
     unknown = sorted(set(args.keys) - set(KEY_KINDS))
     if unknown:
         parser.error(f"--keys {unknown} unknown: choose among {KEY_KINDS}")
-    for split in ("train", "validation"):
+    for split in SPLITS:
         if not (Path(args.labels) / split / "manifest.json").is_file():
             parser.error(
                 f"{Path(args.labels) / split} holds no label set: point --labels at one of train_eval_indexer's"
@@ -132,23 +132,28 @@ class QueryTower(torch.nn.Module):
         return (F.relu(dots) * self.head_weights(hidden).unsqueeze(-1)).sum(1)
 
 
-def documents(shards: LabelShards, layers: list[int], keys: dict | None) -> dict[str, dict]:
-    """Per document: hidden states and keys per layer, labels (triggers, chunks), visible chunks per trigger."""
+def documents(shards: LabelShards, layers: list[int]) -> dict[str, dict]:
+    """Per document: hidden states and index keys per layer, labels (triggers, chunks), visible chunks per trigger."""
     out = {}
     for index, ref in enumerate(shards.documents):
         data = shards.load(index)
-        chunks = data[f"keys/{layers[0]}"].shape[0]
-        labels = torch.zeros(data["positions"].numel(), chunks)
-        for row in range(labels.shape[0]):
-            labels[row, data["labels/indices"][data["labels/indptr"][row] : data["labels/indptr"][row + 1]]] = 1.0
+        triggers = torch.arange(data["positions"].numel())
+        labels = label_scores(data, triggers)  # 1 where labelled: (triggers, chunks)
         out[ref.doc_id] = {
             "hidden": {layer: data[f"hidden/{layer}"].float() for layer in layers},
-            "keys": {
-                layer: (keys[ref.doc_id][layer][:chunks] if keys else data[f"keys/{layer}"]).float() for layer in layers
-            },
+            "keys": {layer: data[f"keys/{layer}"].float() for layer in layers},
             "labels": labels,
-            "visible": torch.arange(chunks) < ((data["positions"] + 1) // shards.compress_rate).unsqueeze(1),
+            "visible": torch.arange(labels.shape[1]) < ((data["positions"] + 1) // shards.compress_rate).unsqueeze(1),
         }
+    return out
+
+
+def with_main_keys(docs: dict[str, dict], main: dict[str, dict[int, torch.Tensor]]) -> dict[str, dict]:
+    """The documents with their main compressed KV in place of the index keys."""
+    out = {}
+    for doc_id, doc in docs.items():
+        keys = {layer: main[doc_id][layer][: index_keys.shape[0]].float() for layer, index_keys in doc["keys"].items()}
+        out[doc_id] = {**doc, "keys": keys}
     return out
 
 
@@ -198,15 +203,15 @@ def main() -> None:
     shards = {split: LabelShards(root / split) for split in SPLITS}
     layers = [int(layer) for layer in shards["train"].manifest["target_layers"]]
     results = {"settings": vars(args), "layers": layers, "key_dims": {}, "gate": {}}
-    main_keys = {}
+    indexed = {split: documents(shards[split], layers) for split in SPLITS}
+    index_width = next(iter(indexed["train"].values()))["keys"][layers[0]].shape[1]
+    main = {}
     if any(kind.startswith("main") for kind in args.keys):
-        main_keys = {split: main_kv(args, split, shards[split], layers) for split in SPLITS}
-    index_width = shards["train"].load(0)[f"keys/{layers[0]}"].shape[1]
+        main = {split: with_main_keys(indexed[split], main_kv(args, split, shards[split], layers)) for split in SPLITS}
     for kind in args.keys:
         started = time.monotonic()
         torch.manual_seed(args.train_seed)
-        keys = {split: main_keys[split] if kind.startswith("main") else None for split in SPLITS}
-        docs = {split: documents(shards[split], layers, keys[split]) for split in SPLITS}
+        docs = main if kind.startswith("main") else indexed
         project = index_width if kind == "main-projected" else None
         results["key_dims"][kind] = project or next(iter(docs["train"].values()))["keys"][layers[0]].shape[1]
         towers = train(args, docs["train"], layers, project)
