@@ -145,6 +145,22 @@ def test_a_restriction_for_another_length_is_an_error():
         restriction.use(batch.candidate_chunks, batch.restricted_from, batch.input_ids.shape[1] + RATE)
 
 
+def test_the_restriction_is_entered_before_the_distillation_and_its_hooks_are_first_by_insertion():
+    """torch.compile (2.11) guards a module's hooks by the dict's insertion order: a prepended hook made it read
+    the distillation's attributes off the restriction's hook (found on an H100)."""
+    model, _ = restricted_paper_smoke()
+    with CandidateRestriction(model) as restriction, IndexerDistillation(model):
+        for index in csa_layers(model.config):
+            indexer = model.model.layers[index].self_attn.compressor.indexer
+            first_on_scores = indexer.scorer._forward_hooks[list(dict.keys(indexer.scorer._forward_hooks))[0]]
+            first_on_picks = indexer._forward_hooks[list(dict.keys(indexer._forward_hooks))[0]]
+            assert first_on_scores.__self__ is restriction and first_on_picks.__self__ is restriction
+    with IndexerDistillation(model), pytest.raises(RuntimeError, match="enter CandidateRestriction first"):
+        with CandidateRestriction(model):
+            pass
+    assert not any(model.model.layers[i].self_attn.compressor.indexer._forward_hooks for i in csa_layers(model.config))
+
+
 def restricted_config(**changes) -> TrainingConfig:
     return TrainingConfig(
         size="paper-smoke", mix="long", steps=2, dense_steps=0, min_length=LENGTH, max_length=LENGTH, ramp_steps=0,

@@ -282,7 +282,7 @@ def train_backbone(
     deadline = None if max_minutes is None else time.monotonic() + 60 * max_minutes
     run = TrainingRun(model, finished=False)
     model.train()
-    with IndexerDistillation(model) as distillation, CandidateRestriction(model) as restriction:
+    with CandidateRestriction(model) as restriction, IndexerDistillation(model) as distillation:
         bar = tqdm(total=config.steps, initial=step, desc="train backbone", disable=not progress)
         while step < config.steps:
             metrics = train_step(stepped, distillation, optimizer, config, step, device, restriction)
@@ -323,7 +323,7 @@ def time_steps(config: TrainingConfig, device: str | torch.device, steps: int = 
         torch.cuda.reset_peak_memory_stats(device)
     phases = {"dense": config.dense_steps > 0, "sparse": config.dense_steps < config.steps}
     seconds = {}
-    with IndexerDistillation(model) as distillation, CandidateRestriction(model) as restriction:
+    with CandidateRestriction(model) as restriction, IndexerDistillation(model) as distillation:
         for phase in [phase for phase, runs in phases.items() if runs]:
             phase_config = replace(timed, dense_steps=timed.steps if phase == "dense" else 0)
             durations = []

@@ -77,10 +77,14 @@ class CandidateRestriction:
             indexer = self.model.model.layers[index].self_attn.compressor.indexer
             if not isinstance(indexer, DeepseekV4Indexer):
                 raise TypeError(f"layer {index} has no stock DeepseekV4Indexer: restrict an unpatched model")
-            # first among the hooks: the distillation then sees the restricted scores and picks
+            # first among the hooks, so that a distillation entered after it sees the restricted scores and picks;
+            # by order of entry, not prepend=True: torch.compile (2.11) guards hooks by the dict's insertion order,
+            # which prepending does not change, and then reads another hook's attributes off this one
+            if indexer.scorer._forward_hooks or indexer._forward_hooks:
+                raise RuntimeError(f"layer {index}'s indexer is already hooked: enter CandidateRestriction first")
             self._handles += [
-                indexer.scorer.register_forward_hook(self._on_scores, prepend=True),
-                indexer.register_forward_hook(self._on_selection, prepend=True),
+                indexer.scorer.register_forward_hook(self._on_scores),
+                indexer.register_forward_hook(self._on_selection),
             ]
         return self
 
