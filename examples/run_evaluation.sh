@@ -22,15 +22,16 @@
 #                                                          4.2 min (measured, H100: 53K tokens/s)
 #   indexer   per tau (64, 16): select the labels at votes 1-3 and two evidence label sets, the question's and
 #             the window's (both depart from the paper; one dump serves all), train an indexer per label set and
-#             learning rate (10), choose on validation, gate on test; in 8-min runs, 30 s a candidate (measured,
-#             H100: 110 steps/s), ~6 min per tau (SMOKE also starts each from the native indexer: --starts)
+#             learning rate (10), choose on validation, gate on test; in 8-min runs, 35-45 s a candidate with its
+#             validation gate, ~6.5 min per tau (measured, H100) (SMOKE also starts each from the native indexer:
+#             --starts)
 #   tune      per tau: the recency tails (uncapped LSA's; the budgeted rows', with their threshold) chosen on a
 #             validation draw (seed 0)                              2.3 min per tau (measured, H200)
 #   compare   per tau, length (2048, 4096, 8192) and task: 200 examples on draw seed 1, every row but native
 #             paging, in parts of 50 examples (72 parts; a call starts a part only if the last one it ran, scaled
 #             to the part's length, would still fit)   34 s a part of 50, 52-110 s one of 150 (measured, H100)
 #   paging    per tau, length and task: the native-paging rows on 200 examples (PAGING_EXAMPLES), parts of their
-#             own (whole-history scoring at every step)   60-119 s a part of 150 or 200 (measured, H100), ~15 min per tau
+#             own (whole-history scoring at every step)   60-124 s a part of 150 or 200 (measured, H100), ~15 min a tau
 #   report    join the parts per tau: WORKDIR/tau{64,16}.json, .png, and the printed table   seconds
 # A stage that stops at its time limit exits with status 75: run the same command again (finished work is kept
 # and skipped). `all` runs every stage to its end. SMOKE=1 runs them all at CPU sizes (one tau, one length), about
