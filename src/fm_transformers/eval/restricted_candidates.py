@@ -73,8 +73,8 @@ class CandidateRestriction:
         self._handles = []
 
     def __enter__(self) -> "CandidateRestriction":
-        for index in self.layers:
-            indexer = self.model.model.layers[index].self_attn.compressor.indexer
+        indexers = [self.model.model.layers[index].self_attn.compressor.indexer for index in self.layers]
+        for index, indexer in zip(self.layers, indexers, strict=True):  # every layer checked before any is hooked
             if not isinstance(indexer, DeepseekV4Indexer):
                 raise TypeError(f"layer {index} has no stock DeepseekV4Indexer: restrict an unpatched model")
             # first among the hooks, so that a distillation entered after it sees the restricted scores and picks;
@@ -82,6 +82,7 @@ class CandidateRestriction:
             # which prepending does not change, and then reads another hook's attributes off this one
             if indexer.scorer._forward_hooks or indexer._forward_hooks:
                 raise RuntimeError(f"layer {index}'s indexer is already hooked: enter CandidateRestriction first")
+        for indexer in indexers:
             self._handles += [
                 indexer.scorer.register_forward_hook(self._on_scores),
                 indexer.register_forward_hook(self._on_selection),
