@@ -70,34 +70,34 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def main_kv(args, split: str, shards: LabelShards, layers: list[int]) -> dict[str, dict[int, torch.Tensor]]:
-    """{doc_id: {layer: (chunks, head_dim)}} the main compressed KV of each document of `split`, from a forward of
-    the backbone over the document drawn again (its index keys checked against the dump's), kept in --cache-dir."""
+def main_kv(args, split: str, docs: dict[str, dict]) -> dict[str, dict[int, torch.Tensor]]:
+    """{doc_id: {layer: (chunks, head_dim)}} the main compressed KV of each document of `split` (`docs`, from
+    `documents`), from a forward of the backbone over the document drawn again (its index keys checked against the
+    dumped ones), kept in --cache-dir."""
     cached = Path(args.cache_dir) / f"main-kv-{split}.pt" if args.cache_dir else None
     if cached is not None and cached.is_file():
         out = torch.load(cached)
-        if sorted(out) != sorted(ref.doc_id for ref in shards.documents):
+        if sorted(out) != sorted(docs):
             raise SystemExit(f"error: {cached} holds other documents than {args.labels}/{split}: remove it")
         return out
     backbone = AutoModelForCausalLM.from_pretrained(args.backbone, dtype=torch.float32).eval()
-    drawn = question_documents(len(shards.documents), args.length, split, args.seed, args.spacing, args.align)
+    drawn = question_documents(len(docs), args.length, split, args.seed, args.spacing, args.align)
     out = {}
-    for index, (document, _) in enumerate(tqdm(drawn, desc=f"main KV, {split}")):
+    for (document, _), (doc_id, doc) in zip(tqdm(drawn, desc=f"main KV, {split}"), docs.items(), strict=True):
         cache = DynamicCache(config=backbone.config)
         ids = torch.tensor([document.input_ids])
         with torch.no_grad():
             for start in range(0, ids.shape[1], 1024):
                 piece = ids[:, start : start + 1024]
                 backbone(input_ids=piece, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        dumped = shards.load(index)
         out[document.doc_id] = {}
-        for layer in layers:
-            chunks = dumped[f"keys/{layer}"].shape[0]
+        for layer, index_keys in doc["keys"].items():
+            chunks = index_keys.shape[0]
             compressed = cache.layers[layer].compressed_kv
             # the dump's batched forwards differ in rounding and, past near ties of the native top-k, in a few
             # chunks of deep layers; another document differs in nearly every chunk
-            agree = (compressed["indexer"][0, :chunks] - dumped[f"keys/{layer}"]).abs().amax(1) < 1e-3
-            if document.doc_id != shards.documents[index].doc_id or agree.float().mean() < 0.9:
+            agree = (compressed["indexer"][0, :chunks] - index_keys).abs().amax(1) < 1e-3
+            if document.doc_id != doc_id or agree.float().mean() < 0.9:
                 raise SystemExit(
                     f"error: document {document.doc_id} drawn again does not match the dump's: pass the --length, "
                     "--seed, --spacing and --align the dump ran with, and the backbone it used"
@@ -207,7 +207,7 @@ def main() -> None:
     index_width = next(iter(indexed["train"].values()))["keys"][layers[0]].shape[1]
     main = {}
     if any(kind.startswith("main") for kind in args.keys):
-        main = {split: with_main_keys(indexed[split], main_kv(args, split, shards[split], layers)) for split in SPLITS}
+        main = {split: with_main_keys(indexed[split], main_kv(args, split, indexed[split])) for split in SPLITS}
     for kind in args.keys:
         started = time.monotonic()
         torch.manual_seed(args.train_seed)
